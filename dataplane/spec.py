@@ -1,0 +1,74 @@
+"""What one native worker is told to do: the contract between the plan, the supervisor and the
+worker process.  Plain dataclasses that travel to the worker process as JSON on its argv.
+
+`dataplane.config` validates a TOML config and turns it into a list of WorkerSpec (the one place
+that does so); `dataplane.supervisor` creates each worker's arena and starts
+`python -m dataplane.worker SPEC_JSON`; `dataplane.worker` fills struct dp_worker_config from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class PortSpec:
+    name: str                 # ethdev name DPDK knows it by: "net_af_packet0" or "0000:00:03.0"
+    devargs: str = ""         # --vdev argument ("net_af_packet0,iface=veth0"); "" for PCI
+    pci: str = ""             # PCI address passed as -a; "" for a vdev
+    rxq: int = 1
+    txq: int = 1
+    rxd: int = 1024
+    txd: int = 1024
+    label: str = ""           # name shown in metrics (config's port name); defaults to name
+
+
+@dataclass
+class GenSpec:
+    port: int = 0             # index into WorkerSpec.ports
+    queue: int = 0
+    rate_pps: int = 0         # 0: as fast as the port takes them
+    burst: int = 32
+    count: int = 0            # 0: until stopped
+    stream: int = 1
+    template: str = ""        # hex of the full frame (scapy-built), trailer space included
+    vary_off: int = 0         # 16-bit big-endian field varied per packet (0: none)
+    vary_min: int = 0
+    vary_max: int = 0
+    csum: int = 1             # 1: recompute IPv4 and L4 checksums per packet
+
+
+@dataclass
+class WorkerSpec:
+    name: str
+    worker_id: int
+    core: int | None = None   # CPU to pin to; None: leave to the scheduler
+    netns: str | None = None  # network namespace the worker runs in
+    arena_path: str = ""      # filled by the supervisor
+    ring_size: int = 4096
+    slot_size: int = 2048
+    pool_mb: int = 64
+    n_mbufs: int = 8191
+    burst: int = 32
+    zero_copy: bool = True
+    hugepages: bool = False   # True: EAL uses hugetlbfs (huge_dir); False: --no-huge
+    huge_dir: str = ""
+    eal_memory_mb: int = 256  # -m with --no-huge
+    log_level: str = "notice"
+    ports: list[PortSpec] = field(default_factory=list)
+    gen: GenSpec | None = None
+
+    def rings(self) -> tuple[tuple[int, int], ...]:
+        """(port, queue) of every ring, in the order the worker fills them: port-major."""
+        return tuple((p, q) for p, ps in enumerate(self.ports) for q in range(ps.rxq))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        d = json.loads(text)
+        d["ports"] = [PortSpec(**p) for p in d["ports"]]
+        d["gen"] = GenSpec(**d["gen"]) if d.get("gen") else None
+        return cls(**d)

@@ -1,0 +1,140 @@
+/* dp_layout.h: the shared-memory layout of a packet arena.
+ *
+ * This header is the only definition of the layout.  C workers include it; the Python side
+ * describes the same structs with numpy dtypes and checks them against sizeof/offsetof of the
+ * compiled structs (through cffi) every time it maps an arena.  Change anything here and bump
+ * DP_LAYOUT_VERSION.
+ *
+ * One arena per worker, one file (hugetlbfs or /dev/shm, mode 0600):
+ *
+ *   0                 struct dp_arena        header, worker control, per-port counters
+ *   rings_off         n_rings x ring_stride  struct dp_ring + ring_size x struct dp_desc
+ *   slots_off         n_rings x ring_size x slot_size   copy-mode slots (slot i <-> ring pos i)
+ *   pool_off          pool_len (2 MB aligned)   DPDK external heap: the mbuf pool lives here
+ *
+ * Only descriptors move.  A descriptor's `addr` is a byte offset into this file, so any process
+ * that maps the arena can read the frame in place, whatever address it mapped it at.
+ */
+#ifndef DP_LAYOUT_H
+#define DP_LAYOUT_H
+
+#include <stdint.h>
+
+#define DP_MAGIC          0x414e455241504455ull  /* "UDPARENA" little-endian */
+#define DP_LAYOUT_VERSION 1u
+#define DP_CACHE_LINE     64
+#define DP_HUGE_PAGE      (2u << 20)
+#define DP_MAX_PORTS      8
+#define DP_MAX_RINGS      32
+#define DP_ERR_LEN        256
+
+/* Descriptor flags. */
+#define DP_F_TRUNCATED    0x0001u /* frame longer than what was stored at addr */
+#define DP_F_MALFORMED    0x0002u /* a header claimed more bytes than the frame has, or lied */
+#define DP_F_VLAN         0x0004u /* one or more 802.1Q/802.1ad tags */
+#define DP_F_IP_OPTIONS   0x0008u /* IPv4 IHL > 5 */
+#define DP_F_IPV6_EXT     0x0010u /* IPv6 extension headers were walked */
+#define DP_F_FRAGMENT     0x0020u /* non-first fragment: no L4 header */
+#define DP_F_COPIED       0x0040u /* bytes were copied into a slot (not the NIC's own buffer) */
+#define DP_F_GENERATED    0x0080u /* carries a dp_gen_trailer from our generator */
+
+/* One packet.  32 bytes: two per cache line. */
+struct dp_desc {
+    uint64_t addr;      /* byte offset of the frame's first byte in the arena */
+    uint64_t rx_ns;     /* CLOCK_REALTIME at receive, ns (one reading per burst) */
+    uint32_t hash;      /* 5-tuple hash (0 when there is no L3/L4) */
+    uint16_t len;       /* bytes stored at addr */
+    uint16_t flags;     /* DP_F_* */
+    uint16_t ethertype; /* innermost ethertype, host order */
+    uint16_t port;      /* worker-local port index */
+    uint8_t  queue;
+    uint8_t  l4proto;   /* IPPROTO_* or 0 */
+    uint16_t l4_off;    /* offset of the L4 header in the frame, 0 if none */
+};
+
+/* Counters of one (port, queue) ring: monotonic, single writer (the worker). */
+struct dp_ring_counters {
+    uint64_t rx_packets;
+    uint64_t rx_bytes;
+    uint64_t ring_full_drops;   /* ring had no room: packet dropped, never a block */
+    uint64_t malformed;
+    uint64_t truncated;
+    uint64_t copied;            /* packets copied into a slot (zero-copy unavailable) */
+    uint64_t bursts;            /* non-empty RX bursts */
+    uint64_t pad0;
+};
+
+/* An SPSC ring.  Indices run free (u64, never wrap in practice); position = index & mask.
+ * prod is written only by the worker, cons only by the consumer; each sits on its own line. */
+struct dp_ring {
+    _Alignas(DP_CACHE_LINE) volatile uint64_t prod;
+    _Alignas(DP_CACHE_LINE) volatile uint64_t cons;
+    _Alignas(DP_CACHE_LINE) uint32_t size;   /* power of two */
+    uint32_t mask;
+    uint16_t port;
+    uint16_t queue;
+    uint32_t pad0;
+    uint64_t slots_off;                        /* this ring's copy-mode slots */
+    _Alignas(DP_CACHE_LINE) struct dp_ring_counters c;
+    _Alignas(DP_CACHE_LINE) struct dp_desc desc[];
+};
+
+/* Counters of one port: monotonic across worker restarts (the worker adds deltas). */
+struct dp_port_counters {
+    _Alignas(DP_CACHE_LINE) uint64_t tx_packets;
+    uint64_t tx_bytes;
+    uint64_t tx_drops;          /* TX burst did not take the packet */
+    uint64_t nic_missed;        /* rte_eth_stats.imissed */
+    uint64_t nic_errors;        /* ierrors + oerrors */
+    uint64_t rx_nombuf;         /* rte_eth_stats.rx_nombuf */
+    uint64_t gen_seq;           /* next sequence number the generator will send */
+    uint64_t pad0;
+};
+
+enum dp_worker_state {
+    DP_W_EMPTY = 0, DP_W_STARTING = 1, DP_W_RUNNING = 2, DP_W_STOPPED = 3, DP_W_FAILED = 4,
+};
+
+struct dp_arena {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t header_size;        /* sizeof(struct dp_arena) */
+    uint64_t arena_size;
+    uint32_t n_ports;
+    uint32_t n_rings;
+    uint32_t ring_size;
+    uint32_t slot_size;
+    uint64_t rings_off;
+    uint64_t ring_stride;
+    uint64_t slots_off;
+    uint64_t pool_off;
+    uint64_t pool_len;
+    uint32_t desc_size;          /* sizeof(struct dp_desc), for readers that only have bytes */
+    uint32_t page_size;          /* page size of the backing file */
+
+    /* Worker control: written by the worker except `stop` (supervisor) and `restarts`. */
+    _Alignas(DP_CACHE_LINE) volatile uint64_t heartbeat_ns;  /* CLOCK_MONOTONIC, ~every 10 ms */
+    volatile uint32_t state;      /* enum dp_worker_state */
+    volatile uint32_t stop;       /* supervisor sets 1: finish the loop and exit */
+    volatile int32_t  pid;
+    uint32_t zero_copy;           /* 1: descriptors point into NIC mbufs in the pool */
+    uint64_t restarts;            /* supervisor: times this worker was started again */
+    uint64_t loops;               /* poll-loop iterations */
+    uint64_t busy_cycles;         /* TSC cycles in iterations that moved packets */
+    uint64_t total_cycles;        /* TSC cycles in the loop */
+    char     error[DP_ERR_LEN];   /* why the worker failed, NUL-terminated */
+
+    struct dp_port_counters port[DP_MAX_PORTS];
+};
+
+/* Written by our generator at the very end of every frame, so a reader finds it at
+ * addr + len - sizeof(trailer) whatever headers came before. */
+#define DP_GEN_MAGIC 0x31475044u /* "DPG1" */
+struct dp_gen_trailer {
+    uint64_t seq;
+    uint64_t tx_ns;     /* CLOCK_REALTIME at TX */
+    uint32_t stream;    /* generator's stream id */
+    uint32_t magic;
+} __attribute__((packed));
+
+#endif

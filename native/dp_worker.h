@@ -1,0 +1,75 @@
+/* dp_worker.h: what Python hands a native worker, and the entry points cffi exposes. */
+#ifndef DP_WORKER_H
+#define DP_WORKER_H
+
+#include <stdint.h>
+#include "dp_layout.h"
+
+#define DP_NAME_LEN   128
+#define DP_TMPL_MAX   2048
+#define DP_EAL_ARGS   48
+
+struct dp_port_config {
+    char     name[DP_NAME_LEN];   /* ethdev name: "net_af_packet0" (a --vdev) or "0000:00:03.0" */
+    uint16_t n_rxq;               /* one ring per RX queue, in port order */
+    uint16_t n_txq;
+    uint16_t rxd;                 /* RX/TX descriptors per queue */
+    uint16_t txd;
+};
+
+/* Generate mode: replay a template built with scapy. */
+#define DP_CSUM_NONE 0            /* leave checksums as in the template */
+#define DP_CSUM_L4   1            /* recompute IPv4 header and UDP/TCP checksum per packet */
+struct dp_gen_config {
+    uint32_t enabled;
+    uint16_t port;                /* worker-local port index to transmit on */
+    uint16_t queue;
+    uint32_t stream;              /* written into every trailer */
+    uint32_t burst;               /* packets per TX burst */
+    uint64_t rate_pps;            /* 0: as fast as the port takes them */
+    uint64_t count;               /* 0: until stopped */
+    uint16_t tmpl_len;            /* frame length; the last 24 bytes get the trailer */
+    uint16_t vary_off;            /* 16-bit big-endian field varied per packet (0: none) */
+    uint16_t vary_min;
+    uint16_t vary_max;            /* value = vary_min + seq % (vary_max - vary_min + 1) */
+    uint16_t csum;                /* DP_CSUM_* */
+    uint8_t  tmpl[DP_TMPL_MAX];
+};
+
+struct dp_worker_config {
+    uint32_t worker_id;
+    uint32_t n_ports;
+    struct dp_port_config port[DP_MAX_PORTS];
+    struct dp_gen_config gen;
+    uint32_t burst;               /* RX burst size */
+    uint32_t n_mbufs;             /* mbuf pool size */
+    uint32_t zero_copy;           /* 1: try the mbuf pool in the arena; 0: copy into slots */
+    int32_t  eal_argc;
+    const char *eal_argv[DP_EAL_ARGS];  /* built by Python as a list, never by a shell */
+};
+
+/* Map an arena file MAP_SHARED; the pool region ends up 2 MB aligned.  NULL + errno on error. */
+void *dp_arena_map(const char *path, uint64_t *len_out);
+int   dp_arena_unmap(void *base, uint64_t len);
+
+/* Compute offsets and sizes of an arena into *a (header fields only). 0, or -1 if too big. */
+int   dp_arena_layout(struct dp_arena *a, uint32_t n_ports, uint32_t n_rings, uint32_t ring_size,
+                      uint32_t slot_size, uint64_t pool_len);
+/* Write a fresh header and ring headers into a zeroed, mapped arena.  ring_port/ring_queue
+ * name each ring's (port, queue). */
+void  dp_arena_format(void *base, const struct dp_arena *layout, const uint16_t *ring_port,
+                      const uint16_t *ring_queue);
+struct dp_ring *dp_arena_ring(void *base, uint32_t i);
+
+/* Consumer side for Python: one call per batch, with the same barriers as dp_ring.h. */
+uint64_t dp_ring_load_prod(const struct dp_ring *r);
+void     dp_ring_store_cons(struct dp_ring *r, uint64_t cons);
+
+/* Parse a frame and fill ethertype, l4proto, l4_off, hash and flags of *d.  Never reads past
+ * frame[len - 1].  Returns 0, or -1 when the frame is malformed (DP_F_MALFORMED is set). */
+int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);
+
+/* Run a DPDK worker until arena->stop is set.  Returns 0, or -1 with arena->error filled. */
+int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg);
+
+#endif
