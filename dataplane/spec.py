@@ -52,6 +52,7 @@ class WorkerSpec:
     n_mbufs: int = 8191
     burst: int = 32
     zero_copy: bool = True
+    idle_sleep_us: int = 0    # 0: busy poll; else nap after ~1 ms of empty polls (lab boxes)
     hugepages: bool = False   # True: EAL uses hugetlbfs (huge_dir); False: --no-huge
     huge_dir: str = ""
     eal_memory_mb: int = 256  # -m with --no-huge
