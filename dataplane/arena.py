@@ -113,15 +113,21 @@ class Arena:
         self.port_counters = np.ndarray((lib.DP_MAX_PORTS, 8), dtype="<u8", buffer=mm,
                                         offset=port_off)
 
-    @classmethod
-    def create(cls, path: Path, geo: ArenaGeometry) -> Arena:
-        check_layout()
+    @staticmethod
+    def layout(geo: ArenaGeometry):
+        """The header (offsets, sizes) C computes for this geometry: struct dp_arena *."""
         layout = ffi.new("struct dp_arena *")
         if lib.dp_arena_layout(layout, geo.n_ports, len(geo.rings), geo.ring_size,
                                geo.slot_size, geo.pool_bytes) != 0:
             raise ValueError(f"arena geometry rejected: {geo} (ring_size must be a power of two, "
                              f"slot_size a multiple of 64, at most {lib.DP_MAX_RINGS} rings and "
                              f"{lib.DP_MAX_PORTS} ports)")
+        return layout
+
+    @classmethod
+    def create(cls, path: Path, geo: ArenaGeometry) -> Arena:
+        check_layout()
+        layout = cls.layout(geo)
         size = layout.arena_size
         path = Path(path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -1,0 +1,209 @@
+"""The worker supervisor: create each worker's arena, start and pin the worker, watch its
+heartbeat, restart it when it dies, and stop everything cleanly.
+
+Counters live in the arena, which the supervisor owns: a restarted worker maps the same file and
+adds to the same counters, so nothing Prometheus has seen goes backwards (DESIGN.md, inv. 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dataplane.arena import Arena, ArenaGeometry, choose_backing
+from dataplane.spec import WorkerSpec
+
+log = logging.getLogger("dataplane.supervisor")
+
+DPDK_RUN_DIR = Path("/var/run/dpdk")
+
+
+@dataclass
+class Worker:
+    spec: WorkerSpec
+    arena: Arena
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    starts: list[float] = field(default_factory=list)
+    gave_up: str = ""          # why the supervisor stopped restarting it
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def heartbeat_age(self) -> float | None:
+        hb = self.arena.header.heartbeat_ns
+        return None if hb == 0 else (time.monotonic_ns() - hb) / 1e9
+
+    def file_prefix(self) -> str:
+        return f"dp-{self.spec.name}-{self.spec.worker_id}"
+
+
+class Supervisor:
+    """Start, watch and stop workers.  Call check() periodically (the runner does, every ~0.5 s)."""
+
+    def __init__(self, specs: list[WorkerSpec], run_id: str | None = None,
+                 heartbeat_timeout: float = 3.0, start_timeout: float = 60.0,
+                 max_restarts: int = 5, restart_window: float = 60.0):
+        self.specs = specs
+        self.run_id = run_id or f"{os.getpid()}"
+        self.heartbeat_timeout = heartbeat_timeout
+        self.start_timeout = start_timeout
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.workers: dict[str, Worker] = {}
+        self._stopping = False
+
+    # -- set-up --
+    def create_arenas(self) -> None:
+        for spec in self.specs:
+            geo = ArenaGeometry(len(spec.ports), spec.rings(), spec.ring_size, spec.slot_size,
+                                spec.pool_mb << 20)
+            name = f"dataplane-{self.run_id}-{spec.name}"
+            path = choose_backing(name, Arena.layout(geo).arena_size, prefer_huge=spec.hugepages)
+            arena = Arena.create(path, geo)
+            spec.arena_path = str(path)
+            self.workers[spec.name] = Worker(spec, arena)
+            log.info("arena %s: %d MiB, %d ring(s) of %d", path, arena.header.arena_size >> 20,
+                     arena.n_rings, arena.ring_size)
+
+    def start(self) -> None:
+        if not self.workers:
+            self.create_arenas()
+        for w in self.workers.values():
+            self._spawn(w)
+
+    def _spawn(self, w: Worker) -> None:
+        argv = [sys.executable, "-m", "dataplane.worker", w.spec.to_json()]
+        if w.spec.netns:
+            argv = ["ip", "netns", "exec", w.spec.netns, *argv]
+        h = w.arena.header
+        h.stop = 0
+        h.state = 0
+        h.heartbeat_ns = 0
+        w.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        w.started_at = time.monotonic()
+        w.starts.append(w.started_at)
+        log.info("worker %s: started pid %d%s%s", w.name, w.proc.pid,
+                 f" on core {w.spec.core}" if w.spec.core is not None else "",
+                 f" in netns {w.spec.netns}" if w.spec.netns else "")
+
+    # -- watching --
+    def check(self) -> list[str]:
+        """Restart dead or hung workers.  Returns a line per event, for the live summary."""
+        events = []
+        if self._stopping:
+            return events
+        now = time.monotonic()
+        for w in self.workers.values():
+            if w.proc is None or w.gave_up:
+                continue
+            rc = w.proc.poll()
+            state = w.arena.worker_state()
+            age = w.heartbeat_age()
+            why = ""
+            if rc is not None:
+                why = f"exited with status {rc}"
+                if state == "failed":
+                    why += f": {w.arena.worker_error()}"
+            elif state == "running" and age is not None and age > self.heartbeat_timeout:
+                why = f"heartbeat {age:.1f} s old"
+            elif state in ("empty", "starting") and now - w.started_at > self.start_timeout:
+                why = f"not running after {self.start_timeout:.0f} s"
+            if not why:
+                continue
+            events.append(f"worker {w.name} {why}")
+            log.warning("worker %s %s", w.name, why)
+            self._reap(w)
+            recent = [t for t in w.starts if now - t < self.restart_window]
+            if state == "failed" and rc == 2 and len(w.starts) == 1:
+                w.gave_up = f"set-up failed: {w.arena.worker_error()}"
+            elif len(recent) >= self.max_restarts:
+                w.gave_up = (f"{len(recent)} starts in {self.restart_window:.0f} s; "
+                             "not restarting (see the log above for why)")
+            if w.gave_up:
+                log.error("worker %s: %s", w.name, w.gave_up)
+                events.append(f"worker {w.name} gave up: {w.gave_up}")
+                continue
+            w.arena.header.restarts += 1
+            self._spawn(w)
+            events.append(f"worker {w.name} restarted (restart #{w.arena.header.restarts})")
+        return events
+
+    def _reap(self, w: Worker) -> None:
+        if w.proc is not None and w.proc.poll() is None:
+            _kill(w.proc)
+        self._remove_runtime_dir(w)
+
+    def _remove_runtime_dir(self, w: Worker) -> None:
+        # EAL leaves its runtime directory (config, fbarray files) behind when killed.
+        d = DPDK_RUN_DIR / w.file_prefix()
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+    def all_running(self) -> bool:
+        return all(w.arena.worker_state() == "running" for w in self.workers.values())
+
+    def wait_running(self, timeout: float = 60.0) -> None:
+        """Block until every worker is running; raise with the worker's own error otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for w in self.workers.values():
+                if w.proc is not None and w.proc.poll() is not None:
+                    err = w.arena.worker_error() or f"exited with status {w.proc.returncode}"
+                    raise RuntimeError(f"worker {w.name} failed to start: {err}")
+            if self.all_running():
+                return
+            time.sleep(0.05)
+        states = ", ".join(f"{w.name}={w.arena.worker_state()}" for w in self.workers.values())
+        raise RuntimeError(f"workers not running after {timeout:.0f} s: {states}")
+
+    # -- shutting down --
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask every worker to stop, wait, then force; unlink arenas.  Idempotent."""
+        self._stopping = True
+        for w in self.workers.values():
+            w.arena.request_stop()
+        deadline = time.monotonic() + timeout
+        for w in self.workers.values():
+            if w.proc is None:
+                continue
+            try:
+                w.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s did not stop in %.0f s; killing it", w.name, timeout)
+            self._reap(w)
+
+    def close(self) -> None:
+        self.stop()
+        for w in self.workers.values():
+            w.arena.close()
+            w.arena.unlink()
+        self.workers.clear()
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL.  `ip netns exec` execs the worker, so the pid is the worker's."""
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        try:
+            proc.send_signal(sig)
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+

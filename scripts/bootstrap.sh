@@ -1,0 +1,47 @@
+#!/bin/sh
+# bootstrap.sh: make this Debian 12 machine able to build, run and test the dataplane.
+# Idempotent: installs only missing apt packages (waiting for the dpkg lock), creates .venv from
+# Debian's python3 with system site-packages (so Debian's pyverbs imports), installs the Python
+# dependencies and builds the native code (cffi) when its sources changed.  Needs root for apt.
+set -eu
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+PKGS="gcc pkg-config python3-venv python3-dev dpdk dpdk-dev libdpdk-dev liburing-dev libbpf-dev
+libxdp-dev iproute2 ethtool prometheus rdma-core ibverbs-providers python3-pyverbs
+qemu-system-x86 busybox-static cpio kmod"
+
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "bootstrap: missing Debian packages:$missing" >&2
+        echo "bootstrap: installing them needs root: sudo $0" >&2
+        exit 2
+    fi
+    echo "bootstrap: installing$missing"
+    # DPkg::Lock::Timeout waits for another apt/dpkg (unattended-upgrades) instead of failing
+    apt-get -o DPkg::Lock::Timeout=600 update -q
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+        --no-install-recommends $missing
+fi
+
+if ! [ -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; then
+    echo "bootstrap: creating .venv (Debian python3, --system-site-packages for pyverbs)"
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+
+# Rebuild only when the inputs changed: the stamp is a hash of the native sources and metadata.
+stamp=$(cat pyproject.toml setup.py native/*.c native/*.h native/build.py | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.dataplane-stamp 2>/dev/null)" != "$stamp" ] || \
+   ! .venv/bin/python -c 'import dataplane._native' 2>/dev/null; then
+    echo "bootstrap: installing Python dependencies and building native code"
+    .venv/bin/pip install -q --disable-pip-version-check setuptools wheel "cffi>=1.16"
+    .venv/bin/pip install -q --disable-pip-version-check "numpy>=1.26" "scapy>=2.5" \
+        "prometheus-client>=0.19" "pytest>=7" "hypothesis>=6" "ruff>=0.4"
+    .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e "$ROOT"
+    echo "$stamp" > .venv/.dataplane-stamp
+fi
