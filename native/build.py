@@ -11,7 +11,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["arena.c", "parse.c", "dpdk_worker.c"]
+SOURCES = ["arena.c", "parse.c", "dpdk_port.c", "dpdk_worker.c"]
 
 CDEF = """
 #define DP_LAYOUT_VERSION ...

@@ -1,2 +1,332 @@
-#include "dp_worker.h"
-int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg) { (void)arena_base; (void)cfg; return -1; }
+/* dpdk_worker.c: the DPDK poll-mode worker loop, l2fwd style.
+ *
+ * while (!stop): for each ring (port-major, as the arena's rings): give back the mbufs the
+ * consumer released, burst in, describe each frame in the ring, count once per burst; then one
+ * generator burst if it is time; a TSC check gates the periodic work (heartbeat, NIC stats,
+ * loop counters).  Nothing in the loop allocates, logs or fails; a full ring is a counted drop.
+ *
+ * Zero copy: descriptors point at the mbuf's data inside the arena pool; the mbuf is kept in a
+ * private shadow array at the ring position and freed once the consumer moves cons past it.
+ * Copy mode: the frame is copied into the ring position's slot and the mbuf freed at once.
+ * Set-up and tear-down are in dpdk_port.c.
+ */
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <rte_cycles.h>
+#include <rte_ip.h>
+
+#include "dp_dpdk.h"
+
+#define DPW_TRAILER ((uint16_t)sizeof(struct dp_gen_trailer))
+
+static inline uint64_t real_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- receive ---- */
+
+/* Free the mbufs behind ring positions the consumer has given back.  Called before every RX
+ * burst, so even a pool drained to zero (rx_burst returning nothing) refills. */
+static inline void dpw_reclaim(struct dpw_ring *q)
+{
+    if (q->freed == q->p.prod)
+        return;
+    /* acquire: the consumer's reads of these frames happen before we recycle the mbufs */
+    uint64_t cons = __atomic_load_n(&q->r->cons, __ATOMIC_ACQUIRE);
+    q->p.cons_cache = cons;
+    while (q->freed != cons) {
+        uint32_t pos = (uint32_t)(q->freed & q->r->mask);
+        uint32_t n = (uint32_t)(cons - q->freed);
+        if (n > q->r->size - pos)
+            n = q->r->size - pos;
+        rte_pktmbuf_free_bulk(&q->shadow[pos], n);
+        q->freed += n;
+    }
+}
+
+static inline void dpw_describe(struct dpw *w, struct dpw_ring *q, struct rte_mbuf *m,
+                                struct dp_desc *d, uint64_t idx, uint64_t ns,
+                                struct dp_ring_counters *c)
+{
+    const uint8_t *frame = rte_pktmbuf_mtod(m, const uint8_t *);
+    uint32_t len = m->data_len;            /* first segment only */
+    uint16_t flags = m->nb_segs > 1 ? DP_F_TRUNCATED : 0;
+    uint64_t addr;
+    if (w->zero_copy) {
+        addr = (uint64_t)(frame - (const uint8_t *)w->base);
+        q->shadow[idx & q->r->mask] = m;
+    } else {
+        addr = q->r->slots_off + (idx & q->r->mask) * (uint64_t)w->a->slot_size;
+        if (len > w->a->slot_size) {
+            len = w->a->slot_size;
+            flags |= DP_F_TRUNCATED;
+        }
+        memcpy(w->base + addr, frame, len);
+        frame = (const uint8_t *)w->base + addr;
+        flags |= DP_F_COPIED;
+    }
+    memset(d, 0, sizeof(*d));
+    d->addr = addr;
+    d->rx_ns = ns;
+    d->len = (uint16_t)len;
+    d->port = q->port;
+    d->queue = (uint8_t)q->queue;
+    if (dp_parse(frame, len, d) < 0)
+        c->malformed++;
+    uint32_t magic;
+    if (!(flags & DP_F_TRUNCATED) && len >= DPW_TRAILER) {
+        memcpy(&magic, frame + len - sizeof(magic), sizeof(magic));
+        if (magic == DP_GEN_MAGIC)
+            flags |= DP_F_GENERATED;
+    }
+    d->flags |= flags;
+    c->truncated += !!(flags & DP_F_TRUNCATED);
+}
+
+/* One RX burst on one ring; returns the packets taken off the NIC. */
+static inline uint32_t dpw_rx(struct dpw *w, struct dpw_ring *q)
+{
+    struct rte_mbuf *m[DPW_MAX_BURST];
+    if (w->zero_copy)
+        dpw_reclaim(q);
+    uint16_t n = rte_eth_rx_burst(q->port_id, q->queue, m, (uint16_t)w->cfg->burst);
+    if (n == 0)
+        return 0;
+    uint64_t ns = real_ns();
+    struct dp_ring_counters *c = &q->r->c;
+    uint32_t room = dp_ring_reserve(&q->p, n);
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < room; i++) {
+        bytes += m[i]->pkt_len;
+        dpw_describe(w, q, m[i], dp_ring_at(q->r, q->p.prod + i), q->p.prod + i, ns, c);
+    }
+    dp_ring_submit(&q->p, room);
+    if (!w->zero_copy)
+        rte_pktmbuf_free_bulk(m, room);
+    if (room < n) {   /* the consumer is behind: drop and count, never block or overwrite */
+        rte_pktmbuf_free_bulk(m + room, n - room);
+        c->ring_full_drops += n - room;
+    }
+    c->rx_packets += room;
+    c->rx_bytes += bytes;
+    c->copied += w->zero_copy ? 0 : room;
+    c->bursts++;
+    return n;
+}
+
+/* ---- generate ---- */
+
+struct dpw_gen {
+    int on, link_up;
+    uint16_t port_id, queue, burst, len, vary_off, csum;
+    uint32_t l3_off, vary_range;
+    uint64_t sent, credit, cap, last_tsc, hz;
+};
+
+/* Where the IP header of the template is, for per-packet checksums: after Ethernet and any
+ * VLAN tags, IPv4 or IPv6 with UDP/TCP right after the fixed header.  0 when it is not that. */
+static uint32_t dpw_l3_off(const uint8_t *f, uint32_t len)
+{
+    uint32_t off = 12;
+    while (off + 2 <= len) {
+        uint16_t et = (uint16_t)(f[off] << 8 | f[off + 1]);
+        off += 2;
+        if (et == 0x8100 || et == 0x88a8) {
+            off += 2;
+            continue;
+        }
+        if (et == 0x0800 && off + 20 <= len && (f[off + 9] == IPPROTO_UDP ||
+                                                f[off + 9] == IPPROTO_TCP))
+            return off;
+        if (et == 0x86dd && off + 40 <= len && (f[off + 6] == IPPROTO_UDP ||
+                                                f[off + 6] == IPPROTO_TCP))
+            return off;
+        return 0;
+    }
+    return 0;
+}
+
+static int dpw_gen_init(struct dpw *w, struct dpw_gen *g)
+{
+    const struct dp_gen_config *gc = &w->cfg->gen;
+    memset(g, 0, sizeof(*g));
+    if (!gc->enabled)
+        return 0;
+    if (gc->port >= w->cfg->n_ports ||
+        gc->queue >= RTE_MAX(w->cfg->port[gc->port].n_txq, (uint16_t)1))
+        return dpw_fail(w, "generator: port %u queue %u is not configured", gc->port, gc->queue);
+    if (gc->tmpl_len < 14u + DPW_TRAILER || gc->tmpl_len > DP_TMPL_MAX ||
+        gc->tmpl_len > RTE_MBUF_DEFAULT_DATAROOM)
+        return dpw_fail(w, "generator: template of %u bytes, need %u..%u", gc->tmpl_len,
+                        14 + DPW_TRAILER, RTE_MIN(DP_TMPL_MAX, RTE_MBUF_DEFAULT_DATAROOM));
+    if (gc->vary_off && (gc->vary_off + 2u > (uint32_t)gc->tmpl_len - DPW_TRAILER ||
+                         gc->vary_max < gc->vary_min))
+        return dpw_fail(w, "generator: vary field at %u (%u..%u) outside the %u-byte frame's "
+                        "headers, or max < min", gc->vary_off, gc->vary_min, gc->vary_max,
+                        gc->tmpl_len);
+    g->l3_off = dpw_l3_off(gc->tmpl, gc->tmpl_len);
+    if (gc->csum == DP_CSUM_L4 && g->l3_off == 0)
+        return dpw_fail(w, "generator: csum=L4 needs an IPv4/IPv6 template with UDP or TCP");
+    g->on = 1;
+    g->port_id = w->port_id[gc->port];
+    g->queue = gc->queue;
+    g->burst = (uint16_t)RTE_MIN(RTE_MAX(gc->burst, 1u), (uint32_t)DPW_MAX_BURST);
+    g->len = gc->tmpl_len;
+    g->vary_off = gc->vary_off;
+    g->vary_range = (uint32_t)gc->vary_max - gc->vary_min + 1;
+    g->csum = gc->csum;
+    g->hz = rte_get_tsc_hz();
+    g->cap = (uint64_t)g->burst * 2 * g->hz;   /* at most two bursts of catch-up */
+    g->last_tsc = rte_rdtsc();
+    return 0;
+}
+
+/* Fill one frame: template, varied field, trailer, checksums. */
+static inline void dpw_gen_fill(struct dpw *w, struct dpw_gen *g, uint8_t *f, uint64_t seq,
+                                uint64_t ns)
+{
+    const struct dp_gen_config *gc = &w->cfg->gen;
+    rte_memcpy(f, gc->tmpl, g->len);
+    if (g->vary_off) {
+        uint16_t v = (uint16_t)(gc->vary_min + seq % g->vary_range);
+        f[g->vary_off] = (uint8_t)(v >> 8);
+        f[g->vary_off + 1] = (uint8_t)v;
+    }
+    struct dp_gen_trailer t = { .seq = seq, .tx_ns = ns, .stream = gc->stream,
+                                .magic = DP_GEN_MAGIC };
+    memcpy(f + g->len - DPW_TRAILER, &t, sizeof(t));
+    if (g->csum != DP_CSUM_L4)
+        return;
+    uint8_t *l3 = f + g->l3_off;
+    if ((l3[0] >> 4) == 4) {
+        struct rte_ipv4_hdr *ip = (struct rte_ipv4_hdr *)l3;
+        uint8_t *l4 = l3 + rte_ipv4_hdr_len(ip);
+        uint16_t *ck = (uint16_t *)(l4 + (ip->next_proto_id == IPPROTO_UDP ? 6 : 16));
+        ip->hdr_checksum = 0;
+        ip->hdr_checksum = rte_ipv4_cksum(ip);
+        *ck = 0;
+        *ck = rte_ipv4_udptcp_cksum(ip, l4);
+    } else {
+        struct rte_ipv6_hdr *ip = (struct rte_ipv6_hdr *)l3;
+        uint8_t *l4 = l3 + sizeof(*ip);
+        uint16_t *ck = (uint16_t *)(l4 + (ip->proto == IPPROTO_UDP ? 6 : 16));
+        *ck = 0;
+        *ck = rte_ipv6_udptcp_cksum(ip, l4);
+    }
+}
+
+/* One generator burst when the token bucket allows; returns packets the port took. */
+static inline uint32_t dpw_gen(struct dpw *w, struct dpw_gen *g, uint64_t now)
+{
+    const struct dp_gen_config *gc = &w->cfg->gen;
+    uint32_t n = g->burst;
+    if (gc->rate_pps) {
+        /* credit counts packets x hz, so no division per packet and no drift */
+        uint64_t dt = RTE_MIN(now - g->last_tsc, g->hz);
+        g->last_tsc = now;
+        g->credit = RTE_MIN(g->credit + dt * gc->rate_pps, g->cap);
+        n = (uint32_t)RTE_MIN((uint64_t)n, g->credit / g->hz);
+    }
+    if (gc->count)
+        n = (uint32_t)RTE_MIN((uint64_t)n, gc->count - g->sent);
+    if (n == 0)
+        return 0;
+    struct rte_mbuf *m[DPW_MAX_BURST];
+    struct dp_port_counters *pc = &w->a->port[gc->port];
+    if (rte_pktmbuf_alloc_bulk(w->pool, m, n) != 0) {
+        pc->tx_drops += n;   /* pool empty: the frames were never built, seq does not move */
+        return 0;
+    }
+    uint64_t seq = pc->gen_seq, ns = real_ns();
+    for (uint32_t i = 0; i < n; i++) {
+        m[i]->data_len = m[i]->pkt_len = g->len;
+        dpw_gen_fill(w, g, rte_pktmbuf_mtod(m[i], uint8_t *), seq + i, ns);
+    }
+    uint16_t k = rte_eth_tx_burst(g->port_id, g->queue, m, (uint16_t)n);
+    if (k < n) {   /* not taken: freed and counted; their seqs are sent again next burst */
+        rte_pktmbuf_free_bulk(m + k, n - k);
+        pc->tx_drops += n - k;
+    }
+    pc->gen_seq = seq + k;
+    pc->tx_packets += k;
+    pc->tx_bytes += (uint64_t)k * g->len;
+    g->sent += k;
+    if (gc->rate_pps)
+        g->credit -= (uint64_t)k * g->hz;
+    if (gc->count && g->sent >= gc->count)
+        g->on = 0;
+    return k;
+}
+
+/* ---- the loop ---- */
+
+static void dpw_loop(struct dpw *w, struct dpw_gen *g)
+{
+    struct dp_arena *a = w->a;
+    uint64_t hz = rte_get_tsc_hz(), tick = hz / 100, idle_after = hz / 1000;
+    uint64_t prev = rte_rdtsc(), next_tick = prev, last_move = prev;
+    uint64_t loops = 0, busy = 0, total = 0;
+    uint32_t moved = 0;
+    while (!__atomic_load_n(&a->stop, __ATOMIC_RELAXED)) {
+        uint64_t now = rte_rdtsc();
+        total += now - prev;
+        if (moved) {
+            busy += now - prev;
+            last_move = now;
+        }
+        prev = now;
+        loops++;
+        moved = 0;
+        for (uint32_t i = 0; i < w->n_rings; i++)
+            moved += dpw_rx(w, &w->ring[i]);
+        if (g->on && g->link_up)
+            moved += dpw_gen(w, g, now);
+        if (now >= next_tick) {   /* periodic work, ~every 10 ms */
+            next_tick = now + tick;
+            a->loops += loops;
+            a->busy_cycles += busy;
+            a->total_cycles += total;
+            loops = busy = total = 0;
+            dpw_heartbeat(w);
+            dpw_nic_stats(w);
+            if (g->on && !g->link_up) {   /* memif: nobody to send to before the peer connects */
+                struct rte_eth_link link;
+                if (rte_eth_link_get_nowait(g->port_id, &link) == 0 && link.link_status) {
+                    g->link_up = 1;
+                    g->last_tsc = rte_rdtsc();
+                }
+            }
+        }
+        /* a 2-core lab box cannot afford every worker spinning */
+        if (!moved && w->cfg->idle_sleep_us && now - last_move > idle_after)
+            usleep(w->cfg->idle_sleep_us);
+    }
+    a->loops += loops;
+    a->busy_cycles += busy;
+    a->total_cycles += total;
+}
+
+int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg)
+{
+    static struct dpw w;   /* ~DP_MAX_RINGS rings of private state; one worker per process */
+    struct dpw_gen g;
+    memset(&w, 0, sizeof(w));
+    w.base = arena_base;
+    w.a = arena_base;
+    w.cfg = cfg;
+    w.a->error[0] = '\0';
+    if (dpw_setup(&w) < 0 || dpw_gen_init(&w, &g) < 0) {
+        dpw_close(&w);
+        return -1;
+    }
+    __atomic_store_n(&w.a->state, DP_W_RUNNING, __ATOMIC_RELEASE);
+    dpw_loop(&w, &g);
+    dpw_close(&w);
+    __atomic_store_n(&w.a->state, DP_W_STOPPED, __ATOMIC_RELEASE);
+    return 0;
+}

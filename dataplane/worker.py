@@ -1,0 +1,159 @@
+"""One DPDK worker process: `python -m dataplane.worker SPEC_JSON`.
+
+The supervisor has already created the arena at spec.arena_path.  This process maps it, pins
+itself, builds the EAL argv as a list, fills struct dp_worker_config and hands over to
+dp_dpdk_worker_run() in C, which polls until arena->stop is set.  Exit codes: 0 after a clean
+stop, 2 when set-up failed (arena->error is printed to stderr), 1 on a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from dataplane._native import ffi, lib
+from dataplane.spec import PortSpec, WorkerSpec
+
+EXIT_SETUP_FAILED = 2
+
+
+def eal_argv(spec: WorkerSpec, prefix: str) -> list[str]:
+    """The EAL command line, as a list: no shell ever sees it."""
+    if spec.core is not None:
+        cores = ["-l", str(spec.core)]
+    else:
+        # lcore 0 floats over every CPU we may use: two workers on a 2-core box share them
+        cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        cores = ["--lcores", f"0@({cpus})"]
+    argv = ["dataplane-worker", *cores, "--file-prefix", prefix, "--no-telemetry",
+            "--log-level", spec.log_level]
+    if spec.hugepages:
+        argv += ["--huge-dir", spec.huge_dir]
+    else:
+        argv += ["--no-huge", "-m", str(spec.eal_memory_mb)]
+    pci = [p.pci for p in spec.ports if p.pci]
+    if pci:
+        for addr in pci:
+            argv += ["-a", addr]
+    else:
+        # vdevs only: arena memory has no physical address, zero copy needs IOVA as VA
+        argv += ["--no-pci", "--iova-mode", "va"]
+    for p in spec.ports:
+        if p.devargs:
+            argv += ["--vdev", p.devargs]
+    return argv
+
+
+class WorkerConfig:
+    """struct dp_worker_config for a spec, with every buffer it points to kept alive."""
+
+    def __init__(self, spec: WorkerSpec, argv: list[str]):
+        if len(argv) > lib.DP_EAL_ARGS:
+            raise ValueError(f"{len(argv)} EAL arguments, at most {lib.DP_EAL_ARGS}")
+        if not 1 <= len(spec.ports) <= lib.DP_MAX_PORTS:
+            raise ValueError(f"{len(spec.ports)} ports, need 1..{lib.DP_MAX_PORTS}")
+        self.cfg = ffi.new("struct dp_worker_config *")
+        # the C side keeps char* into these for its whole run: they live as long as self
+        self._args = [ffi.new("char[]", a.encode()) for a in argv]
+        c = self.cfg
+        c.worker_id = spec.worker_id
+        c.n_ports = len(spec.ports)
+        for i, p in enumerate(spec.ports):
+            self._port(c.port[i], p)
+        c.burst = spec.burst
+        c.n_mbufs = spec.n_mbufs
+        c.zero_copy = int(spec.zero_copy)
+        c.idle_sleep_us = spec.idle_sleep_us
+        c.eal_argc = len(argv)
+        for i, a in enumerate(self._args):
+            c.eal_argv[i] = a
+        if spec.gen is not None:
+            self._gen(spec)
+
+    @staticmethod
+    def _port(pc, p: PortSpec) -> None:
+        name = p.name.encode()
+        if len(name) >= lib.DP_NAME_LEN:
+            raise ValueError(f"port name {p.name!r} longer than {lib.DP_NAME_LEN - 1} bytes")
+        pc.name = name
+        pc.n_rxq, pc.n_txq, pc.rxd, pc.txd = p.rxq, p.txq, p.rxd, p.txd
+
+    def _gen(self, spec: WorkerSpec) -> None:
+        g, s = self.cfg.gen, spec.gen
+        assert s is not None
+        tmpl = bytes.fromhex(s.template)
+        if not 0 < len(tmpl) <= lib.DP_TMPL_MAX:
+            raise ValueError(f"generator template of {len(tmpl)} bytes, need 1..{lib.DP_TMPL_MAX}")
+        g.enabled = 1
+        g.port, g.queue, g.stream, g.burst = s.port, s.queue, s.stream, s.burst
+        g.rate_pps, g.count = s.rate_pps, s.count
+        g.vary_off, g.vary_min, g.vary_max, g.csum = s.vary_off, s.vary_min, s.vary_max, s.csum
+        g.tmpl_len = len(tmpl)
+        ffi.memmove(g.tmpl, tmpl, len(tmpl))
+
+
+def run(spec: WorkerSpec) -> int:
+    """Map the arena, run the C worker until stopped; the exit code of the process."""
+    length = ffi.new("uint64_t *")
+    base = lib.dp_arena_map(spec.arena_path.encode(), length)
+    if base == ffi.NULL:
+        err = ffi.errno
+        print(f"worker {spec.name}: cannot map arena {spec.arena_path}: {os.strerror(err)}",
+              file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    arena = ffi.cast("struct dp_arena *", base)
+    if arena.magic != lib.DP_MAGIC or arena.version != lib.DP_LAYOUT_VERSION:
+        print(f"worker {spec.name}: {spec.arena_path} is not a version "
+              f"{lib.DP_LAYOUT_VERSION} arena", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    if spec.core is not None:
+        os.sched_setaffinity(0, {spec.core})
+    prefix = f"dp-{spec.name}-{os.getpid()}"
+    cfg = WorkerConfig(spec, eal_argv(spec, prefix))
+
+    def on_signal(signum: int, frame: object) -> None:
+        arena.stop = 1
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # The C loop runs in a thread (cffi drops the GIL for the call) so that this main thread
+    # stays free to run the Python signal handlers, which only ever run in the main thread.
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(lib.dp_dpdk_worker_run(base, cfg.cfg)),
+                         name="dpdk-worker")
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+    # EAL leaves its runtime directory behind; the prefix is ours alone
+    shutil.rmtree(Path("/var/run/dpdk") / prefix, ignore_errors=True)
+    if not result or result[0] != 0:
+        msg = ffi.string(arena.error).decode(errors="replace")
+        print(f"worker {spec.name}: set-up failed: {msg}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m dataplane.worker",
+        description="Run one DPDK poll-mode worker on an arena the supervisor created. "
+                    "SIGTERM/SIGINT (or arena->stop) stop it cleanly. Exit 0 after a clean "
+                    "stop, 2 when set-up failed (the reason is printed and left in the arena).")
+    ap.add_argument("spec_json", help="a WorkerSpec as JSON (dataplane.spec.WorkerSpec.to_json)")
+    args = ap.parse_args(argv)
+    try:
+        spec = WorkerSpec.from_json(args.spec_json)
+    except (ValueError, TypeError, KeyError) as e:
+        ap.error(f"bad worker spec: {e}")
+    if not spec.arena_path:
+        ap.error("the spec has no arena_path: the supervisor creates the arena first")
+    return run(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+/* dp_dpdk.h: private state of the DPDK worker, shared by dpdk_port.c (set-up, stats, close)
+ * and dpdk_worker.c (the loops).  Not part of the arena contract: nothing outside the DPDK
+ * worker includes it. */
+#ifndef DP_DPDK_H
+#define DP_DPDK_H
+
+#include <rte_ethdev.h>
+#include <rte_mbuf.h>
+
+#include "dp_ring.h"
+#include "dp_worker.h"
+
+#define DPW_MAX_BURST 256
+
+/* Worker-private state of one ring. */
+struct dpw_ring {
+    struct dp_ring *r;
+    struct dp_prod p;
+    uint64_t freed;            /* zero copy: shadow[] freed up to this ring index */
+    struct rte_mbuf **shadow;  /* zero copy: the mbuf behind each ring position */
+    uint16_t port_id;          /* DPDK port id */
+    uint16_t port, queue;      /* worker-local port index, RX queue */
+};
+
+struct dpw {
+    char *base;
+    struct dp_arena *a;
+    const struct dp_worker_config *cfg;
+    int eal_up;
+    int zero_copy;
+    struct rte_mempool *pool;
+    uint16_t port_id[DP_MAX_PORTS];
+    uint8_t started[DP_MAX_PORTS];
+    struct rte_eth_stats last[DP_MAX_PORTS];   /* NIC stats already added to the arena */
+    uint32_t n_rings;
+    struct dpw_ring ring[DP_MAX_RINGS];
+};
+
+/* dpdk_port.c */
+int  dpw_fail(struct dpw *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int  dpw_setup(struct dpw *w);
+void dpw_heartbeat(struct dpw *w);
+void dpw_nic_stats(struct dpw *w);
+void dpw_close(struct dpw *w);
+
+#endif

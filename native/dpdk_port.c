@@ -1,0 +1,272 @@
+/* dpdk_port.c: set-up and tear-down of the DPDK worker: EAL, the mbuf pool (in the arena when
+ * it can be), the ports, and NIC statistics folded into the arena's monotonic counters.
+ *
+ * Set-up fails fast: the call, rte_errno's text and the port go into arena->error, the state
+ * becomes DP_W_FAILED and the caller gets -1.  Nothing here exits the process.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <rte_eal.h>
+#include <rte_errno.h>
+#include <rte_malloc.h>
+
+#include "dp_dpdk.h"
+
+#define DPW_HEAP "dp_arena"
+#define DPW_DRAIN_WAIT_S 5
+
+int dpw_fail(struct dpw *w, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(w->a->error, DP_ERR_LEN, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "dpdk worker %u: %s\n", w->cfg->worker_id, w->a->error);
+    __atomic_store_n(&w->a->state, DP_W_FAILED, __ATOMIC_RELEASE);
+    return -1;
+}
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+void dpw_heartbeat(struct dpw *w)
+{
+    __atomic_store_n(&w->a->heartbeat_ns, mono_ns(), __ATOMIC_RELEASE);
+}
+
+static int dpw_eal(struct dpw *w)
+{
+    /* rte_eal_init permutes argv: give it a private copy of the pointers. */
+    char *argv[DP_EAL_ARGS + 1];
+    int argc = w->cfg->eal_argc;
+    if (argc <= 0 || argc > DP_EAL_ARGS)
+        return dpw_fail(w, "eal_argc %d out of range 1..%d", argc, DP_EAL_ARGS);
+    for (int i = 0; i < argc; i++)
+        argv[i] = (char *)w->cfg->eal_argv[i];
+    argv[argc] = NULL;
+    if (rte_eal_init(argc, argv) < 0)
+        return dpw_fail(w, "rte_eal_init: %s", rte_strerror(rte_errno));
+    w->eal_up = 1;
+    return 0;
+}
+
+/* A dead predecessor may have left descriptors the consumer has not given back yet.  Their
+ * frames live in slots or in the old pool, which we are about to reuse, and cons belongs to the
+ * consumer: so wait for it to catch up (beating the heart meanwhile), never write cons. */
+static int dpw_rings(struct dpw *w)
+{
+    struct dp_arena *a = w->a;
+    const struct dp_worker_config *cfg = w->cfg;
+    uint32_t want = 0;
+    for (uint32_t p = 0; p < cfg->n_ports; p++)
+        want += cfg->port[p].n_rxq;
+    if (want != a->n_rings)
+        return dpw_fail(w, "config has %u RX queues in all, the arena has %u rings", want,
+                        a->n_rings);
+    w->n_rings = a->n_rings;
+    uint64_t deadline = mono_ns() + DPW_DRAIN_WAIT_S * 1000000000ull;
+    for (uint32_t i = 0; i < w->n_rings; i++) {
+        struct dp_ring *r = dp_arena_ring(w->base, i);
+        while (__atomic_load_n(&r->cons, __ATOMIC_ACQUIRE) != r->prod) {
+            if (mono_ns() > deadline || a->stop)
+                return dpw_fail(w, "ring %u (port %u queue %u): consumer still holds %lu "
+                                "descriptors of a previous worker after %d s", i, r->port,
+                                r->queue, (unsigned long)(r->prod - r->cons), DPW_DRAIN_WAIT_S);
+            dpw_heartbeat(w);
+            usleep(10000);
+        }
+        struct dpw_ring *q = &w->ring[i];
+        q->r = r;
+        dp_prod_init(&q->p, r);
+        q->freed = q->p.prod;
+        q->port = r->port;
+        q->queue = r->queue;
+        if (r->port >= cfg->n_ports || r->queue >= cfg->port[r->port].n_rxq)
+            return dpw_fail(w, "ring %u names port %u queue %u, not in the config", i, r->port,
+                            r->queue);
+    }
+    return 0;
+}
+
+/* Zero copy: an external malloc heap over the arena's pool region, the mbuf pool on it.  The
+ * region is declared in 2 MB pages whatever backs it: af_xdp sizes its UMEM from the page size
+ * and with 4 KB pages receive stops silently after some thousands of packets. */
+static const char *dpw_arena_pool(struct dpw *w)
+{
+    struct dp_arena *a = w->a;
+    if (rte_eal_iova_mode() == RTE_IOVA_PA)
+        return "IOVA mode is PA (arena memory has no physical addresses): use --iova-mode=va";
+    if (a->pool_len < DP_HUGE_PAGE || a->pool_off % DP_HUGE_PAGE ||
+        (uintptr_t)(w->base + a->pool_off) % DP_HUGE_PAGE)
+        return "arena pool region is not 2 MB aligned (map it with dp_arena_map)";
+    if (rte_malloc_heap_create(DPW_HEAP) < 0)
+        return "rte_malloc_heap_create failed";
+    if (rte_malloc_heap_memory_add(DPW_HEAP, w->base + a->pool_off, a->pool_len, NULL,
+                                   (unsigned)(a->pool_len / DP_HUGE_PAGE), DP_HUGE_PAGE) < 0)
+        return "rte_malloc_heap_memory_add failed";
+    int socket = rte_malloc_heap_get_socket(DPW_HEAP);
+    w->pool = rte_pktmbuf_pool_create("dp_arena_pool", w->cfg->n_mbufs, 256, 0,
+                                      RTE_MBUF_DEFAULT_BUF_SIZE, socket);
+    return w->pool ? NULL : "rte_pktmbuf_pool_create on the arena heap failed (pool_mb too small?)";
+}
+
+static int dpw_pool(struct dpw *w)
+{
+    const char *why = "zero_copy is off in the config";
+    rte_errno = 0;
+    if (w->cfg->zero_copy && (why = dpw_arena_pool(w)) == NULL) {
+        w->zero_copy = 1;
+        w->a->zero_copy = 1;
+        for (uint32_t i = 0; i < w->n_rings; i++) {
+            w->ring[i].shadow = calloc(w->a->ring_size, sizeof(struct rte_mbuf *));
+            if (!w->ring[i].shadow)
+                return dpw_fail(w, "calloc of the mbuf shadow of ring %u failed", i);
+        }
+        return 0;
+    }
+    fprintf(stderr, "dpdk worker %u: copy mode, every frame is copied into a slot: %s%s%s\n",
+            w->cfg->worker_id, why, rte_errno ? ": " : "", rte_errno ? rte_strerror(rte_errno) : "");
+    w->a->zero_copy = 0;
+    w->pool = rte_pktmbuf_pool_create("dp_eal_pool", w->cfg->n_mbufs, 256, 0,
+                                      RTE_MBUF_DEFAULT_BUF_SIZE, (int)rte_socket_id());
+    if (!w->pool)
+        return dpw_fail(w, "rte_pktmbuf_pool_create(%u mbufs) in EAL memory: %s",
+                        w->cfg->n_mbufs, rte_strerror(rte_errno));
+    return 0;
+}
+
+static int dpw_port(struct dpw *w, uint32_t p)
+{
+    const struct dp_port_config *pc = &w->cfg->port[p];
+    uint16_t id;
+    if (rte_eth_dev_get_port_by_name(pc->name, &id) != 0)
+        return dpw_fail(w, "port %s: no such ethdev (check its --vdev/-a argument)", pc->name);
+    w->port_id[p] = id;
+    struct rte_eth_dev_info info;
+    int ret = rte_eth_dev_info_get(id, &info);
+    if (ret != 0)
+        return dpw_fail(w, "rte_eth_dev_info_get(port %s): %s", pc->name, rte_strerror(-ret));
+    if (pc->n_rxq == 0 || pc->n_rxq > info.max_rx_queues)
+        return dpw_fail(w, "port %s: %u RX queues asked, the driver %s offers 1..%u", pc->name,
+                        pc->n_rxq, info.driver_name, info.max_rx_queues);
+    uint16_t n_txq = pc->n_txq ? pc->n_txq : 1;
+    if (n_txq > info.max_tx_queues)
+        return dpw_fail(w, "port %s: %u TX queues asked, the driver %s offers at most %u",
+                        pc->name, n_txq, info.driver_name, info.max_tx_queues);
+    struct rte_eth_conf conf;
+    memset(&conf, 0, sizeof(conf));
+    uint64_t rss = info.flow_type_rss_offloads & (RTE_ETH_RSS_IP | RTE_ETH_RSS_UDP |
+                                                  RTE_ETH_RSS_TCP);
+    if (pc->n_rxq > 1 && rss) {
+        conf.rxmode.mq_mode = RTE_ETH_MQ_RX_RSS;
+        conf.rx_adv_conf.rss_conf.rss_hf = rss;
+    }
+    ret = rte_eth_dev_configure(id, pc->n_rxq, n_txq, &conf);
+    if (ret < 0)
+        return dpw_fail(w, "rte_eth_dev_configure(port %s, %u rxq, %u txq): %s", pc->name,
+                        pc->n_rxq, n_txq, rte_strerror(-ret));
+    uint16_t rxd = pc->rxd ? pc->rxd : 1024, txd = pc->txd ? pc->txd : 1024;
+    ret = rte_eth_dev_adjust_nb_rx_tx_desc(id, &rxd, &txd);   /* clamps to the driver's limits */
+    if (ret < 0)
+        return dpw_fail(w, "rte_eth_dev_adjust_nb_rx_tx_desc(port %s): %s", pc->name,
+                        rte_strerror(-ret));
+    int socket = rte_eth_dev_socket_id(id);
+    for (uint16_t q = 0; q < pc->n_rxq; q++) {
+        ret = rte_eth_rx_queue_setup(id, q, rxd, socket, NULL, w->pool);
+        if (ret < 0)
+            return dpw_fail(w, "rte_eth_rx_queue_setup(port %s, queue %u, %u desc): %s",
+                            pc->name, q, rxd, rte_strerror(-ret));
+    }
+    for (uint16_t q = 0; q < n_txq; q++) {
+        ret = rte_eth_tx_queue_setup(id, q, txd, socket, NULL);
+        if (ret < 0)
+            return dpw_fail(w, "rte_eth_tx_queue_setup(port %s, queue %u, %u desc): %s",
+                            pc->name, q, txd, rte_strerror(-ret));
+    }
+    ret = rte_eth_dev_start(id);
+    if (ret < 0)
+        return dpw_fail(w, "rte_eth_dev_start(port %s): %s", pc->name, rte_strerror(-ret));
+    w->started[p] = 1;
+    ret = rte_eth_promiscuous_enable(id);
+    if (ret < 0 && ret != -ENOTSUP)
+        return dpw_fail(w, "rte_eth_promiscuous_enable(port %s): %s", pc->name,
+                        rte_strerror(-ret));
+    /* NIC counters start from here; only deltas reach the arena (they are never reset). */
+    rte_eth_stats_get(id, &w->last[p]);
+    return 0;
+}
+
+int dpw_setup(struct dpw *w)
+{
+    const struct dp_worker_config *cfg = w->cfg;
+    if (cfg->n_ports == 0 || cfg->n_ports > DP_MAX_PORTS || cfg->n_ports != w->a->n_ports)
+        return dpw_fail(w, "config has %u ports, the arena %u (1..%d)", cfg->n_ports,
+                        w->a->n_ports, DP_MAX_PORTS);
+    if (cfg->burst == 0 || cfg->burst > DPW_MAX_BURST)
+        return dpw_fail(w, "burst %u out of range 1..%d", cfg->burst, DPW_MAX_BURST);
+    if (dpw_eal(w) < 0)
+        return -1;
+    w->a->pid = getpid();
+    __atomic_store_n(&w->a->state, DP_W_STARTING, __ATOMIC_RELEASE);
+    dpw_heartbeat(w);
+    if (dpw_rings(w) < 0 || dpw_pool(w) < 0)
+        return -1;
+    for (uint32_t p = 0; p < cfg->n_ports; p++)
+        if (dpw_port(w, p) < 0)
+            return -1;
+    for (uint32_t i = 0; i < w->n_rings; i++)
+        w->ring[i].port_id = w->port_id[w->ring[i].port];
+    return 0;
+}
+
+/* Add what the NIC counted since the last call to the arena's monotonic port counters. */
+void dpw_nic_stats(struct dpw *w)
+{
+    for (uint32_t p = 0; p < w->cfg->n_ports; p++) {
+        struct rte_eth_stats s;
+        if (!w->started[p] || rte_eth_stats_get(w->port_id[p], &s) != 0)
+            continue;
+        struct rte_eth_stats *l = &w->last[p];
+        struct dp_port_counters *c = &w->a->port[p];
+        /* a driver that resets its counters would make a delta negative: skip that one */
+        if (s.imissed >= l->imissed)
+            c->nic_missed += s.imissed - l->imissed;
+        if (s.ierrors + s.oerrors >= l->ierrors + l->oerrors)
+            c->nic_errors += (s.ierrors + s.oerrors) - (l->ierrors + l->oerrors);
+        if (s.rx_nombuf >= l->rx_nombuf)
+            c->rx_nombuf += s.rx_nombuf - l->rx_nombuf;
+        *l = s;
+    }
+}
+
+/* Stop and close the ports (af_xdp detaches its XDP program here), then EAL.  The arena pool
+ * is not freed: DPDK's free zeroes memory, and the consumer may still be reading frames in it.
+ * The next worker on this arena waits for the rings to drain before it reuses the region. */
+void dpw_close(struct dpw *w)
+{
+    if (w->eal_up)
+        dpw_nic_stats(w);
+    for (uint32_t p = 0; p < w->cfg->n_ports && p < DP_MAX_PORTS; p++) {
+        if (!w->started[p])
+            continue;
+        rte_eth_dev_stop(w->port_id[p]);
+        rte_eth_dev_close(w->port_id[p]);
+        w->started[p] = 0;
+    }
+    for (uint32_t i = 0; i < w->n_rings; i++) {
+        free(w->ring[i].shadow);
+        w->ring[i].shadow = NULL;
+    }
+    if (w->eal_up)
+        rte_eal_cleanup();
+    w->eal_up = 0;
+}
