@@ -1,0 +1,256 @@
+"""The `dataplane` command: run the workers, manage the lab, show status, check configs.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error (also: missing privileges, which
+are checked before anything is changed).  Modules that need the native build, scapy or the
+runner are imported inside the commands that use them, so `--help` and `config check` stay fast
+and the CLI works before every part of the project exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from dataplane import config
+from dataplane._check import checks
+
+log = logging.getLogger("dataplane")
+OK, FAILED, USAGE = 0, 1, 2
+CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21     # bit numbers in /proc/self/status CapEff
+
+
+class Usage(Exception):
+    """A problem the user fixes (flags, config, privileges): exit 2, nothing changed."""
+
+
+def effective_caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def need_root(what: str, example: str) -> None:
+    """Refuse, before changing anything, when CAP_NET_ADMIN or CAP_SYS_ADMIN is missing."""
+    caps = effective_caps()
+    missing = [n for n, bit in (("CAP_NET_ADMIN", CAP_NET_ADMIN), ("CAP_SYS_ADMIN", CAP_SYS_ADMIN))
+               if not caps >> bit & 1]
+    if missing:
+        raise Usage(f"{what} needs CAP_NET_ADMIN and CAP_SYS_ADMIN (missing: "
+                    f"{', '.join(missing)}) to create and enter network namespaces; "
+                    f"run as root: sudo {example}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    need_root("dataplane run", "dataplane run")       # first: before anything is read or made
+    cfg = config.load(args.config)
+    if args.metrics is not None:
+        bad = checks.host_port(args.metrics)
+        if bad:
+            raise Usage(f"--metrics {args.metrics}: {bad}")
+        host, _, port = args.metrics.rpartition(":")
+        cfg.metrics = config.Metrics(args.metrics, host.strip("[]"), int(port))
+    if args.duration is not None and args.duration <= 0:
+        raise Usage(f"--duration {args.duration:g}: expected seconds > 0")
+    try:
+        from dataplane import runner
+    except ImportError as e:
+        log.error("cannot start workers: dataplane.runner is not importable (%s); "
+                  "this build has no runner yet, or a dependency of it is missing", e)
+        return FAILED
+    rc = runner.run(cfg, duration=args.duration)
+    return int(rc or 0)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from dataplane import lab
+    if args.action in ("up", "down"):
+        need_root(f"dataplane lab {args.action}", f"dataplane lab {args.action}")
+    cfg = config.load(args.config)
+    if cfg.lab is None:
+        raise Usage(f"{cfg.source}: no [lab] table: nothing to bring {args.action}")
+    if args.action in ("up", "down"):
+        (lab.up if args.action == "up" else lab.down)(cfg)
+        log.info("lab %s: %s", args.action, ", ".join(cfg.lab.namespaces))
+    _print_lab(lab.status(cfg))
+    return OK
+
+
+def _print_lab(st: dict) -> None:
+    for ns, present in st["namespaces"].items():
+        print(f"netns {ns}: {'present' if present else 'absent'}")
+    for lk in st["links"]:
+        print(f"  {lk['netns']}/{lk['name']}: {lk['state']} {lk['mac']} "
+              f"{' '.join(lk['addresses'])}".rstrip())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    if cfg.lab is not None:
+        from dataplane import lab
+        print(f"lab: {'up' if lab.exists(cfg) else 'down'}")
+        _print_lab(lab.status(cfg))
+    from dataplane.arena import Arena, LayoutError, hugetlbfs_mounts
+    for w in cfg.workers:
+        # Where plan() would have put the arena: hugetlbfs or /dev/shm, whichever exists.
+        name = config.arena_filename(w.name)
+        found = [d / name for d in (*hugetlbfs_mounts(), Path("/dev/shm")) if (d / name).exists()]
+        if not found:
+            print(f"worker {w.name}: no arena (not running)")
+            continue
+        try:
+            with Arena.open(found[0]) as a:
+                h = a.header
+                age = (time.monotonic_ns() - h.heartbeat_ns) / 1e9 if h.heartbeat_ns else None
+                pid, state, err = h.pid, a.worker_state(), a.worker_error()
+        except (OSError, LayoutError) as e:
+            print(f"worker {w.name}: arena {found[0]} unreadable: {e}")
+            continue
+        beat = f"heartbeat {age:.2f} s ago" if age is not None else "no heartbeat yet"
+        print(f"worker {w.name}: arena {found[0]} state={state} pid={pid} "
+              f"({'alive' if _alive(pid) else 'gone'}) {beat}" + (f" error: {err}" if err else ""))
+    return OK
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = config.load(args.file)
+    if args.action == "check":
+        lab = f", lab of {len(cfg.lab.namespaces)} namespaces" if cfg.lab else ""
+        print(f"{cfg.source}: ok ({len(cfg.workers)} workers{lab}, "
+              f"{len(cfg.warnings)} warnings, logged above)")
+        return OK
+    specs = config.plan(cfg)
+    if args.json:
+        print("[" + ",\n ".join(s.to_json() for s in specs) + "]")
+        return OK
+    print(f"config {cfg.source}; metrics on {cfg.metrics.listen}")
+    for s in specs:
+        poll = f"adaptive, idle_sleep_us {s.idle_sleep_us}" if s.idle_sleep_us else "busy"
+        print(f"worker {s.worker_id} {s.name}: core {s.core}, netns {s.netns or '-'}, "
+              f"poll {poll}, zero_copy {s.zero_copy}")
+        print(f"  arena {s.arena_path} (hugepages {'yes' if s.hugepages else 'no'}): rings "
+              f"{len(s.rings())} x {s.ring_size}, slots {s.slot_size} B, pool {s.pool_mb} MB, "
+              f"{s.n_mbufs} mbufs")
+        for i, p in enumerate(s.ports):
+            dev = f"--vdev {p.devargs}" if p.devargs else f"-a {p.pci}"
+            print(f"  port {i} {p.label}: {p.name}  {dev}  rxq {p.rxq} txq {p.txq}")
+        if s.gen:
+            g = s.gen
+            vary = (f", vary u16 at byte {g.vary_off} over {g.vary_min}..{g.vary_max}"
+                    if g.vary_off else "")
+            print(f"  generate on port {g.port}: {g.rate_pps or 'max'} pps, burst {g.burst}, "
+                  f"{len(g.template) // 2} B frames, count {g.count or 'unlimited'}, stream "
+                  f"{g.stream}{vary}")
+    return OK
+
+
+EPILOG_MAIN = """examples:
+  sudo dataplane lab up                    # namespaces dp-gen, dp-rx and a veth pair
+  sudo dataplane run --duration 10         # the default lab: generate and receive for 10 s
+  dataplane status                         # lab state, each worker's state and heartbeat
+  dataplane config show                    # what the embedded default config plans
+  dataplane config check my.toml           # every problem in a file, with its key path
+  sudo dataplane lab down
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage, config or privilege error."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="debug logging (the ip commands run, the plan)")
+    with_config = argparse.ArgumentParser(add_help=False)
+    with_config.add_argument("--config", "-c", metavar="FILE",
+                             help="TOML config (default: the embedded default lab)")
+    p = argparse.ArgumentParser(prog="dataplane", description="Kernel-bypass dataplane: DPDK "
+                                "workers, shared-memory rings, numpy consumers, Prometheus.",
+                                epilog=EPILOG_MAIN, formatter_class=fmt)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", parents=[common, with_config], formatter_class=fmt,
+                       help="start the workers, exporter and consumers (root)",
+                       description="Start every worker the config plans, the consumers and the "
+                       "Prometheus exporter; stop on Ctrl-C or after --duration.",
+                       epilog="examples:\n  sudo dataplane run\n  sudo dataplane run --config "
+                       "config/appliance.toml --metrics 127.0.0.1:9477 -v\n  sudo dataplane "
+                       "run --duration 30")
+    r.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
+    r.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics here instead of [metrics] listen "
+                   "(a non-loopback address exposes the counters)")
+    r.set_defaults(func=cmd_run)
+
+    lb = sub.add_parser("lab", parents=[common, with_config], formatter_class=fmt,
+                        help="create or remove the veth/netns lab (root)",
+                        description="up: create the [lab] namespaces and veth pairs (idempotent)."
+                        "\ndown: delete exactly those, by name (idempotent; works after a "
+                        "crash).\nstatus: show what is there.",
+                        epilog="examples:\n  sudo dataplane lab up\n  sudo dataplane lab down "
+                        "--config my.toml\n  dataplane lab status")
+    lb.add_argument("action", choices=("up", "down", "status"))
+    lb.set_defaults(func=cmd_lab)
+
+    st = sub.add_parser("status", parents=[common, with_config], formatter_class=fmt,
+                        help="lab state and each worker's arena, state, pid and heartbeat",
+                        description="Read-only: the lab's namespaces and links, and for each "
+                        "worker its arena file (hugetlbfs or /dev/shm) with state, pid and "
+                        "heartbeat age.", epilog="examples:\n  dataplane status\n  "
+                        "dataplane status --config config/appliance.toml")
+    st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("config", parents=[common], formatter_class=fmt,
+                       help="check a config, or show what it plans",
+                       description="check: validate a file and list every problem (exit 2).\n"
+                       "show: print the plan: workers, cores, ports, DPDK devargs, generators.",
+                       epilog="examples:\n  dataplane config check config/appliance.toml\n  "
+                       "dataplane config show\n  dataplane config show my.toml --json")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ck = csub.add_parser("check", parents=[common], help="validate FILE",
+                         epilog="example:\n  dataplane config check my.toml", formatter_class=fmt)
+    ck.add_argument("file", metavar="FILE")
+    sh = csub.add_parser("show", parents=[common], help="print the plan of FILE (or the default)",
+                         epilog="examples:\n  dataplane config show\n  dataplane config show "
+                         "my.toml --json", formatter_class=fmt)
+    sh.add_argument("file", metavar="FILE", nargs="?", help="default: the embedded default lab")
+    sh.add_argument("--json", action="store_true", help="the WorkerSpecs as JSON")
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (config.ConfigError, Usage) as e:
+        print(f"dataplane: {e}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return FAILED
+    except Exception as e:     # a runtime failure: say what, keep the traceback for -v
+        log.error("%s: %s", type(e).__name__, e, exc_info=bool(args.verbose))
+        return FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The TOML config: load and validate it, then plan() it into the WorkerSpecs the workers run.
+
+Validation reads every table through `_Table`, which records each key it is asked for, so an
+unknown key (a typo) is reported rather than silently ignored.  Every problem names its key path,
+the bad value and what is allowed, and all of them are raised together in one ConfigError so a
+user fixes a file in one pass.  plan() is the only place that turns a config into worker specs;
+it is also the only place that looks at the host (hugetlbfs mounts, free hugepages), and it only
+looks: it never changes the host's hugepage reservation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from dataplane import template
+from dataplane._check import ConfigError, Problems, Table, checks
+from dataplane.spec import GenSpec, PortSpec, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+DRIVERS = ("af_packet", "af_xdp", "memif", "pci")
+DRIVER_KEYS = {"af_packet": ("iface",), "af_xdp": ("iface",), "memif": ("role", "socket", "id"),
+               "pci": ("pci",)}
+RUN_DIR = Path("/run/dataplane")        # 0700: memif sockets live here unless a config says not
+MBUF_FOOTPRINT = 2560   # bytes per mbuf in the pool: 2048 data + headroom + rte_mbuf + mempool
+
+
+@dataclass
+class Veth:
+    name: str
+    netns: str
+    peer: str
+    peer_netns: str
+    address: str | None = None        # "10.77.0.1/24": interface address with prefix
+    peer_address: str | None = None
+    mac: str | None = None
+    peer_mac: str | None = None
+    mtu: int = 1500
+
+
+@dataclass
+class Lab:
+    namespaces: list[str]
+    veths: list[Veth]
+    ipv6: bool = False     # False: no link-local addresses, DAD or router solicitations to count
+
+
+@dataclass
+class Metrics:
+    listen: str = "127.0.0.1:9477"
+    host: str = "127.0.0.1"
+    port: int = 9477
+
+
+@dataclass
+class ArenaCfg:
+    ring_size: int = 4096
+    slot_size: int = 2048
+    pool_mb: int = 64
+    mbufs: int = 8191
+    hugepages: str = "auto"
+
+
+@dataclass
+class Port:
+    name: str
+    driver: str
+    queues: int = 1
+    iface: str | None = None
+    pci: str | None = None
+    role: str = "server"
+    socket: str | None = None
+    id: int = 0
+
+
+@dataclass
+class Generate:
+    port: str
+    rate_pps: int = 0
+    burst: int = 32
+    count: int = 0
+    stream: int | None = None
+    checksum: bool = True
+    src_mac: str = "02:00:00:00:00:01"
+    dst_mac: str = "02:00:00:00:00:02"
+    src: str = "10.77.0.1"
+    dst: str = "10.77.0.2"
+    proto: str = "udp"
+    sport: int = 1024
+    dport: int = 9
+    vlan: list[int] = field(default_factory=list)
+    size: int = 128
+    vary: str = "none"
+    vary_range: tuple[int, int] = (1024, 65535)
+
+
+@dataclass
+class Worker:
+    name: str
+    ports: list[Port]
+    core: int | None = None
+    netns: str | None = None
+    poll: str = "busy"
+    idle_sleep_us: int = 0
+    zero_copy: bool = True
+    burst: int = 32
+    generate: Generate | None = None
+
+
+@dataclass
+class Config:
+    source: str
+    metrics: Metrics
+    arena: ArenaCfg
+    workers: list[Worker]
+    lab: Lab | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    """Read and validate a config file; None: the embedded default lab."""
+    if path is None:
+        text = resources.files("dataplane").joinpath("default.toml").read_text()
+        return loads(text, source="<embedded default.toml>")
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read: {e.strerror}"]) from None
+    return loads(text, source=str(path))
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, [f"not valid TOML: {e}"]) from None
+    p = Problems()
+    top = Table(p, "", data)
+    lab_table = top.table("lab")        # read even when absent, so "lab" is a known key
+    lab = _lab(lab_table) if "lab" in data else None
+    metrics = _metrics(top.table("metrics"))
+    arena = _arena(top.table("arena"))
+    workers = [_worker(t) for t in top.tables("worker", required=True)]
+    top.close()
+    cfg = Config(source, metrics, arena, workers, lab)
+    _cross_check(cfg, p)
+    if p.errors:
+        raise ConfigError(source, p.errors)
+    cfg.warnings = p.warnings
+    for w in p.warnings:
+        log.warning("%s: %s", source, w)
+    return cfg
+
+
+def _lab(t: Table) -> Lab:
+    namespaces = t.get("namespaces", list, [], check=checks.names_list)
+    veths = []
+    for v in t.tables("veth"):
+        veths.append(Veth(
+            name=v.get("name", str, check=checks.ifname), netns=v.get("netns", str),
+            peer=v.get("peer", str, check=checks.ifname), peer_netns=v.get("peer_netns", str),
+            address=v.get("address", str, None, check=checks.ip_interface),
+            peer_address=v.get("peer_address", str, None, check=checks.ip_interface),
+            mac=v.get("mac", str, None, check=checks.mac),
+            peer_mac=v.get("peer_mac", str, None, check=checks.mac),
+            mtu=v.get("mtu", int, 1500, check=checks.between(68, 65535))))
+        for k in ("netns", "peer_netns"):
+            ns = getattr(veths[-1], k)
+            if ns is not None and ns not in namespaces:
+                v.error(k, ns, f"expected one of lab.namespaces ({', '.join(namespaces)})")
+    lab = Lab(namespaces, veths, t.get("ipv6", bool, False))
+    t.close()
+    return lab
+
+
+def _metrics(t: Table) -> Metrics:
+    listen = t.get("listen", str, Metrics.listen, check=checks.host_port)
+    t.close()
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        t.p.warning(f"metrics.listen = \"{listen}\": not loopback; anyone who can reach it "
+                    "reads the counters")
+    return Metrics(listen, host, int(port))
+
+
+def _arena(t: Table) -> ArenaCfg:
+    a = ArenaCfg(
+        ring_size=t.get("ring_size", int, 4096, check=checks.power_of_two(64, 1 << 20)),
+        slot_size=t.get("slot_size", int, 2048, check=checks.multiple_of(64, 64, 16384)),
+        pool_mb=t.get("pool_mb", int, 64, check=checks.multiple_of(2, 2, 65536)),
+        mbufs=t.get("mbufs", int, 8191, check=checks.between(512, 1 << 24)),
+        hugepages=t.get("hugepages", str, "auto", choices=("auto", "yes", "no")))
+    if a.mbufs * MBUF_FOOTPRINT > a.pool_mb << 20:
+        t.error("mbufs", a.mbufs, f"needs about {a.mbufs * MBUF_FOOTPRINT >> 20} MB, more than "
+                f"pool_mb = {a.pool_mb}; raise pool_mb or lower mbufs")
+    t.close()
+    return a
+
+
+def _port(t: Table) -> Port:
+    p = Port(
+        name=t.get("name", str, check=checks.label),
+        driver=t.get("driver", str, choices=DRIVERS),
+        queues=t.get("queues", int, 1, check=checks.between(1, 16)),
+        iface=t.get("iface", str, None, check=checks.ifname),
+        pci=t.get("pci", str, None, check=checks.pci),
+        role=t.get("role", str, "server", choices=("server", "client")),
+        socket=t.get("socket", str, None, check=checks.socket_path),
+        id=t.get("id", int, 0, check=checks.between(0, 255)))
+    # Each driver takes some keys and refuses the others, so a misplaced key is not ignored.
+    wants = DRIVER_KEYS.get(p.driver or "", ())
+    for key in ("iface", "pci"):
+        if key in wants and key not in t.data:
+            t.error(key, None, f'missing; driver = "{p.driver}" needs it')
+    for key in ("iface", "pci", "role", "socket", "id"):
+        if p.driver and key in t.data and key not in wants:
+            owners = [d for d, keys in DRIVER_KEYS.items() if key in keys]
+            t.error(key, t.data[key], f"only for driver = {' or '.join(owners)}, not {p.driver}")
+    if p.pci and len(p.pci) == 7:
+        p.pci = "0000:" + p.pci                 # DPDK names a PCI port with its domain
+    p.pci = p.pci.lower() if p.pci else p.pci
+    if p.driver == "memif" and p.socket is None:
+        p.socket = str(RUN_DIR / "memif.sock")
+    t.close()
+    return p
+
+
+def _generate(t: Table) -> Generate:
+    g = Generate(
+        port=t.get("port", str),
+        rate_pps=t.get("rate_pps", int, 0, check=checks.between(0, 100_000_000)),
+        burst=t.get("burst", int, 32, check=checks.between(1, 1024)),
+        count=t.get("count", int, 0, check=checks.between(0, 1 << 62)),
+        stream=t.get("stream", int, None, check=checks.between(1, 0xFFFFFFFF)),
+        checksum=t.get("checksum", bool, True),
+        src_mac=t.get("src_mac", str, Generate.src_mac, check=checks.mac),
+        dst_mac=t.get("dst_mac", str, Generate.dst_mac, check=checks.mac),
+        src=t.get("src", str, Generate.src, check=checks.ip_address),
+        dst=t.get("dst", str, Generate.dst, check=checks.ip_address),
+        proto=t.get("proto", str, "udp", choices=("udp", "tcp")),
+        sport=t.get("sport", int, Generate.sport, check=checks.between(0, 65535)),
+        dport=t.get("dport", int, Generate.dport, check=checks.between(0, 65535)),
+        vlan=t.get("vlan", list, [], check=checks.vlan_ids),
+        size=t.get("size", int, 128, check=checks.between(60, template.TMPL_MAX)),
+        vary=t.get("vary", str, "none", choices=("none", "sport", "dport")),
+        vary_range=tuple(t.get("vary_range", list, [1024, 65535], check=checks.port_range)))
+    versions = {ipaddress.ip_address(a).version for a in (g.src, g.dst)}
+    if len(versions) > 1:
+        t.error("dst", g.dst, f"must be the same IP version as src = \"{g.src}\"")
+    need = template.min_size(versions.pop(), g.proto, len(g.vlan))
+    if g.size < need:
+        t.error("size", g.size, f"expected at least {need}: headers plus the "
+                f"{template.TRAILER_LEN}-byte generator trailer")
+    t.close()
+    return g
+
+
+def _worker(t: Table) -> Worker:
+    w = Worker(
+        name=t.get("name", str, check=checks.label),
+        core=t.get("core", int, None, check=checks.cpu),
+        netns=t.get("netns", str, None, check=checks.name),
+        poll=t.get("poll", str, "busy", choices=("busy", "adaptive")),
+        zero_copy=t.get("zero_copy", bool, True),
+        burst=t.get("burst", int, 32, check=checks.between(1, 1024)),
+        ports=[_port(p) for p in t.tables("port", required=True)])
+    if w.poll == "adaptive":
+        w.idle_sleep_us = t.get("idle_sleep_us", int, 50, check=checks.between(1, 100_000))
+    else:
+        t.refuse("idle_sleep_us", 'only with poll = "adaptive"; busy polling never sleeps')
+    gen = t.table("generate")
+    if "generate" in t.data:
+        w.generate = _generate(gen)
+    t.close()
+    return w
+
+
+def _cross_check(cfg: Config, p: Problems) -> None:
+    """Checks that span tables: names, references between them, shared cores and sockets."""
+    from dataplane._native import lib
+    p.unique("worker", [w.name for w in cfg.workers], "name")
+    cores: dict[int, str] = {}
+    servers: dict[str, str] = {}
+    lab_ns = cfg.lab.namespaces if cfg.lab else []
+    for i, w in enumerate(cfg.workers):
+        where = f"worker[{i}]"
+        p.unique(f"{where}.port", [pt.name for pt in w.ports], "name")
+        if len(w.ports) > lib.DP_MAX_PORTS:
+            p.error(f"{where}.port: {len(w.ports)} ports; at most {lib.DP_MAX_PORTS} per worker")
+        if sum(pt.queues for pt in w.ports) > lib.DP_MAX_RINGS:
+            p.error(f"{where}.port: {sum(pt.queues for pt in w.ports)} queues in all; at most "
+                    f"{lib.DP_MAX_RINGS} per worker (one ring each)")
+        if w.core is not None:
+            if w.core in cores:
+                p.warning(f"{where}.core = {w.core}: also the core of worker "
+                          f"\"{cores[w.core]}\"; two poll loops on one core halve each other")
+            cores.setdefault(w.core, w.name)
+        if w.netns and w.netns not in lab_ns:
+            p.warning(f"{where}.netns = \"{w.netns}\": not one of lab.namespaces; it must exist "
+                      "before run")
+        for j, pt in enumerate(w.ports):
+            if pt.driver == "memif" and pt.role == "server" and pt.socket:
+                if pt.socket in servers:
+                    p.error(f"{where}.port[{j}].socket = \"{pt.socket}\": already served by "
+                            f"{servers[pt.socket]}; one server per socket")
+                servers[pt.socket] = f"{where}.port[{j}]"
+        g = w.generate
+        if g is not None and g.port is not None:
+            names = [pt.name for pt in w.ports]
+            if g.port not in names:
+                p.error(f"{where}.generate.port = \"{g.port}\": expected one of this worker's "
+                        f"ports ({', '.join(str(n) for n in names)})")
+            if g.size > cfg.arena.slot_size:
+                p.warning(f"{where}.generate.size = {g.size}: larger than arena.slot_size = "
+                          f"{cfg.arena.slot_size}; receivers in copy mode will truncate")
+
+
+def ensure_run_dir(path: Path = RUN_DIR) -> Path:
+    """Create the run directory 0700 (memif sockets live there; no other user may connect)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def arena_filename(worker: str) -> str:
+    """The arena's file name, in the hugetlbfs mount or /dev/shm (status looks in both)."""
+    return f"dataplane-{worker}"
+
+
+def plan(cfg: Config) -> list[WorkerSpec]:
+    """What each worker does: the one place a config becomes WorkerSpecs."""
+    specs = []
+    for wid, w in enumerate(cfg.workers):
+        ports: list[PortSpec] = []
+        seen: dict[str, int] = {}
+        for pt in w.ports:
+            n = seen[pt.driver] = seen.get(pt.driver, -1) + 1
+            ports.append(_port_spec(pt, n))
+        a = cfg.arena
+        specs.append(WorkerSpec(
+            name=w.name, worker_id=wid, core=w.core, netns=w.netns, ring_size=a.ring_size,
+            slot_size=a.slot_size, pool_mb=a.pool_mb, n_mbufs=a.mbufs, burst=w.burst,
+            zero_copy=w.zero_copy, idle_sleep_us=w.idle_sleep_us, ports=ports,
+            gen=_gen_spec(w, wid)))
+    huge_dir = _huge_dir(cfg, specs)
+    for s in specs:
+        s.hugepages, s.huge_dir = bool(huge_dir), huge_dir
+        s.arena_path = str(Path(huge_dir or "/dev/shm") / arena_filename(s.name))
+    return specs
+
+
+def _port_spec(pt: Port, n: int) -> PortSpec:
+    q = pt.queues
+    if pt.driver == "pci":
+        return PortSpec(name=pt.pci or "", pci=pt.pci or "", rxq=q, txq=q, label=pt.name)
+    # DPDK insists that a vdev's name starts with its driver's name: net_af_packet0, ...
+    name = f"net_{pt.driver}{n}"
+    args = {
+        "af_packet": f"iface={pt.iface},qpairs={q}",
+        "af_xdp": f"iface={pt.iface},start_queue=0,queue_count={q}",
+        # socket-abstract=no: a file in a 0700 directory, not an abstract socket anyone may use
+        "memif": f"role={pt.role},socket={pt.socket},socket-abstract=no,id={pt.id}",
+    }[pt.driver]
+    return PortSpec(name=name, devargs=f"{name},{args}", rxq=q, txq=q, label=pt.name)
+
+
+def _gen_spec(w: Worker, wid: int) -> GenSpec | None:
+    g = w.generate
+    if g is None:
+        return None
+    t = template.build(src_mac=g.src_mac, dst_mac=g.dst_mac, src=g.src, dst=g.dst,
+                       proto=g.proto, sport=g.sport, dport=g.dport, size=g.size,
+                       vlan=tuple(g.vlan), vary=g.vary)
+    lo, hi = g.vary_range if g.vary != "none" else (0, 0)
+    return GenSpec(port=[p.name for p in w.ports].index(g.port), rate_pps=g.rate_pps,
+                   burst=g.burst, count=g.count, stream=g.stream or wid + 1,
+                   template=t.frame.hex(), vary_off=t.vary_off, vary_min=lo, vary_max=hi,
+                   csum=1 if g.checksum else 0)
+
+
+def _arena_bytes(s: WorkerSpec) -> int:
+    from dataplane._native import ffi, lib
+    a = ffi.new("struct dp_arena *")
+    if lib.dp_arena_layout(a, len(s.ports), len(s.rings()), s.ring_size, s.slot_size,
+                           s.pool_mb << 20) != 0:
+        raise ConfigError("<plan>", [f"worker \"{s.name}\": arena geometry rejected by "
+                                     "dp_arena_layout"])
+    return int(a.arena_size)
+
+
+def _huge_dir(cfg: Config, specs: list[WorkerSpec]) -> str:
+    """The hugetlbfs directory the arenas go in, or "" for /dev/shm.  Looks, never reserves."""
+    from dataplane.arena import free_hugepages_2m, hugetlbfs_mounts
+    mode = cfg.arena.hugepages
+    if mode == "no":
+        return ""
+    need = sum(-(-_arena_bytes(s) // (2 << 20)) for s in specs)     # 2 MB pages, rounded up
+    mounts = [m for m in hugetlbfs_mounts() if os.access(m, os.W_OK)]
+    free = free_hugepages_2m()
+    if mounts and free >= need:
+        return str(mounts[0])
+    why = (f"free 2 MB hugepages: {free}, the arenas need {need}" if mounts else
+           "no writable hugetlbfs mount with 2 MB pages")
+    if mode == "yes":
+        raise ConfigError(cfg.source, [
+            f'arena.hugepages = "yes": {why}; reserve pages (echo N > /sys/kernel/mm/hugepages/'
+            'hugepages-2048kB/nr_hugepages), mount hugetlbfs (mount -t hugetlbfs none '
+            '/dev/hugepages), or set hugepages = "auto"'])
+    log.info("arena.hugepages = auto: using /dev/shm (%s)", why)
+    return ""

@@ -1,0 +1,149 @@
+"""The veth/netns lab: create and remove exactly the namespaces and links a config names.
+
+Everything goes through the `ip` command with argv lists (never a shell), and every change is
+made by name, inside the lab's own namespaces: `up` creates each veth pair directly in its
+namespaces (no transient link on the host), `down` deletes only the names the config lists, so
+it also cleans up after a crash.  Both are idempotent.  Sysctls are written inside a lab
+namespace only (`ip netns exec NS sysctl`), never on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dataplane.config import Config, Lab, Veth
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+NETNS_DIR = Path("/run/netns")     # where `ip netns add` bind-mounts a namespace
+
+
+class LabError(RuntimeError):
+    """An `ip` command failed: carries the command and what it printed."""
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `ip ARGS...`; raise LabError with the command and stderr when it fails."""
+    return _run(["ip", *args], check)
+
+
+def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    log.debug("run: %s", " ".join(argv))
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if check and res.returncode != 0:
+        raise LabError(f"{' '.join(argv)}: exit {res.returncode}: {res.stderr.strip()}")
+    return res
+
+
+def poll(fn: Callable[[], T], timeout: float = 5.0, interval: float = 0.02,
+         what: str = "condition") -> T:
+    """Call fn until it returns something truthy; return that, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def netns_exists(name: str) -> bool:
+    return (NETNS_DIR / name).exists()
+
+
+def link(name: str, netns: str) -> dict[str, Any] | None:
+    """`ip -j addr show dev NAME` inside netns: the link's JSON, or None if it is not there."""
+    if not netns_exists(netns):
+        return None
+    res = ip("-n", netns, "-j", "addr", "show", "dev", name, check=False)
+    if res.returncode != 0:
+        return None
+    found = json.loads(res.stdout or "[]")
+    return found[0] if found else None
+
+
+def _ends(v: Veth) -> list[tuple[str, str, str | None, str | None]]:
+    return [(v.name, v.netns, v.address, v.mac), (v.peer, v.peer_netns, v.peer_address,
+                                                  v.peer_mac)]
+
+
+def _lab(cfg: Config) -> Lab:
+    if cfg.lab is None:
+        raise LabError(f"{cfg.source}: no [lab] table: this config has no lab to bring up or down")
+    return cfg.lab
+
+
+def up(cfg: Config) -> None:
+    """Create the lab's namespaces and veth pairs, address them and bring them up.  Idempotent."""
+    lab = _lab(cfg)
+    for ns in lab.namespaces:
+        if not netns_exists(ns):
+            log.info("netns add %s", ns)
+            ip("netns", "add", ns)
+        ip("-n", ns, "link", "set", "dev", "lo", "up")
+    for v in lab.veths:
+        if link(v.name, v.netns) is None:
+            log.info("veth %s (%s) <-> %s (%s)", v.name, v.netns, v.peer, v.peer_netns)
+            ip("link", "add", "name", v.name, "netns", v.netns, "type", "veth",
+               "peer", "name", v.peer, "netns", v.peer_netns)
+        for name, ns, address, mac in _ends(v):
+            if not lab.ipv6:
+                # Before the link goes up, so it never gets a link-local address or sends DAD.
+                _sysctl(ns, f"net.ipv6.conf.{name}.disable_ipv6", "1")
+            ip("-n", ns, "link", "set", "dev", name, "mtu", str(v.mtu))
+            if mac:
+                ip("-n", ns, "link", "set", "dev", name, "address", mac)
+            if address:
+                ip("-n", ns, "addr", "replace", address, "dev", name)   # replace: idempotent
+            ip("-n", ns, "link", "set", "dev", name, "up")
+    for v in lab.veths:
+        for name, ns, _, _ in _ends(v):
+            # A veth reports UP once both ends are up; wait, so traffic can flow on return.
+            poll(lambda n=name, s=ns: (link(n, s) or {}).get("operstate") == "UP",
+                 what=f"{name} in {ns} to come up")
+
+
+def down(cfg: Config) -> None:
+    """Delete the lab's veth pairs and namespaces, by name only.  Idempotent; safe after a crash."""
+    lab = _lab(cfg)
+    for v in lab.veths:
+        for name, ns, _, _ in _ends(v):
+            if link(name, ns) is not None:     # deleting one end deletes its peer too
+                log.info("link del %s (%s)", name, ns)
+                ip("-n", ns, "link", "del", "dev", name)
+    for ns in lab.namespaces:
+        if netns_exists(ns):
+            log.info("netns del %s", ns)
+            ip("netns", "del", ns)
+    poll(lambda: not any(netns_exists(ns) for ns in lab.namespaces), what="namespaces to go")
+
+
+def exists(cfg: Config) -> bool:
+    """True when every namespace and link of the lab is there."""
+    st = status(cfg)
+    return all(st["namespaces"].values()) and all(lk["present"] for lk in st["links"])
+
+
+def status(cfg: Config) -> dict[str, Any]:
+    """What of the lab is there: namespaces by name, and each link's state and addresses."""
+    lab = _lab(cfg)
+    links = []
+    for v in lab.veths:
+        for name, ns, _, _ in _ends(v):
+            j = link(name, ns)
+            addrs = [f"{a['local']}/{a['prefixlen']}" for a in (j or {}).get("addr_info", [])]
+            links.append({"name": name, "netns": ns, "present": j is not None,
+                          "state": (j or {}).get("operstate", "absent"), "addresses": addrs,
+                          "mac": (j or {}).get("address", "")})
+    return {"namespaces": {ns: netns_exists(ns) for ns in lab.namespaces}, "links": links}
+
+
+def _sysctl(netns: str, key: str, value: str) -> None:
+    _run(["ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}"])

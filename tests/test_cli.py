@@ -1,0 +1,133 @@
+"""The `dataplane` command: help everywhere, exit codes, privilege checks before any change."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from dataplane import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+DATAPLANE = [sys.executable, "-m", "dataplane.cli"]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+TAG = f"{os.getpid() % 100000}"
+
+
+def run(*args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*(prefix or []), *DATAPLANE, *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+
+
+@pytest.mark.parametrize("args", [[], ["run"], ["lab"], ["status"], ["config"],
+                                  ["config", "check"], ["config", "show"]])
+def test_help_everywhere_with_examples(args: list[str]) -> None:
+    r = run(*args, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: dataplane" in r.stdout and "example" in r.stdout
+
+
+def test_no_command_is_usage_error() -> None:
+    assert run().returncode == 2
+
+
+def test_config_check_bad_file_exits_2_with_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[worker]]\nname = "w"\n[[worker.port]]\nname = "p"\n'
+                   'driver = "af_pakcet"\n')
+    r = run("config", "check", str(bad))
+    assert r.returncode == 2
+    assert ('worker[0].port[0].driver = "af_pakcet": expected one of af_packet, af_xdp, memif, '
+            'pci') in r.stderr
+
+
+def test_config_check_good_files() -> None:
+    for f in ("config/default.toml", "config/appliance.toml"):
+        r = run("config", "check", f)
+        assert r.returncode == 0, r.stderr
+        assert ": ok (" in r.stdout
+
+
+def test_config_show_default_and_json() -> None:
+    r = run("config", "show")
+    assert r.returncode == 0, r.stderr
+    assert "--vdev net_af_packet0,iface=dpgen0,qpairs=1" in r.stdout and "core 1" in r.stdout
+    r = run("config", "show", "--json")
+    specs = json.loads(r.stdout)
+    assert [s["name"] for s in specs] == ["gen", "rx"]
+
+
+def test_status_reads_an_arena(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from dataplane.arena import Arena, ArenaGeometry
+    name = f"dpt{TAG}st"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[worker]]\nname = "{name}"\n[[worker.port]]\nname = "p"\n'
+                   'driver = "pci"\npci = "0000:00:03.0"\n')
+    path = Path("/dev/shm") / f"dataplane-{name}"
+    a = Arena.create(path, ArenaGeometry(n_ports=1, rings=((0, 0),), ring_size=64,
+                                         pool_bytes=2 << 20))
+    try:
+        a.header.pid = os.getpid()
+        assert cli.main(["status", "--config", str(cfg)]) == 0
+    finally:
+        a.close()
+        a.unlink()
+    out = capsys.readouterr().out
+    assert f"worker {name}: arena {path} state=empty pid={os.getpid()} (alive)" in out
+    assert cli.main(["status", "--config", str(cfg)]) == 0
+    assert "no arena (not running)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")
+@pytest.mark.parametrize("args", [["lab", "up"], ["lab", "down"], ["run", "--duration", "1"]])
+def test_root_commands_refuse_non_root(args: list[str], tmp_path: Path) -> None:
+    cfg = tmp_path / "lab.toml"
+    ns = f"dpt-{TAG}-cli"
+    cfg.write_text(f'[lab]\nnamespaces = ["{ns}"]\n[[worker]]\nname = "w"\n'
+                   '[[worker.port]]\nname = "p"\ndriver = "af_packet"\niface = "x0"\n')
+    # tmp_path is 0700 root: nobody cannot even read the config, so this also shows that the
+    # privilege check comes before the config is read.
+    r = run(*args, "--config", str(cfg), prefix=NOBODY)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "needs CAP_NET_ADMIN and CAP_SYS_ADMIN" in r.stderr
+    assert f"run as root: sudo dataplane {args[0]}" in r.stderr
+    assert not Path(f"/run/netns/{ns}").exists()
+
+
+def test_run_calls_runner(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    fake = types.ModuleType("dataplane.runner")
+    fake.run = lambda cfg, duration=None: calls.append((cfg, duration)) or 0   # type: ignore
+    monkeypatch.setitem(sys.modules, "dataplane.runner", fake)
+    monkeypatch.setattr(cli, "need_root", lambda *a: None)
+    assert cli.main(["run", "--duration", "2.5", "--metrics", "127.0.0.1:9999"]) == 0
+    (cfg, duration), = calls
+    assert duration == 2.5 and cfg.metrics.listen == "127.0.0.1:9999" and cfg.metrics.port == 9999
+
+
+def test_run_without_runner_is_clear(monkeypatch: pytest.MonkeyPatch,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "dataplane.runner", None)    # import fails
+    monkeypatch.setattr(cli, "need_root", lambda *a: None)
+    assert cli.main(["run"]) == 1
+    assert "dataplane.runner is not importable" in caplog.text
+
+
+@pytest.mark.parametrize("args,msg", [(["--metrics", "nohost"], "--metrics nohost: expected"),
+                                      (["--duration", "0"], "--duration 0: expected seconds")])
+def test_run_bad_flags(args: list[str], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", *args]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_lab_without_lab_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[worker]]\nname = "w"\n[[worker.port]]\nname = "p"\ndriver = "pci"\n'
+                   'pci = "0000:00:03.0"\n')
+    assert cli.main(["lab", "up", "--config", str(cfg)]) == 2
+    assert "no [lab] table" in capsys.readouterr().err
