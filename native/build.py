@@ -11,7 +11,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["arena.c", "parse.c", "dpdk_port.c", "dpdk_worker.c"]
+SOURCES = ["arena.c", "parse.c", "dpdk_port.c", "dpdk_worker.c", "ring_bench.c"]
 
 CDEF = """
 #define DP_LAYOUT_VERSION ...
@@ -93,6 +93,11 @@ uint64_t dp_ring_load_prod(const struct dp_ring *r);
 void dp_ring_store_cons(struct dp_ring *r, uint64_t cons);
 int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);
 int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg);
+
+/* native/ring_bench.h: test producer/consumer, not used by workers */
+uint64_t dp_bench_produce(void *arena_base, uint32_t ring, uint64_t n, uint32_t burst);
+uint32_t dp_bench_try_produce(void *arena_base, uint32_t ring, uint32_t n);
+uint64_t dp_bench_consume(void *arena_base, uint32_t ring, uint64_t n, uint32_t batch);
 """
 
 
@@ -111,7 +116,7 @@ ffibuilder.cdef(CDEF)
 _cflags = _pkg_config("--cflags")
 ffibuilder.set_source(
     "dataplane._native",
-    '#include "dp_ring.h"\n#include "dp_worker.h"\n',
+    '#include "dp_ring.h"\n#include "dp_worker.h"\n#include "ring_bench.h"\n',
     sources=[f"native/{s}" for s in SOURCES],  # relative: setuptools insists
     include_dirs=["native"],
     extra_compile_args=[*_cflags, "-O2", "-g", "-Wall", "-Wextra", "-Werror",
