@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -96,9 +97,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_lab(lab.status(cfg))
     from dataplane.arena import Arena, LayoutError, hugetlbfs_mounts
     for w in cfg.workers:
-        # Where plan() would have put the arena: hugetlbfs or /dev/shm, whichever exists.
-        name = config.arena_filename(w.name)
-        found = [d / name for d in (*hugetlbfs_mounts(), Path("/dev/shm")) if (d / name).exists()]
+        found = find_arenas(w.name, [*hugetlbfs_mounts(), Path("/dev/shm")])
         if not found:
             print(f"worker {w.name}: no arena (not running)")
             continue
@@ -114,6 +113,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"worker {w.name}: arena {found[0]} state={state} pid={pid} "
               f"({'alive' if _alive(pid) else 'gone'}) {beat}" + (f" error: {err}" if err else ""))
     return OK
+
+
+def find_arenas(worker: str, dirs: list[Path]) -> list[Path]:
+    """The worker's arena files, newest first: plan() names them dataplane-NAME, the supervisor
+    dataplane-RUNID-NAME (a run id without dashes)."""
+    pattern = re.compile(rf"{re.escape(config.arena_filename(''))}([^-]+-)?{re.escape(worker)}")
+    found = [f for d in dirs if d.is_dir() for f in d.iterdir() if pattern.fullmatch(f.name)]
+    return sorted(found, key=lambda f: f.stat().st_mtime, reverse=True)
 
 
 def _alive(pid: int) -> bool:

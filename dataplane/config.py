@@ -337,9 +337,11 @@ def arena_filename(worker: str) -> str:
 def plan(cfg: Config) -> list[WorkerSpec]:
     """What each worker does: the one place a config becomes WorkerSpecs."""
     specs = []
+    # vdev numbers count across all workers, so no two ports anywhere share an ethdev name
+    # (each worker is its own EAL process; unique names keep logs and metrics unambiguous too).
+    seen: dict[str, int] = {}
     for wid, w in enumerate(cfg.workers):
         ports: list[PortSpec] = []
-        seen: dict[str, int] = {}
         for pt in w.ports:
             n = seen[pt.driver] = seen.get(pt.driver, -1) + 1
             ports.append(_port_spec(pt, n))

@@ -78,6 +78,11 @@ def test_status_reads_an_arena(capsys: pytest.CaptureFixture[str], tmp_path: Pat
         a.close()
         a.unlink()
     out = capsys.readouterr().out
+    assert cli.find_arenas(name, [tmp_path]) == []
+    for f in (f"dataplane-123-{name}", f"dataplane-{name}", f"dataplane-1-x-{name}"):
+        (tmp_path / f).touch()
+    assert {f.name for f in cli.find_arenas(name, [tmp_path])} == {
+        f"dataplane-123-{name}", f"dataplane-{name}"}
     assert f"worker {name}: arena {path} state=empty pid={os.getpid()} (alive)" in out
     assert cli.main(["status", "--config", str(cfg)]) == 0
     assert "no arena (not running)" in capsys.readouterr().out
@@ -131,3 +136,31 @@ def test_lab_without_lab_table(tmp_path: Path, capsys: pytest.CaptureFixture[str
                    'pci = "0000:00:03.0"\n')
     assert cli.main(["lab", "up", "--config", str(cfg)]) == 2
     assert "no [lab] table" in capsys.readouterr().err
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces and veth")
+def test_lab_up_status_down(tmp_path: Path) -> None:
+    cfg = tmp_path / "lab.toml"
+    ns = f"dpt-{TAG}-cl"
+    cfg.write_text(f'[lab]\nnamespaces = ["{ns}"]\n[[lab.veth]]\nname = "dpt{TAG}c0"\n'
+                   f'netns = "{ns}"\npeer = "dpt{TAG}c1"\npeer_netns = "{ns}"\n'
+                   '[[worker]]\nname = "w"\n[[worker.port]]\nname = "p"\n'
+                   f'driver = "af_packet"\niface = "dpt{TAG}c0"\n')
+    try:
+        r = run("lab", "up", "--config", str(cfg))
+        assert r.returncode == 0, r.stderr
+        assert f"netns {ns}: present" in r.stdout and f"{ns}/dpt{TAG}c1: UP" in r.stdout
+        r = run("status", "--config", str(cfg))
+        assert r.returncode == 0 and "lab: up" in r.stdout
+    finally:
+        r = run("lab", "down", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert f"netns {ns}: absent" in r.stdout and not Path(f"/run/netns/{ns}").exists()
+
+
+def test_ensure_run_dir_is_private(tmp_path: Path) -> None:
+    from dataplane import config
+    d = config.ensure_run_dir(tmp_path / "run" / "dataplane")
+    d.chmod(0o755)
+    assert (config.ensure_run_dir(d).stat().st_mode & 0o777) == 0o700

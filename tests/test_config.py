@@ -217,6 +217,8 @@ def test_plan_vdev_names_and_devargs() -> None:
     assert s.ports[4].pci == "0000:03:00.1"
     assert [p.label for p in s.ports] == ["p", "q", "x", "m", "n"]
     assert s.rings() == ((0, 0), (1, 0), (1, 1), (2, 0), (3, 0), (4, 0))
+    two = config.plan(config.loads(cfg_text() + cfg_text().replace('"w"', '"w2"')))
+    assert [s.ports[0].name for s in two] == ["net_af_packet0", "net_af_packet1"]
 
 
 def test_plan_hugepages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
