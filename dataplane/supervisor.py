@@ -66,8 +66,13 @@ class Supervisor:
         for spec in self.specs:
             geo = ArenaGeometry(len(spec.ports), spec.rings(), spec.ring_size, spec.slot_size,
                                 spec.pool_mb << 20)
-            name = f"dataplane-{self.run_id}-{spec.name}"
-            path = choose_backing(name, Arena.layout(geo).arena_size, prefer_huge=spec.hugepages)
+            if spec.arena_path:
+                path = Path(spec.arena_path)        # the plan chose it
+            else:
+                name = f"dataplane-{self.run_id}-{spec.name}"
+                path = choose_backing(name, Arena.layout(geo).arena_size,
+                                      prefer_huge=spec.hugepages)
+            _remove_stale(path)
             arena = Arena.create(path, geo)
             spec.arena_path = str(path)
             self.workers[spec.name] = Worker(spec, arena)
@@ -207,3 +212,31 @@ def _kill(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             return
 
+
+
+def _remove_stale(path: Path) -> None:
+    """An arena left by a crashed run is removed; one whose worker still lives is an error."""
+    if not path.exists():
+        return
+    try:
+        old = Arena.open(path)
+        pid, state = old.header.pid, old.worker_state()
+        old.close()
+    except Exception as e:  # not ours, or from another layout version: say so, don't guess
+        raise RuntimeError(f"{path} exists and is not a usable arena ({e}); "
+                           "remove it if no dataplane is running") from e
+    if pid > 0 and state in ("starting", "running") and _alive(pid):
+        raise RuntimeError(f"{path} belongs to a running worker (pid {pid}); "
+                           "stop that dataplane first (dataplane status shows it)")
+    log.info("removing stale arena %s (worker pid %d, state %s)", path, pid, state)
+    path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
