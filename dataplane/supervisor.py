@@ -43,7 +43,9 @@ class Worker:
         return None if hb == 0 else (time.monotonic_ns() - hb) / 1e9
 
     def file_prefix(self) -> str:
-        return f"dp-{self.spec.name}-{self.spec.worker_id}"
+        # dataplane.worker names its EAL prefix after itself; `ip netns exec` execs, so the
+        # child's pid is the worker's
+        return f"dp-{self.spec.name}-{self.proc.pid if self.proc else 0}"
 
 
 class Supervisor:
