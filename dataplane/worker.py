@@ -33,7 +33,8 @@ def eal_argv(spec: WorkerSpec, prefix: str) -> list[str]:
     argv = ["dataplane-worker", *cores, "--file-prefix", prefix, "--no-telemetry",
             "--log-level", spec.log_level]
     if spec.hugepages:
-        argv += ["--huge-dir", spec.huge_dir]
+        # unlinked at once: the pages go back when the process exits, however it exits
+        argv += ["--huge-dir", spec.huge_dir, "--huge-unlink"]
     else:
         argv += ["--no-huge", "-m", str(spec.eal_memory_mb)]
     pci = [p.pci for p in spec.ports if p.pci]
@@ -156,4 +157,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # EAL's threads (interrupts, IPC) are still running and are never joined: leave without
+    # interpreter teardown or library destructors pulling memory from under them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -18,7 +18,7 @@
 #include "dp_dpdk.h"
 
 #define DPW_HEAP "dp_arena"
-#define DPW_DRAIN_WAIT_S 5
+#define DPW_DRAIN_WAIT_S 5   /* "after waiting 5 s" below */
 
 int dpw_fail(struct dpw *w, const char *fmt, ...)
 {
@@ -79,8 +79,9 @@ static int dpw_rings(struct dpw *w)
         while (__atomic_load_n(&r->cons, __ATOMIC_ACQUIRE) != r->prod) {
             if (mono_ns() > deadline || a->stop)
                 return dpw_fail(w, "ring %u (port %u queue %u): consumer still holds %lu "
-                                "descriptors of a previous worker after %d s", i, r->port,
-                                r->queue, (unsigned long)(r->prod - r->cons), DPW_DRAIN_WAIT_S);
+                                "descriptors of a previous worker %s", i, r->port, r->queue,
+                                (unsigned long)(r->prod - r->cons),
+                                a->stop ? "when told to stop" : "after waiting 5 s");
             dpw_heartbeat(w);
             usleep(10000);
         }
@@ -133,8 +134,9 @@ static int dpw_pool(struct dpw *w)
         }
         return 0;
     }
+    const char *err = rte_errno ? rte_strerror(rte_errno) : "";
     fprintf(stderr, "dpdk worker %u: copy mode, every frame is copied into a slot: %s%s%s\n",
-            w->cfg->worker_id, why, rte_errno ? ": " : "", rte_errno ? rte_strerror(rte_errno) : "");
+            w->cfg->worker_id, why, *err ? ": " : "", err);
     w->a->zero_copy = 0;
     w->pool = rte_pktmbuf_pool_create("dp_eal_pool", w->cfg->n_mbufs, 256, 0,
                                       RTE_MBUF_DEFAULT_BUF_SIZE, (int)rte_socket_id());
@@ -248,9 +250,16 @@ void dpw_nic_stats(struct dpw *w)
     }
 }
 
-/* Stop and close the ports (af_xdp detaches its XDP program here), then EAL.  The arena pool
- * is not freed: DPDK's free zeroes memory, and the consumer may still be reading frames in it.
- * The next worker on this arena waits for the rings to drain before it reuses the region. */
+/* Stop and close the ports: af_xdp detaches its XDP program, memif and af_packet close their
+ * sockets.  The arena pool is not freed: DPDK's free zeroes memory, and the consumer may still
+ * be reading frames in it; the next worker on this arena waits for the rings to drain before it
+ * reuses the region.
+ *
+ * rte_eal_cleanup() is deliberately not called: in 22.11 it unmaps EAL memory while the
+ * interrupt thread may still walk its sources (a memif server stopping with its client still
+ * connected crashed in rte_intr_fd_get, about 1 stop in 40 under load).  The process exits right
+ * after this; worker.py runs EAL with --huge-unlink and removes the runtime directory, so
+ * nothing is left behind. */
 void dpw_close(struct dpw *w)
 {
     if (w->eal_up)
@@ -266,7 +275,5 @@ void dpw_close(struct dpw *w)
         free(w->ring[i].shadow);
         w->ring[i].shadow = NULL;
     }
-    if (w->eal_up)
-        rte_eal_cleanup();
     w->eal_up = 0;
 }
