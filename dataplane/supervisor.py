@@ -81,10 +81,19 @@ class Supervisor:
             log.info("arena %s: %d MiB, %d ring(s) of %d", path, arena.header.arena_size >> 20,
                      arena.n_rings, arena.ring_size)
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        """Receivers first, generators once every receiver runs: a generator's first packets
+        would otherwise reach a port nobody polls yet (af_xdp attaches its program late) and be
+        lost where no counter of ours sees them."""
         if not self.workers:
             self.create_arenas()
-        for w in self.workers.values():
+        receivers = [w for w in self.workers.values() if w.spec.gen is None]
+        generators = [w for w in self.workers.values() if w.spec.gen is not None]
+        for w in receivers:
+            self._spawn(w)
+        if generators and receivers:
+            self.wait_running(timeout, receivers)
+        for w in generators:
             self._spawn(w)
 
     def _spawn(self, w: Worker) -> None:
@@ -155,21 +164,19 @@ class Supervisor:
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
 
-    def all_running(self) -> bool:
-        return all(w.arena.worker_state() == "running" for w in self.workers.values())
-
-    def wait_running(self, timeout: float = 60.0) -> None:
+    def wait_running(self, timeout: float = 60.0, workers: list[Worker] | None = None) -> None:
         """Block until every worker is running; raise with the worker's own error otherwise."""
+        workers = list(self.workers.values()) if workers is None else workers
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for w in self.workers.values():
+            for w in workers:
                 if w.proc is not None and w.proc.poll() is not None:
                     err = w.arena.worker_error() or f"exited with status {w.proc.returncode}"
                     raise RuntimeError(f"worker {w.name} failed to start: {err}")
-            if self.all_running():
+            if all(w.arena.worker_state() == "running" for w in workers):
                 return
             time.sleep(0.05)
-        states = ", ".join(f"{w.name}={w.arena.worker_state()}" for w in self.workers.values())
+        states = ", ".join(f"{w.name}={w.arena.worker_state()}" for w in workers)
         raise RuntimeError(f"workers not running after {timeout:.0f} s: {states}")
 
     # -- shutting down --

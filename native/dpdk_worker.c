@@ -78,8 +78,11 @@ static inline void dpw_describe(struct dpw *w, struct dpw_ring *q, struct rte_mb
     d->queue = (uint8_t)q->queue;
     if (dp_parse(frame, len, d) < 0)
         c->malformed++;
+    /* Our generator sends UDP or TCP only; an ICMP error quoting one of its frames ends with
+     * the same trailer and must not count as a second copy. */
     uint32_t magic;
-    if (!(flags & DP_F_TRUNCATED) && len >= DPW_TRAILER) {
+    if (!(flags & DP_F_TRUNCATED) && len >= DPW_TRAILER &&
+        (d->l4proto == IPPROTO_UDP || d->l4proto == IPPROTO_TCP)) {
         memcpy(&magic, frame + len - sizeof(magic), sizeof(magic));
         if (magic == DP_GEN_MAGIC)
             flags |= DP_F_GENERATED;
@@ -248,11 +251,14 @@ static inline uint32_t dpw_gen(struct dpw *w, struct dpw_gen *g, uint64_t now)
         dpw_gen_fill(w, g, rte_pktmbuf_mtod(m[i], uint8_t *), seq + i, ns);
     }
     uint16_t k = rte_eth_tx_burst(g->port_id, g->queue, m, (uint16_t)n);
-    if (k < n) {   /* not taken: freed and counted; their seqs are sent again next burst */
+    if (k < n) {   /* not taken: freed and counted as dropped */
         rte_pktmbuf_free_bulk(m + k, n - k);
         pc->tx_drops += n - k;
     }
-    pc->gen_seq = seq + k;
+    /* Every sequence number is issued once, taken or not: af_packet's TX returns 0 when its
+     * sendto() fails although the frames already sit in its TX ring and leave later, so
+     * reusing "untaken" numbers produced duplicates.  Issued = tx_packets + tx_drops. */
+    pc->gen_seq = seq + n;
     pc->tx_packets += k;
     pc->tx_bytes += (uint64_t)k * g->len;
     g->sent += k;
