@@ -88,7 +88,7 @@ static inline void dpw_describe(struct dpw *w, struct dpw_ring *q, struct rte_mb
             flags |= DP_F_GENERATED;
     }
     d->flags |= flags;
-    c->truncated += !!(flags & DP_F_TRUNCATED);
+    c->truncated += !!(d->flags & DP_F_TRUNCATED);   /* ours (slot) or the parser's (IP length) */
 }
 
 /* One RX burst on one ring; returns the packets taken off the NIC. */

@@ -133,11 +133,11 @@ ip4 = bytes(eth / IP(src="10.77.0.1", dst="10.77.0.2") / UDP(sport=7, dport=9) /
 malformed = [
     bytes(Ether(dst=dst, src=src, type=0x0800)),                       # runt: no IPv4 header
     ip4[:14] + bytes([0x43]) + ip4[15:],                               # IHL 3 < 5
-    ip4[:16] + (1400).to_bytes(2, "big") + ip4[18:],                   # total length > frame
     bytes(eth / IPv6(src="fd00::1", dst="fd00::2", nh=60)) + bytes([17, 200]) + b"\0" * 14,
     bytes(eth / Dot1AD(vlan=1) / Dot1Q(vlan=2) / Dot1Q(vlan=3) / Dot1Q(vlan=4) / Dot1Q(vlan=5)
           / IP(src="10.77.0.1", dst="10.77.0.2") / UDP()),             # 5 tags: past our cap
 ]
+truncated = [ip4[:16] + (1400).to_bytes(2, "big") + ip4[18:]]          # total length > frame
 valid = [
     bytes(eth / Dot1AD(vlan=10) / Dot1Q(vlan=20) / IP(src="10.77.0.1", dst="10.77.0.2")
           / UDP(sport=5, dport=9) / (b"q" * 30)),                      # QinQ
@@ -147,9 +147,9 @@ n = int(sys.argv[2])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((sys.argv[1], 0))
 for _ in range(n):
-    for f in malformed + valid:
+    for f in malformed + truncated + valid:
         s.send(f.ljust(60, b"\0") if len(f) >= 14 else f)
-print(len(malformed) * n, len(valid) * n)
+print(len(malformed) * n, len(truncated) * n, len(valid) * n)
 """
 
 
@@ -163,16 +163,17 @@ def test_malformed_frames_counted_and_dropped_worker_survives() -> None:
         sent = subprocess.run(["ip", "netns", "exec", f"dpe-{tag}-g", sys.executable, "-c",
                                INJECT, f"dpe{tag}g", "20"],
                               capture_output=True, text=True, check=True)
-        n_bad, n_good = map(int, sent.stdout.split())
+        n_bad, n_trunc, n_good = map(int, sent.stdout.split())
         _wait(lambda: ring.counter("malformed") >= n_bad, f"{n_bad} malformed counted")
         time.sleep(0.3)
         assert ring.counter("malformed") == n_bad
         assert rx.arena.worker_state() == "running" and rx.proc.poll() is None
-        assert ring.counter("rx_packets") >= n_bad + n_good
+        assert ring.counter("truncated") == n_trunc
+        assert ring.counter("rx_packets") >= n_bad + n_trunc + n_good
         text = scrape(r)
         assert metric(text, "dataplane_malformed_packets_total", worker=f"rx{tag}") == n_bad
         # the valid stacked frames were parsed through their tags: inner IPv4 and IPv6 counted
-        assert metric(text, "dataplane_consumer_packets_total", worker=f"rx{tag}",
+        assert metric(text, "dataplane_consumer_ethertype_packets_total", worker=f"rx{tag}",
                       ethertype="ipv6") >= n_good // 2
 
 
