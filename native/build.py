@@ -11,7 +11,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["arena.c", "parse.c", "dpdk_port.c", "dpdk_worker.c", "ring_bench.c"]
+SOURCES = ["arena.c", "parse.c", "dpdk_port.c", "dpdk_worker.c", "kernel_drops.c", "ring_bench.c"]
 
 CDEF = """
 #define DP_LAYOUT_VERSION ...

@@ -22,6 +22,14 @@ struct dpw_ring {
     uint16_t port, queue;      /* worker-local port index, RX queue */
 };
 
+/* A kernel socket behind an af_packet or af_xdp port (kernel_drops.c). */
+#define DPW_MAX_KSOCK 16
+struct dpw_ksock {
+    int fd, domain;
+    uint16_t port;
+    uint64_t last;      /* af_xdp: rx_ring_full already counted (it is a running total) */
+};
+
 struct dpw {
     char *base;
     struct dp_arena *a;
@@ -34,6 +42,8 @@ struct dpw {
     struct rte_eth_stats last[DP_MAX_PORTS];   /* NIC stats already added to the arena */
     uint32_t n_rings;
     struct dpw_ring ring[DP_MAX_RINGS];
+    uint32_t n_ksock;
+    struct dpw_ksock ksock[DPW_MAX_KSOCK];
 };
 
 /* dpdk_port.c */
@@ -42,5 +52,9 @@ int  dpw_setup(struct dpw *w);
 void dpw_heartbeat(struct dpw *w);
 void dpw_nic_stats(struct dpw *w);
 void dpw_close(struct dpw *w);
+
+/* kernel_drops.c */
+void dpw_ksock_find(struct dpw *w);
+void dpw_ksock_drops(struct dpw *w);
 
 #endif

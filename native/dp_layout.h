@@ -84,7 +84,8 @@ struct dp_port_counters {
     _Alignas(DP_CACHE_LINE) uint64_t tx_packets;
     uint64_t tx_bytes;
     uint64_t tx_drops;          /* TX burst did not take the packet */
-    uint64_t nic_missed;        /* rte_eth_stats.imissed */
+    uint64_t nic_missed;        /* dropped before the worker saw it: rte_eth_stats.imissed, plus
+                                   the af_packet/af_xdp socket drops DPDK does not report */
     uint64_t nic_errors;        /* ierrors + oerrors */
     uint64_t rx_nombuf;         /* rte_eth_stats.rx_nombuf */
     uint64_t gen_seq;           /* next sequence number the generator will send */

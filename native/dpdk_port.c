@@ -227,6 +227,7 @@ int dpw_setup(struct dpw *w)
             return -1;
     for (uint32_t i = 0; i < w->n_rings; i++)
         w->ring[i].port_id = w->port_id[w->ring[i].port];
+    dpw_ksock_find(w);
     return 0;
 }
 
@@ -248,6 +249,7 @@ void dpw_nic_stats(struct dpw *w)
             c->rx_nombuf += s.rx_nombuf - l->rx_nombuf;
         *l = s;
     }
+    dpw_ksock_drops(w);
 }
 
 /* Stop and close the ports: af_xdp detaches its XDP program, memif and af_packet close their
