@@ -57,12 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.metrics = config.Metrics(args.metrics, host.strip("[]"), int(port))
     if args.duration is not None and args.duration <= 0:
         raise Usage(f"--duration {args.duration:g}: expected seconds > 0")
-    try:
-        from dataplane import runner
-    except ImportError as e:
-        log.error("cannot start workers: dataplane.runner is not importable (%s); "
-                  "this build has no runner yet, or a dependency of it is missing", e)
-        return FAILED
+    from dataplane import runner  # here, not at the top: --help stays fast
     rc = runner.run(cfg, duration=args.duration)
     return int(rc or 0)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -104,23 +104,23 @@ def test_root_commands_refuse_non_root(args: list[str], tmp_path: Path) -> None:
     assert not Path(f"/run/netns/{ns}").exists()
 
 
-def test_run_calls_runner(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    fake = types.ModuleType("dataplane.runner")
-    fake.run = lambda cfg, duration=None: calls.append((cfg, duration)) or 0   # type: ignore
-    monkeypatch.setitem(sys.modules, "dataplane.runner", fake)
-    monkeypatch.setattr(cli, "need_root", lambda *a: None)
-    assert cli.main(["run", "--duration", "2.5", "--metrics", "127.0.0.1:9999"]) == 0
-    (cfg, duration), = calls
-    assert duration == 2.5 and cfg.metrics.listen == "127.0.0.1:9999" and cfg.metrics.port == 9999
-
-
-def test_run_without_runner_is_clear(monkeypatch: pytest.MonkeyPatch,
-                                     caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setitem(sys.modules, "dataplane.runner", None)    # import fails
-    monkeypatch.setattr(cli, "need_root", lambda *a: None)
-    assert cli.main(["run"]) == 1
-    assert "dataplane.runner is not importable" in caplog.text
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, veth, DPDK")
+def test_run_embedded_default_for_real() -> None:
+    """The README's first command, minus the bootstrap: the embedded default lab, for real."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before_shm = set(os.listdir("/dev/shm"))
+    p = subprocess.run([str(Path(sys.executable).parent / "dataplane"), "run", "--duration", "3",
+                        "--metrics", f"127.0.0.1:{port}"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[")]
+    assert len(lines) >= 2 and all(" rx " in ln and "workers 2/2 up" in ln for ln in lines)
+    assert "missing 0" in p.stdout or "PROBLEM" not in p.stdout
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "dp-gen" not in netns and "dp-rx" not in netns, "the lab was left behind"
+    assert set(os.listdir("/dev/shm")) <= before_shm, "an arena was left in /dev/shm"
 
 
 @pytest.mark.parametrize("args,msg", [(["--metrics", "nohost"], "--metrics nohost: expected"),
