@@ -184,7 +184,9 @@ static int dpw_gen_init(struct dpw *w, struct dpw_gen *g)
     g->vary_range = (uint32_t)gc->vary_max - gc->vary_min + 1;
     g->csum = gc->csum;
     g->hz = rte_get_tsc_hz();
-    g->cap = (uint64_t)g->burst * 2 * g->hz;   /* at most two bursts of catch-up */
+    /* Catch-up allowed after the loop was late (an idle nap, preemption): 5 ms worth, at least
+     * two bursts.  Less and a descheduled generator falls short of its rate for good. */
+    g->cap = RTE_MAX((uint64_t)g->burst * 2, gc->rate_pps / 200) * g->hz;
     g->last_tsc = rte_rdtsc();
     return 0;
 }
