@@ -1,0 +1,67 @@
+"""Arenas on hugetlbfs: with 2 MB pages reserved and a hugetlbfs mounted, `hugepages = "auto"`
+puts the arenas there, the EAL runs on hugepages, af_xdp still receives zero copy, and the host's
+reservation and mounts are put back exactly as they were."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from dataplane.arena import free_hugepages_2m
+from dataplane.runner import Run
+from tests.test_run import lab_config
+
+NR = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+
+pytestmark = [pytest.mark.root, pytest.mark.dpdk,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: hugepages, netns"),
+              pytest.mark.skipif(not NR.exists(), reason="kernel without 2 MB hugepages")]
+
+
+@pytest.fixture
+def hugetlbfs():
+    """Reserve 200 more 2 MB pages and mount a private hugetlbfs; undo both afterwards."""
+    before = int(NR.read_text())
+    mnt = Path(tempfile.mkdtemp(prefix="dptest-huge-"))
+    NR.write_text(str(before + 200))
+    try:
+        got = free_hugepages_2m()
+        if got < 100:
+            pytest.fail(f"asked the kernel for 200 more 2 MB pages, {got} are free: memory is "
+                        "too fragmented on this machine for this test")
+        subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M,mode=0700", "none",
+                        str(mnt)], check=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        mnt.rmdir()
+        NR.write_text(str(before))
+    assert int(NR.read_text()) == before
+
+
+def test_arena_on_hugetlbfs_zero_copy(hugetlbfs: Path) -> None:
+    tag = f"{os.getpid() % 10000}h"
+    cfg = lab_config(tag, count=3000, rate=10000, rx_driver="af_xdp")
+    with Run(cfg, io.StringIO()) as r:
+        rx = next(s for s in r.specs if s.name == f"rx{tag}")
+        assert rx.hugepages and Path(rx.arena_path).parent == hugetlbfs, rx.arena_path
+        r.start()
+        w = r.sup.workers[f"rx{tag}"]
+        assert Path(w.spec.arena_path).stat().st_mode & 0o777 == 0o600
+        assert w.arena.header.page_size == 2 << 20
+        assert w.arena.header.zero_copy == 1, "af_xdp on a hugetlbfs arena should be zero copy"
+        gen = r.sup.workers[f"gen{tag}"]
+        end = time.monotonic() + 30
+        while gen.arena.port_counters[0][0] < 3000 and time.monotonic() < end:
+            time.sleep(0.1)
+        res = r.finish()
+    s = next(iter(res.streams.values()))
+    assert s["missing"] <= res.totals.drops and s["unique"] > 0, r.report(res)
+    assert res.ok, r.report(res)
+    assert not list(hugetlbfs.iterdir()), "arena files left on hugetlbfs"
