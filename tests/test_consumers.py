@@ -1,0 +1,269 @@
+"""Consumers against real arenas in /dev/shm, filled by a Python producer (the test harness
+plays the C worker: frame bytes into the ring's slots, descriptors, then prod)."""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dataplane._native import ffi, lib
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.packet import Raw
+
+from dataplane.arena import Arena, ArenaGeometry
+from dataplane.consumers import (
+    ETHERTYPES,
+    L4PROTOS,
+    ConsumerLoop,
+    TrafficStats,
+    drain,
+    ring_sources,
+)
+from dataplane.flows import SeqTracker
+
+TRAILER = struct.Struct("<QQII")   # struct dp_gen_trailer: seq, tx_ns, stream, magic
+
+
+def make_arena(tag: str, rings=((0, 0), (1, 0)), ring_size: int = 1024) -> Arena:
+    path = Path("/dev/shm") / f"dptest-{tag}-{uuid.uuid4().hex[:8]}"
+    return Arena.create(path, ArenaGeometry(n_ports=2, rings=tuple(rings), ring_size=ring_size,
+                                            slot_size=2048, pool_bytes=0))
+
+
+@pytest.fixture
+def arena() -> Iterator[Arena]:
+    a = make_arena("cons")
+    yield a
+    a.close()
+    a.unlink()
+
+
+def frame(l3=None, size: int = 0, seq: int | None = None, tx_ns: int = 0, stream: int = 1,
+          magic: int = lib.DP_GEN_MAGIC, vlan: bool = False) -> bytes:
+    """A scapy frame padded to `size`; with seq, a generator trailer at its very end."""
+    pkt = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    if vlan:
+        pkt = pkt / Dot1Q(vlan=5)
+    raw = bytes(pkt / l3) if l3 is not None else bytes(pkt)
+    tail = TRAILER.pack(seq, tx_ns, stream, magic) if seq is not None else b""
+    pad = max(size - len(raw) - len(tail), 0)
+    return raw + b"\0" * pad + tail
+
+
+def describe(data: bytes) -> dict:
+    """What the C parser would put in the descriptor (the harness's own tiny parser)."""
+    pkt = Ether(data)
+    d = {"ethertype": getattr(pkt, "type", 0), "l4proto": 0, "hash": 0, "flags": 0}
+    if Dot1Q in pkt:
+        d["ethertype"], d["flags"] = pkt[Dot1Q].type, lib.DP_F_VLAN
+    for l3, proto in ((IP, "proto"), (IPv6, "nh")):
+        if l3 in pkt:
+            d["l4proto"] = getattr(pkt[l3], proto)
+            ports = (pkt.sport, pkt.dport) if (TCP in pkt or UDP in pkt) else (0, 0)
+            key = f"{pkt[l3].src}|{pkt[l3].dst}|{d['l4proto']}|{ports}".encode()
+            d["hash"] = zlib.crc32(key) or 1
+    if len(data) >= TRAILER.size and TRAILER.unpack(data[-TRAILER.size:])[3] == lib.DP_GEN_MAGIC:
+        d["flags"] |= lib.DP_F_GENERATED
+    return d
+
+
+class RingFiller:
+    """Producer side of one ring, in Python: for tests and the throughput measurement."""
+
+    def __init__(self, arena: Arena, index: int = 0):
+        self.arena = arena
+        self.r = lib.dp_arena_ring(ffi.cast("void *", arena.header), index)
+        self.reader = arena.rings[index]
+        self.prod = self.r.prod
+        self.slot_size = arena.header.slot_size
+
+    def free(self) -> int:
+        return self.r.size - (self.prod - self.r.cons)
+
+    def put(self, frames: list[bytes], rx_ns: int | list[int] = 0, publish: bool = True,
+            **fields) -> None:
+        assert len(frames) <= self.free(), "test overfills the ring"
+        rx = rx_ns if isinstance(rx_ns, list) else [rx_ns] * len(frames)
+        for data, t in zip(frames, rx, strict=True):
+            pos = self.prod & self.r.mask
+            addr = self.r.slots_off + pos * self.slot_size
+            self.arena.buf[addr:addr + len(data)] = np.frombuffer(data, np.uint8)
+            d = self.reader.desc[pos]
+            for k, v in {**describe(data), **fields}.items():
+                d[k] = v
+            d["addr"], d["len"], d["rx_ns"] = addr, len(data), t
+            d["port"], d["queue"] = self.r.port, self.r.queue
+            self.prod += 1
+        if publish:
+            self.publish()
+
+    def publish(self) -> None:
+        self.r.prod = self.prod
+
+
+MIX = [  # (frame, count, ethertype bucket, l4 bucket, size bucket index)
+    (frame(IP() / TCP(), 60), 5, "ipv4", "tcp", 0),
+    (frame(IP() / UDP(), 200), 4, "ipv4", "udp", 2),
+    (frame(IPv6() / UDP(), 1000), 3, "ipv6", "udp", 4),
+    (frame(IPv6() / ICMPv6EchoRequest(), 100), 2, "ipv6", "icmpv6", 1),
+    (frame(IP() / ICMP(), 1500), 2, "ipv4", "icmp", 5),
+    (frame(ARP(), 42), 3, "arp", "none", 0),
+    (frame(Raw(b"x" * 20), 1600), 1, "other", "none", 6),   # Ether type 0x9000 (loopback)
+    (frame(IP(proto=47), 300), 1, "ipv4", "other", 3),
+    (frame(IP() / UDP(), 64, vlan=True), 2, "ipv4", "udp", 0),   # innermost ethertype counts
+]
+
+
+def test_counts_by_ethertype_l4_size_and_flags(arena):
+    filler = RingFiller(arena)
+    for data, count, *_ in MIX:
+        filler.put([data] * count)
+    filler.put([frame(IP() / UDP(), 128)], flags=lib.DP_F_MALFORMED)
+    filler.put([frame(IP() / UDP(), 129)] * 2, flags=lib.DP_F_TRUNCATED | lib.DP_F_MALFORMED)
+    stats = TrafficStats()
+    assert drain(ring_sources([arena]), [stats], max_batch=7) == 26
+    rs = stats.rings[(arena.path, 0, 0)]
+    m = rs.marginals()
+    want_eth, want_l4 = {}, {}
+    want_size = [0] * 8
+    for data, count, eth, l4, size in MIX + [(b"x" * 128, 1, "ipv4", "udp", 1),
+                                             (b"x" * 129, 2, "ipv4", "udp", 2)]:
+        want_eth[eth] = want_eth.get(eth, 0) + count
+        want_l4[l4] = want_l4.get(l4, 0) + count * len(data)
+        want_size[size] += count
+    assert m["eth_packets"].tolist() == [want_eth.get(k, 0) for k in ETHERTYPES]
+    assert m["l4_bytes"].tolist() == [want_l4.get(k, 0) for k in L4PROTOS]
+    assert m["size_counts"].tolist() == want_size
+    assert m["flags"].tolist() == [3, 2]   # malformed, truncated
+    assert m["bytes"] == sum(len(d) * c for d, c, *_ in MIX) + 128 + 2 * 129
+    assert arena.rings[0].occupancy() == 0   # everything released
+
+
+def test_latency_histogram_and_bad_trailers(arena):
+    now = 1_700_000_000 * 10**9
+    lat_ns = [5_000, 10_000, 30_000, 2_000_000, 2 * 10**9, -1, 7200 * 10**9]
+    filler = RingFiller(arena)
+    filler.put([frame(IP() / UDP(), 100, seq=i, tx_ns=now) for i in range(len(lat_ns))],
+               rx_ns=[now + x for x in lat_ns])
+    # flagged generated but no valid trailer: wrong magic, too short for one
+    filler.put([frame(IP() / UDP(), 100, seq=99, tx_ns=now, magic=0xdead)],
+               flags=lib.DP_F_GENERATED)
+    filler.put([b"\x02" * 20], flags=lib.DP_F_GENERATED)
+    filler.put([frame(IP() / UDP(), 100)], rx_ns=now)   # not generated: no latency
+    stats = TrafficStats()
+    drain(ring_sources([arena]), [stats])
+    rs = stats.rings[(arena.path, 0, 0)]
+    # buckets le 10us, 25us, 50us, ... 2.5ms ... 1s, +Inf
+    want = np.zeros(17, dtype=int)
+    want[0] = 2          # 5 us, and 10 us exactly (le is inclusive)
+    want[2] = 1          # 30 us <= 50 us
+    want[7] = 1          # 2 ms <= 2.5 ms
+    want[16] = 1         # 2 s: +Inf
+    assert rs.latency.tolist() == want.tolist()
+    assert rs.latency_sum == pytest.approx((5_000 + 10_000 + 30_000 + 2_000_000 + 2e9) * 1e-9)
+    assert (rs.latency_negative, rs.latency_absurd, rs.bad_trailer) == (1, 1, 2)
+
+
+def test_sequence_gaps_duplicates_out_of_order(arena):
+    seqs = [s for s in range(100) if not 10 <= s < 15]
+    seqs.insert(30, 20)                        # duplicate of 20
+    seqs.remove(50)
+    seqs.insert(seqs.index(60) + 1, 50)       # 50 arrives after 60
+    filler = RingFiller(arena)
+    frames = [frame(IP() / UDP(), 80, seq=s, stream=7) for s in seqs]
+    frames[5:5] = [frame(IP() / UDP(), 80, seq=s, stream=8) for s in (0, 1, 3)]  # second stream
+    stats = TrafficStats()
+    for i in range(0, len(frames), 16):        # several batches, one of them mixes streams
+        filler.put(frames[i:i + 16])
+        drain(ring_sources([arena]), [stats], max_batch=16)
+    s7, s8 = stats.streams.streams[7], stats.streams.streams[8]
+    assert (s7.received, s7.unique, s7.duplicates, s7.out_of_order) == (96, 95, 1, 2)
+    assert (s7.min, s7.max, s7.missing, s7.late) == (0, 99, 5, 0)   # 10..14 never came
+    assert (s8.received, s8.unique, s8.missing) == (3, 3, 1)
+
+
+def test_sequence_window_slides_and_counts_late():
+    t = SeqTracker(window=64)
+    for start in range(0, 1000, 10):
+        seq = np.arange(start, start + 10, dtype=np.uint64)
+        t.update(np.full(10, 3, dtype=np.uint32), seq[seq != 500])
+    t.update(np.full(1, 3, dtype=np.uint32), np.array([3], dtype=np.uint64))      # far too old
+    t.update(np.full(1, 3, dtype=np.uint32), np.array([999], dtype=np.uint64))    # duplicate
+    st = t.streams[3]
+    assert (st.received, st.unique, st.duplicates, st.late, st.missing) == (1001, 999, 1, 1, 1)
+    assert st.seen.size == 64   # bounded, whatever the sequence range
+
+
+def test_top_flows_decoded_on_demand(arena):
+    a = frame(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1111, dport=2222), 1000)
+    b = frame(IP(src="10.0.0.3", dst="10.0.0.4") / TCP(sport=3333, dport=80), 100)
+    c = frame(IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=5, dport=6), 60)
+    arp = frame(ARP(), 60)
+    filler = RingFiller(arena)
+    stats = TrafficStats()
+    # a flow is sampled lazily: at its first appearance after it became a top flow
+    for frames in ([a] * 10 + [b] * 20 + [c] * 5, [a, b, c] + [arp] * 35, [arp]):
+        filler.put(frames)
+        drain(ring_sources([arena]), [stats])
+    # the slots of a, b, c were reused (by the ARP frames): the samples must be copies
+    top = stats.top_flows(3)
+    assert [(f["bytes"], f["packets"]) for f in top] == [(11000, 11), (2160, 36), (2100, 21)]
+    assert (top[0]["src"], top[0]["dst"], top[0]["sport"], top[0]["dport"], top[0]["proto"]) \
+        == ("10.0.0.1", "10.0.0.2", 1111, 2222, 17)
+    assert "ARP" in top[1]["summary"]
+    assert (top[2]["src"], top[2]["dport"], top[2]["proto"]) == ("10.0.0.3", 80, 6)
+    filler.put([frame(IP() / UDP(sport=9, dport=9), 64)])
+    drain(ring_sources([arena]), [stats])
+    new = [f for f in stats.top_flows(10) if f["packets"] == 1]
+    assert new[0]["summary"] == "(no sample yet)"
+
+
+def test_top_flows_memory_is_bounded():
+    stats = TrafficStats(flow_capacity=8)
+    rng = np.random.default_rng(1)
+    heavy = np.zeros(64, dtype=stats.flows.keys.dtype)
+    for _ in range(50):
+        batch = np.zeros(64, dtype=[("hash", "<u4"), ("len", "<u2"), ("addr", "<u8")])
+        batch["hash"] = rng.integers(100, 1 << 31, 64)
+        batch["hash"][:4] = heavy[:4] + 7         # one heavy flow in every batch
+        batch["len"] = 60
+        batch["len"][:4] = 1500
+        stats.flows.update(batch)
+    assert stats.flows.used == 8
+    top = stats.flows.top(1)[0]
+    assert top["hash"] == 7 and top["bytes"] - top["error_bytes"] <= 50 * 4 * 1500 <= top["bytes"]
+
+
+def test_loop_thread_drains_across_wrap_and_survives_a_bad_consumer():
+    arena = make_arena("loop", ring_size=64)
+    try:
+        class Boom:
+            def consume(self, batch, arena):
+                raise ValueError("boom")
+
+        stats = TrafficStats()
+        loop = ConsumerLoop(ring_sources([arena]), [Boom(), stats], max_batch=32)
+        filler = RingFiller(arena)
+        with loop:
+            for _ in range(10):
+                while filler.free() < 50:
+                    time.sleep(0.001)
+                filler.put([frame(IP() / UDP(), 64)] * 50)
+            deadline = time.monotonic() + 5
+            while loop.descriptors < 500 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        assert loop.thread is None and loop.descriptors == 500
+        assert arena.rings[0].cons == filler.prod == 500
+        assert stats.rings[(arena.path, 0, 0)].marginals()["l4_packets"][1] == 500
+        assert loop.errors == loop.batches and "boom" in loop.last_error
+    finally:
+        arena.close()
+        arena.unlink()

@@ -1,0 +1,152 @@
+"""The exporter over real HTTP: values equal the shared-memory counters, promtool accepts the
+text, a closed arena gives a partial scrape, and scrapes do not stall the consumer."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from scapy.layers.inet import IP, TCP, UDP
+
+from dataplane.arena import PORT_COUNTERS, RING_COUNTERS
+from dataplane.consumers import ConsumerLoop, TrafficStats, drain, ring_sources
+from dataplane.exporter import DataplaneCollector, serve
+from tests.test_consumers import RingFiller, frame, make_arena
+
+
+@pytest.fixture
+def arenas():
+    made = [make_arena("exp"), make_arena("exp")]
+    yield made
+    for a in made:
+        a.close()
+        a.unlink()
+
+
+def scrape(server) -> str:
+    host, port = server.address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def samples(text: str) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} of a scrape."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: the bootstrap must install Debian's `prometheus` package")
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def set_counters(arena, base: int) -> None:
+    """Play the worker: distinct values in every shared-memory counter."""
+    for i, ring in enumerate(arena.rings):
+        ring.counters[:len(RING_COUNTERS)] = [base + 10 * i + k for k in range(len(RING_COUNTERS))]
+    for p in range(arena.n_ports):
+        arena.port_counters[p, :len(PORT_COUNTERS)] = [base + 100 * p + k + 50
+                                                       for k in range(len(PORT_COUNTERS))]
+    h = arena.header
+    h.state, h.heartbeat_ns, h.restarts, h.zero_copy = 2, time.monotonic_ns(), 3, 1
+    h.loops, h.busy_cycles, h.total_cycles = base + 1, 250, 1000
+
+
+def test_scrape_equals_shared_memory_and_passes_promtool(arenas):
+    a, b = arenas
+    set_counters(a, 1000)
+    set_counters(b, 2000)
+    b.header.heartbeat_ns = time.monotonic_ns() - 5 * 10**9    # stale: not up
+    filler = RingFiller(a, 1)
+    now = time.time_ns()
+    filler.put([frame(IP() / UDP(), 100, seq=i, tx_ns=now) for i in range(10)], rx_ns=now + 30_000)
+    filler.put([frame(IP() / TCP(), 1400)] * 3)
+    stats = TrafficStats()
+    drain(ring_sources([a]), [stats])
+    collector = DataplaneCollector([("w0", a, ["wan", "lan"]), ("w1", b, ["p0", "p1"])], stats)
+    with serve(collector, port=0) as server:
+        assert server.address[0] == "127.0.0.1"
+        text = scrape(server)
+    promtool_check(text)
+    got = samples(text)
+
+    def v(name, **labels):
+        return got[(name, tuple(sorted(labels.items())))]
+
+    assert v("dataplane_rx_packets_total", worker="w0", port="wan", queue="0") == 1000
+    assert v("dataplane_ring_full_drops_total", worker="w0", port="lan", queue="0") == 1012
+    assert v("dataplane_copied_packets_total", worker="w1", port="p1", queue="0") == 2015
+    assert v("dataplane_tx_dropped_packets_total", worker="w0", port="lan") == 1152
+    assert v("dataplane_rx_nombuf_total", worker="w1", port="p0") == 2055
+    assert v("dataplane_ring_occupancy_ratio", worker="w0", port="lan", queue="0") == 0
+    assert v("dataplane_worker_up", worker="w0") == 1 and v("dataplane_worker_up", worker="w1") == 0
+    assert v("dataplane_worker_state", worker="w0", state="running") == 1
+    assert v("dataplane_worker_restarts_total", worker="w0") == 3
+    assert v("dataplane_worker_busy_ratio", worker="w0") == 0.25
+    lan = {"worker": "w0", "port": "lan", "queue": "0"}
+    assert v("dataplane_consumer_ethertype_packets_total", ethertype="ipv4", **lan) == 13
+    assert v("dataplane_consumer_l4_bytes_total", l4proto="tcp", **lan) == 4200
+    assert v("dataplane_packet_size_bytes_bucket", le="128.0", **lan) == 10
+    assert v("dataplane_packet_size_bytes_count", **lan) == 13
+    assert v("dataplane_packet_size_bytes_sum", **lan) == 5200
+    assert v("dataplane_latency_seconds_bucket", le="2.5e-05", **lan) == 0
+    assert v("dataplane_latency_seconds_bucket", le="5e-05", **lan) == 10
+    assert v("dataplane_latency_seconds_sum", **lan) == pytest.approx(10 * 30e-6)
+    assert v("dataplane_sequence_unique_total", stream="1") == 10
+    assert v("dataplane_sequence_missing_packets", stream="1") == 0
+
+
+def test_default_bind_is_loopback():
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+
+
+def test_closed_arena_gives_partial_scrape(arenas):
+    a, b = arenas
+    set_counters(a, 1000)
+    collector = DataplaneCollector([("w0", a, []), ("w1", b, [])], TrafficStats())
+    b.close()
+    with serve(collector, port=0) as server:
+        got = samples(scrape(server))
+    assert got[("dataplane_rx_packets_total", (("port", "0"), ("queue", "0"),
+                                               ("worker", "w0")))] == 1000
+    assert not any(dict(labels).get("worker") == "w1" for _, labels in got)
+    assert got[("dataplane_exporter_source_errors_total", (("source", "w1"),))] == 1
+
+
+def test_scrapes_do_not_stall_the_consumer(arenas):
+    a = arenas[0]
+    filler = RingFiller(a)
+    filler.put([frame(IP() / UDP(), 64)] * filler.r.size)
+    stop = threading.Event()
+
+    def produce():   # keep the ring busy: re-publish the same descriptors as they are freed
+        while not stop.is_set():
+            filler.prod = filler.r.cons + filler.r.size
+            filler.publish()
+            time.sleep(0.0002)
+
+    stats = TrafficStats()
+    loop = ConsumerLoop(ring_sources([a]), [stats], max_batch=256)
+    collector = DataplaneCollector([("w0", a, [])], stats, loop)
+    producer = threading.Thread(target=produce)
+    with loop, serve(collector, port=0) as server:
+        producer.start()
+        progress = []
+        for _ in range(50):
+            before = loop.descriptors
+            scrape(server)
+            progress.append(loop.descriptors - before)
+        stop.set()
+        producer.join()
+    assert sum(p > 0 for p in progress) >= 45, progress
+    assert stats.rings[(a.path, 0, 0)].marginals()["l4_packets"].sum() > 0
+    assert loop.errors == 0
