@@ -109,6 +109,7 @@ class Worker:
     poll: str = "busy"
     idle_sleep_us: int = 0
     zero_copy: bool = True
+    copybreak: int = 256
     burst: int = 32
     generate: Generate | None = None
 
@@ -269,6 +270,7 @@ def _worker(t: Table) -> Worker:
         netns=t.get("netns", str, None, check=checks.name),
         poll=t.get("poll", str, "busy", choices=("busy", "adaptive")),
         zero_copy=t.get("zero_copy", bool, True),
+        copybreak=t.get("copybreak", int, 256, check=checks.between(0, 9000)),
         burst=t.get("burst", int, 32, check=checks.between(1, 1024)),
         ports=[_port(p) for p in t.tables("port", required=True)])
     if w.poll == "adaptive":
@@ -349,7 +351,8 @@ def plan(cfg: Config) -> list[WorkerSpec]:
         specs.append(WorkerSpec(
             name=w.name, worker_id=wid, core=w.core, netns=w.netns, ring_size=a.ring_size,
             slot_size=a.slot_size, pool_mb=a.pool_mb, n_mbufs=a.mbufs, burst=w.burst,
-            zero_copy=w.zero_copy, idle_sleep_us=w.idle_sleep_us, ports=ports,
+            zero_copy=w.zero_copy, copybreak=w.copybreak, idle_sleep_us=w.idle_sleep_us,
+            ports=ports,
             gen=_gen_spec(w, wid)))
     huge_dir = _huge_dir(cfg, specs)
     for s in specs:

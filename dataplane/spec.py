@@ -53,6 +53,7 @@ class WorkerSpec:
     burst: int = 32
     zero_copy: bool = True
     idle_sleep_us: int = 0    # 0: busy poll; else nap after ~1 ms of empty polls (lab boxes)
+    copybreak: int = 256      # zero copy: frames up to this many bytes are copied (0: never)
     hugepages: bool = False   # True: EAL uses hugetlbfs (huge_dir); False: --no-huge
     huge_dir: str = ""
     eal_memory_mb: int = 256  # -m with --no-huge

@@ -70,6 +70,7 @@ class WorkerConfig:
         c.n_mbufs = spec.n_mbufs
         c.zero_copy = int(spec.zero_copy)
         c.idle_sleep_us = spec.idle_sleep_us
+        c.copybreak = spec.copybreak
         c.eal_argc = len(argv)
         for i, a in enumerate(self._args):
             c.eal_argv[i] = a

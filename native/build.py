@@ -77,7 +77,8 @@ struct dp_gen_config {
 };
 struct dp_worker_config {
     uint32_t worker_id; uint32_t n_ports; struct dp_port_config port[]; struct dp_gen_config gen;
-    uint32_t burst; uint32_t n_mbufs; uint32_t zero_copy; uint32_t idle_sleep_us; int32_t eal_argc;
+    uint32_t burst; uint32_t n_mbufs; uint32_t zero_copy; uint32_t idle_sleep_us;
+    uint32_t copybreak; int32_t eal_argc;
     const char *eal_argv[];
     ...;
 };

@@ -224,7 +224,7 @@ def sockdir() -> Iterator[Path]:
 
 
 def test_memif_every_seq_once(workers, sockdir):
-    tx, rx = memif_pair(workers, sockdir)
+    tx, rx = memif_pair(workers, sockdir, {"copybreak": 0})   # 0: every frame left in place
     run_until_done(tx, rx, COUNT)
     gen = check_accounting(tx, rx, 0, COUNT)
     assert rx.arena.header.zero_copy == 1
@@ -246,6 +246,22 @@ def test_memif_copy_mode(workers, sockdir):
     size = rx.arena.header.slot_size
     assert ((gen["addr"] - slots) % size == 0).all()   # each frame sits at its slot
     assert (gen["addr"] < slots + ring.size * size).all()
+    tx.stop()
+    rx.stop()
+
+
+def test_copybreak_copies_small_frames_only(workers, sockdir):
+    """Zero copy with copybreak = 128: the 128-byte generated frames (<= 128) are copied into
+    their slots and their mbufs recycled at once; the worker stays in zero-copy mode."""
+    tx, rx = memif_pair(workers, sockdir, {"copybreak": 128}, count=1000)
+    run_until_done(tx, rx, 1000)
+    gen = check_accounting(tx, rx, 0, 1000)
+    assert rx.arena.header.zero_copy == 1
+    assert (gen["flags"] & F_COPIED != 0).all()
+    slots, size = rx.arena.header.slots_off, rx.arena.header.slot_size
+    assert ((gen["addr"] - slots) % size == 0).all()
+    assert (gen["addr"] < rx.arena.header.pool_off).all()
+    assert rx.ring_counter("copied") == rx.ring_counter("rx_packets")
     tx.stop()
     rx.stop()
 

@@ -48,6 +48,7 @@ def hugetlbfs():
 def test_arena_on_hugetlbfs_zero_copy(hugetlbfs: Path) -> None:
     tag = f"{os.getpid() % 10000}h"
     cfg = lab_config(tag, count=3000, rate=10000, rx_driver="af_xdp")
+    next(w for w in cfg.workers if w.name == f"rx{tag}").copybreak = 0   # every frame in place
     with Run(cfg, io.StringIO()) as r:
         rx = next(s for s in r.specs if s.name == f"rx{tag}")
         assert rx.hugepages and Path(rx.arena_path).parent == hugetlbfs, rx.arena_path
@@ -61,6 +62,12 @@ def test_arena_on_hugetlbfs_zero_copy(hugetlbfs: Path) -> None:
         while gen.arena.port_counters[0][0] < 3000 and time.monotonic() < end:
             time.sleep(0.1)
         res = r.finish()
+        h, ring = w.arena.header, w.arena.rings[0]
+        n = min(ring.counter("rx_packets"), ring.size)
+        addr = ring.desc["addr"][:n]
+        assert n > 0 and ((addr >= h.pool_off) & (addr < h.arena_size)).all(), \
+            "frames should sit in the mbuf pool (the UMEM), not in copy slots"
+        assert ring.counter("copied") == 0
     s = next(iter(res.streams.values()))
     assert s["missing"] <= res.totals.drops and s["unique"] > 0, r.report(res)
     assert res.ok, r.report(res)
