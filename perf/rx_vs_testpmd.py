@@ -180,6 +180,7 @@ def dataplane_phase(lab: Lab, args: argparse.Namespace, port: PortSpec, netns: s
                       arena_path=f"/dev/shm/{TAG}-w{n}", ring_size=args.ring_size,
                       n_mbufs=args.ring_size + 4 * RXD - 1, pool_mb=args.ring_size // 256 + 32,
                       burst=BURST, idle_sleep_us=0, zero_copy=bool(args.zero_copy),
+                      copybreak=args.copybreak,
                       eal_memory_mb=256, log_level="error", ports=[port])
     geo = ArenaGeometry(1, spec.rings(), spec.ring_size, spec.slot_size, spec.pool_mb << 20)
     arena = Arena.create(Path(spec.arena_path), geo)
@@ -338,6 +339,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--consumer-sched", choices=("fifo", "other"), default="fifo",
                     help="scheduling class of the consumer thread (default fifo: it preempts "
                          "the busy-polling worker on its core as soon as it wakes)")
+    ap.add_argument("--copybreak", type=int, default=256,
+                    help="with zero copy, frames of at most this many bytes are copied into their "
+                         "ring slot and the mbuf recycled at once (the config default, 256); 0: "
+                         "every frame stays in its mbuf until the consumer releases it")
     ap.add_argument("--zero-copy", type=int, choices=(0, 1), default=1,
                     help="1: descriptors point at the PMD's mbufs in the arena pool; "
                          "0: the worker copies each frame into a ring slot")
