@@ -248,14 +248,21 @@ def dataplane_phase(lab: Lab, args: argparse.Namespace, port: PortSpec, netns: s
             "zero_copy": bool(h.zero_copy)}
 
 
-def section(lab: Lab, args: argparse.Namespace, name: str, gen: Testpmd, tp_vdev: str,
-            dp_port: PortSpec, netns: str | None) -> dict:
-    """Alternate the two receivers args.rounds times; print each phase; medians out."""
+def section(lab: Lab, args: argparse.Namespace, name: str, make_gen,
+            netns: str | None) -> dict:
+    """Alternate the two receivers args.rounds times; print each phase; medians out.
+
+    Every phase gets a fresh generator with the same command line: a memif server whose client
+    went away did not always serve the next client (seen: round 2 got no traffic)."""
     runs: dict[str, list[dict]] = {"testpmd": [], "dataplane": []}
     for r in range(args.rounds):
         for who in ("testpmd", "dataplane"):
-            res = (testpmd_phase(lab, args, tp_vdev, netns, gen) if who == "testpmd"
-                   else dataplane_phase(lab, args, dp_port, netns, gen))
+            gen, tp_vdev, dp_port = make_gen()
+            try:
+                res = (testpmd_phase(lab, args, tp_vdev, netns, gen) if who == "testpmd"
+                       else dataplane_phase(lab, args, dp_port, netns, gen))
+            finally:
+                gen.finish()
             runs[who].append(res)
             extra = (f", Python consumed {res['python_consumed_mpps']:.2f} Mpps using "
                      f"{100 * res['python_consumer_cpu']:.0f}% of CPU {args.consumer_cpu} "
@@ -290,15 +297,29 @@ def memif(lab: Lab, args: argparse.Namespace) -> dict:
     RUN_DIR.mkdir(exist_ok=True)
     sock = RUN_DIR / f"{TAG}-memif.sock"
     lab.on_close(lambda: sock.unlink(missing_ok=True))
-    dev = f"socket={sock},socket-abstract=no,id=0"
-    gen = Testpmd(lab, "gen-memif", args.gen_cpu, f"net_memif0,role=server,{dev}", "txonly")
-    deadline = time.monotonic() + 30
-    while not sock.exists():   # a client started before the server's socket fails at once
-        if gen.proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"memif generator did not start: {gen.finish()[-2000:]}")
-        time.sleep(0.05)
-    return section(lab, args, "memif", gen, f"net_memif0,role=client,{dev}",
-                   PortSpec("net_memif0", f"net_memif0,role=client,{dev}"), None)
+
+    def make_gen() -> tuple[Testpmd, str, PortSpec]:
+        # a socket path of its own per phase: reusing one across short-lived servers and
+        # clients left a client connected to nothing (no traffic, seen in both directions)
+        n = next(_phase_ids)
+        path = sock.with_name(f"{sock.stem}-{n}.sock")
+        lab.on_close(lambda: path.unlink(missing_ok=True))
+        dev = f"socket={path},socket-abstract=no,id=0"
+        gen = Testpmd(lab, f"gen-memif{n}", args.gen_cpu, f"net_memif0,role=server,{dev}",
+                      "txonly")
+        deadline = time.monotonic() + 30
+        # the socket file appears before the server has registered its interface: a client
+        # connecting in between is told "ID not found" and never retries; testpmd's
+        # "start packet forwarding" comes after the registration
+        while not (path.exists() and any("start packet forwarding" in ln
+                                         for ln in gen.lines)):
+            if gen.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"memif generator did not start: {gen.finish()[-2000:]}")
+            time.sleep(0.05)
+        client = f"net_memif0,role=client,{dev}"
+        return gen, client, PortSpec("net_memif0", client)
+
+    return section(lab, args, "memif", make_gen, None)
 
 
 def af_xdp(lab: Lab, args: argparse.Namespace) -> dict:
@@ -313,9 +334,14 @@ def af_xdp(lab: Lab, args: argparse.Namespace) -> dict:
         subprocess.run([*in_ns(ns), "sysctl", "-qw", f"net.ipv6.conf.{ifn}.disable_ipv6=1"],
                        check=True)
         ip("-n", ns, "link", "set", ifn, "up")
-    gen = Testpmd(lab, "gen-afp", args.gen_cpu, f"net_af_packet0,iface={if_a}", "txonly", ns_a)
     vdev = f"net_af_xdp0,iface={if_b},start_queue=0,queue_count=1"
-    return section(lab, args, "af_xdp", gen, vdev, PortSpec("net_af_xdp0", vdev), ns_b)
+
+    def make_gen() -> tuple[Testpmd, str, PortSpec]:
+        gen = Testpmd(lab, f"gen-afp{next(_phase_ids)}", args.gen_cpu,
+                      f"net_af_packet0,iface={if_a}", "txonly", ns_a)
+        return gen, vdev, PortSpec("net_af_xdp0", vdev)
+
+    return section(lab, args, "af_xdp", make_gen, ns_b)
 
 
 def interrupted(signum: int, frame: object) -> None:
