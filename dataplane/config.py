@@ -391,13 +391,11 @@ def _gen_spec(w: Worker, wid: int) -> GenSpec | None:
 
 
 def _arena_bytes(s: WorkerSpec) -> int:
-    from dataplane._native import ffi, lib
-    a = ffi.new("struct dp_arena *")
-    if lib.dp_arena_layout(a, len(s.ports), len(s.rings()), s.ring_size, s.slot_size,
-                           s.pool_mb << 20) != 0:
-        raise ConfigError("<plan>", [f"worker \"{s.name}\": arena geometry rejected by "
-                                     "dp_arena_layout"])
-    return int(a.arena_size)
+    from dataplane.arena import Arena
+    try:
+        return int(Arena.layout(s.geometry()).arena_size)
+    except ValueError as e:
+        raise ConfigError("<plan>", [f'worker "{s.name}": {e}']) from None
 
 
 def _huge_dir(cfg: Config, specs: list[WorkerSpec]) -> str:

@@ -65,6 +65,12 @@ class WorkerSpec:
         """(port, queue) of every ring, in the order the worker fills them: port-major."""
         return tuple((p, q) for p, ps in enumerate(self.ports) for q in range(ps.rxq))
 
+    def geometry(self):
+        """The arena this worker needs (dataplane.arena.ArenaGeometry)."""
+        from dataplane.arena import ArenaGeometry  # here: spec.py stays importable without cffi
+        return ArenaGeometry(len(self.ports), self.rings(), self.ring_size, self.slot_size,
+                             self.pool_mb << 20)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 

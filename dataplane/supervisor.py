@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataplane.arena import Arena, ArenaGeometry, choose_backing
+from dataplane.arena import Arena, choose_backing
 from dataplane.spec import WorkerSpec
 
 log = logging.getLogger("dataplane.supervisor")
@@ -66,8 +66,7 @@ class Supervisor:
     # -- set-up --
     def create_arenas(self) -> None:
         for spec in self.specs:
-            geo = ArenaGeometry(len(spec.ports), spec.rings(), spec.ring_size, spec.slot_size,
-                                spec.pool_mb << 20)
+            geo = spec.geometry()
             if spec.arena_path:
                 path = Path(spec.arena_path)        # the plan chose it
             else:
