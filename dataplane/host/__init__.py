@@ -29,7 +29,8 @@ class PlanLine:
     note: str = ""   # why, or what is missing
 
     def __str__(self) -> str:
-        arrow = "(no change)" if self.current == self.desired else f"{self.current} -> {self.desired}"
+        same = self.current == self.desired
+        arrow = "(no change)" if same else f"{self.current} -> {self.desired}"
         return f"{self.what}: {arrow}" + (f"  [{self.note}]" if self.note else "")
 
 
