@@ -20,6 +20,8 @@ from pathlib import Path
 
 from dataplane import template
 from dataplane._check import ConfigError, Problems, Table, checks
+from dataplane.host import settings as host_settings
+from dataplane.host.settings import Host
 from dataplane.spec import GenSpec, PortSpec, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,7 @@ class Config:
     arena: ArenaCfg
     workers: list[Worker]
     lab: Lab | None = None
+    host: Host = field(default_factory=Host)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -147,9 +150,11 @@ def loads(text: str, source: str = "<string>") -> Config:
     lab = _lab(lab_table) if "lab" in data else None
     metrics = _metrics(top.table("metrics"))
     arena = _arena(top.table("arena"))
-    workers = [_worker(t) for t in top.tables("worker", required=True)]
+    host = host_settings.parse(top.table("host"))
+    # a config may only prepare the host ([host] and no workers); otherwise it runs workers
+    workers = [_worker(t) for t in top.tables("worker", required="host" not in data)]
     top.close()
-    cfg = Config(source, metrics, arena, workers, lab)
+    cfg = Config(source, metrics, arena, workers, lab, host)
     _cross_check(cfg, p)
     if p.errors:
         raise ConfigError(source, p.errors)
