@@ -21,7 +21,7 @@ from dataplane._check import checks
 
 log = logging.getLogger("dataplane")
 OK, FAILED, USAGE = 0, 1, 2
-CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21     # bit numbers in /proc/self/status CapEff
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 12, 21, 24   # bits of CapEff
 
 
 class Usage(Exception):
@@ -84,8 +84,64 @@ def _print_lab(st: dict) -> None:
               f"{' '.join(lk['addresses'])}".rstrip())
 
 
+def need_caps(what: str, example: str, why: dict[str, str]) -> None:
+    """Refuse, before changing anything, naming each missing capability and what needs it."""
+    caps = effective_caps()
+    bits = {"CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMIN": CAP_SYS_ADMIN,
+            "CAP_SYS_RESOURCE": CAP_SYS_RESOURCE}
+    missing = [f"{n} ({why[n]})" for n in why if not caps >> bits[n] & 1]
+    if missing:
+        raise Usage(f"{what} needs {', '.join(missing)}; nothing was changed; run as root: "
+                    f"sudo {example}")
+
+
+HOST_CAPS = {"CAP_SYS_ADMIN": "sysfs and sysctl writes, hugetlbfs mounts, driver binding",
+             "CAP_NET_ADMIN": "qdiscs, namespaces, interfaces",
+             "CAP_SYS_RESOURCE": "raising the locked-memory limit"}
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dataplane.host.plan import plan_lines
+    cfg = config.load(args.config)
+    lines = plan_lines(cfg)
+    if not lines:
+        print("host: the config has no [host] changes")
+    for ln in lines:
+        print(ln)
+    if cfg.workers:
+        print(f"then: dataplane run ({len(cfg.workers)} worker(s): "
+              f"{', '.join(w.name for w in cfg.workers)})")
+    return OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    need_caps("dataplane up", "dataplane up", HOST_CAPS)
+    from dataplane import updown
+    cfg = config.load(args.config)
+    for ln in updown.up(cfg, args.config):
+        print(ln)
+    return OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    need_caps("dataplane down", "dataplane down", HOST_CAPS)
+    from dataplane import updown
+    cfg = config.load(args.config)
+    if args.forget_journal:   # not loaded: the journal may be the damaged thing
+        path = Path(cfg.host.journal_dir) / "journal.json"
+        path.unlink(missing_ok=True)
+        print(f"forgot {path} without undoing anything: put the host back by hand")
+        return OK
+    for ln in updown.down(cfg):
+        print(ln)
+    return OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
+    from dataplane import updown
+    for ln in updown.status_lines(cfg):
+        print(ln)
     if cfg.lab is not None:
         from dataplane import lab
         print(f"lab: {'up' if lab.exists(cfg) else 'down'}")
@@ -169,6 +225,9 @@ EPILOG_MAIN = """examples:
   dataplane config show                    # what the embedded default config plans
   dataplane config check my.toml           # every problem in a file, with its key path
   sudo dataplane lab down
+  dataplane plan -c config/appliance.toml  # host changes, current -> desired; changes nothing
+  sudo dataplane up -c config/appliance.toml    # apply (journaled), start in the background
+  sudo dataplane down -c config/appliance.toml  # stop, restore the host exactly
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, config or privilege error."""
 
@@ -217,6 +276,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "heartbeat age.", epilog="examples:\n  dataplane status\n  "
                         "dataplane status --config config/appliance.toml")
     st.set_defaults(func=cmd_status)
+
+    pl = sub.add_parser("plan", parents=[common, with_config], formatter_class=fmt,
+                        help="print every host change `up` would make; change nothing",
+                        description="Read the host now and print, for each change the [host] "
+                        "table asks for (hugepages, mounts, NIC binding, sysctls, qdiscs, "
+                        "memlock), current value -> desired value, with what blocks it.",
+                        epilog="examples:\n  dataplane plan --config config/appliance.toml")
+    pl.set_defaults(func=cmd_plan)
+    u = sub.add_parser("up", parents=[common, with_config], formatter_class=fmt,
+                       help="apply the plan (journaled) and start the dataplane (root)",
+                       description="Journal then apply each change of `dataplane plan`, then "
+                       "start `dataplane run` in the background.  If anything fails, what was "
+                       "applied is undone.  Harmless when already up.  After a crash, restores "
+                       "the unfinished journal first.",
+                       epilog="examples:\n  sudo dataplane up --config config/appliance.toml\n"
+                       "  sudo dataplane status --config config/appliance.toml")
+    u.set_defaults(func=cmd_up)
+    d = sub.add_parser("down", parents=[common, with_config], formatter_class=fmt,
+                       help="stop the dataplane and restore the host from the journal (root)",
+                       description="Undo every journaled change, newest first: stop the "
+                       "background run, restore sysctls, qdiscs, drivers (and interface names), "
+                       "unmount and release hugepages.  Harmless when already down.",
+                       epilog="examples:\n  sudo dataplane down --config config/appliance.toml"
+                       "\n  sudo dataplane down --forget-journal   # damaged journal: drop it")
+    d.add_argument("--forget-journal", action="store_true",
+                   help="drop a damaged or foreign journal WITHOUT undoing it (you restore by "
+                   "hand what it listed)")
+    d.set_defaults(func=cmd_down)
 
     c = sub.add_parser("config", parents=[common], formatter_class=fmt,
                        help="check a config, or show what it plans",

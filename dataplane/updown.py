@@ -1,0 +1,169 @@
+"""`dataplane up` and `down`: prepare the host and start the dataplane in the background; stop
+it and put the host back.
+
+Everything `up` does is a journaled change, including the background `dataplane run` itself
+(kind "process": undone by stopping it), so `down` is exactly "undo the journal", and a `down`
+after a SIGKILL'd `up` undoes whatever that `up` had reached.  `up` on a host that still has a
+journal from an `up` that never finished restores it first; `up` while the dataplane runs does
+nothing; `down` with no journal does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dataplane import host
+from dataplane.host import Journal, PlanLine
+from dataplane.host.plan import host_changes
+
+log = logging.getLogger("dataplane.up")
+
+
+class UpError(RuntimeError):
+    pass
+
+
+def _start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: with the pid, names one process even if pids are reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+class RunProcess:
+    """The background `dataplane run`, as a change: apply starts it, undo stops it."""
+    kind = "process"
+
+    def __init__(self, config_path: str | None, log_path: Path):
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def describe(self) -> PlanLine:
+        return PlanLine("dataplane run", "stopped", "running",
+                        f"config {self.config_path or '<embedded default>'}, log {self.log_path}")
+
+    def needed(self) -> bool:
+        return True
+
+    def journal_entry(self) -> dict[str, Any]:
+        return {}    # pid known only after apply(): recorded then (see up())
+
+    def apply(self) -> None:
+        argv = [sys.executable, "-m", "dataplane.cli", "run"]
+        if self.config_path:
+            argv += ["--config", str(Path(self.config_path).resolve())]
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                         start_new_session=True)
+        finally:
+            os.close(fd)
+
+
+def stop_process(e: dict[str, Any]) -> None:
+    pid, start = e.get("pid"), e.get("start_time")
+    if not pid or _start_time(pid) != start:
+        return          # gone already (or never started): nothing to stop
+    os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + 60
+    while time.monotonic() < end and _start_time(pid) == start:
+        time.sleep(0.1)
+    if _start_time(pid) == start:
+        log.warning("dataplane run (pid %d) ignored SIGTERM for 60 s; killing it", pid)
+        os.kill(pid, signal.SIGKILL)
+
+
+host.UNDO["process"] = stop_process
+
+
+def running(journal: Journal) -> int | None:
+    for e in journal.entries:
+        if e["kind"] == "process" and e.get("pid") and _start_time(e["pid"]) == e.get(
+                "start_time"):
+            return e["pid"]
+    return None
+
+
+def up(cfg, config_path: str | None) -> list[str]:
+    journal = Journal(cfg.host.journal_dir)
+    pid = running(journal)
+    if pid:
+        return [f"already up: dataplane run is pid {pid}; nothing to do (`dataplane down` "
+                "first to change anything)"]
+    out = []
+    if journal.entries:
+        out.append(f"{journal.path}: an earlier `up` did not finish (crashed or killed); "
+                   "restoring what it changed first")
+        out += host.undo(journal)
+    changes = host_changes(cfg)
+    try:
+        out += host.apply(changes, journal)
+        if cfg.workers:
+            out.append(_start_run(cfg, config_path, journal))
+    except BaseException as e:
+        log.error("up failed (%s); restoring what it had changed", e)
+        host.undo(journal)
+        raise
+    return out
+
+
+def _start_run(cfg, config_path: str | None, journal: Journal) -> str:
+    rp = RunProcess(config_path, Path(cfg.host.journal_dir) / "run.log")
+    # journal first (no pid yet: undo of an entry without one is a no-op), then start, then
+    # record the pid: a kill in between leaves at worst a process `down` cannot name
+    journal.record({"kind": "process"})
+    rp.apply()
+    assert rp.proc is not None
+    journal.entries[-1].update(pid=rp.proc.pid, start_time=_start_time(rp.proc.pid))
+    journal.record(journal.entries.pop())
+    from dataplane.config import plan
+
+    end = time.monotonic() + 90
+    paths = [Path(s.arena_path) for s in plan(cfg)]
+    while time.monotonic() < end:
+        if rp.proc.poll() is not None:
+            tail = Path(rp.log_path).read_text()[-1500:]
+            raise UpError(f"dataplane run exited with status {rp.proc.returncode}:\n{tail}")
+        if all(_worker_running(p) for p in paths):
+            return f"dataplane run started: pid {rp.proc.pid}, log {rp.log_path}"
+        time.sleep(0.2)
+    raise UpError(f"workers not running after 90 s; see {rp.log_path}")
+
+
+def _worker_running(path: Path) -> bool:
+    from dataplane.arena import Arena
+    try:
+        with Arena.open(path) as a:
+            return a.worker_state() == "running"
+    except (OSError, RuntimeError):
+        return False        # not there yet
+
+
+def down(cfg) -> list[str]:
+    journal = Journal(cfg.host.journal_dir)
+    if not journal.entries:
+        return ["nothing to undo: no journal (the host is as `up` found it)"]
+    return host.undo(journal)
+
+
+def status_lines(cfg) -> list[str]:
+    journal = Journal(cfg.host.journal_dir)
+    if not journal.entries:
+        return [f"host: nothing applied (no journal in {journal.dir})"]
+    pid = running(journal)
+    lines = [f"host: {len(journal.entries)} change(s) applied, journal {journal.path}"
+             + (f"; dataplane run pid {pid}" if pid else "")]
+    for e in journal.entries:
+        rest = ", ".join(f"{k}={v}" for k, v in e.items() if k != "kind")
+        lines.append(f"  {e['kind']}: {rest}")
+    return lines

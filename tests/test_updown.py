@@ -1,0 +1,155 @@
+"""`dataplane plan|up|down|status` against the real host: every change journaled, `down`
+restores exactly (also after `up` was SIGKILLed half-way), damaged journals stop everything
+with a way out, and a non-root user is refused before anything changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_run import DEFAULT, free_port
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: sysctl, tc, hugepages")]
+
+DP = str(Path(sys.executable).parent / "dataplane")
+NR = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+SYSCTLS = ["net/core/rmem_max", "net/core/wmem_max", "net/core/netdev_max_backlog",
+           "net/core/optmem_max", "net/core/busy_read", "net/core/busy_poll",
+           "net/ipv4/tcp_rmem", "net/ipv4/tcp_wmem", "net/ipv4/tcp_congestion_control",
+           "net/core/default_qdisc"]
+
+
+def snapshot(dummy: str) -> dict:
+    s = {k: Path("/proc/sys", k).read_text().split() for k in SYSCTLS}
+    s["nr_hugepages"] = NR.read_text().strip()
+    s["mounts"] = sorted(ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines()
+                         if ln.split()[2] == "hugetlbfs")
+    q = json.loads(subprocess.run(["tc", "-j", "qdisc", "show", "dev", dummy],
+                                  capture_output=True, text=True, check=True).stdout)
+    s["qdisc"] = [(x["kind"], x.get("root")) for x in q]
+    return s
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    """A config: the default lab (renamed) plus a [host] table using a dummy interface."""
+    tag = f"{os.getpid() % 10000}u"
+    dummy = f"dpu{tag}"
+    subprocess.run(["ip", "link", "add", dummy, "type", "dummy"], check=True)
+    text = DEFAULT.read_text()
+    for old, new in (("dp-gen", f"dpe-{tag}-g"), ("dp-rx", f"dpe-{tag}-r"),
+                     ("dpgen0", f"dpe{tag}g"), ("dprx0", f"dpe{tag}r"),
+                     ('name = "gen"', f'name = "gen{tag}"'), ('name = "rx"', f'name = "rx{tag}"'),
+                     ("127.0.0.1:9477", f"127.0.0.1:{free_port()}")):
+        text = text.replace(old, new)
+    want = int(NR.read_text()) + 32
+    text += f"""
+[host]
+journal_dir = "{tmp_path}/state"
+profile = "latency"
+fq_interfaces = ["{dummy}"]
+[[host.hugepages]]
+size = "2M"
+count = {want}
+mount = "{tmp_path}/huge"
+"""
+    cfg = tmp_path / "dp.toml"
+    cfg.write_text(text)
+    before = snapshot(dummy)
+    try:
+        yield cfg, dummy, before, tmp_path / "state" / "journal.json"
+    finally:
+        subprocess.run([DP, "down", "--config", str(cfg)], capture_output=True)
+        subprocess.run(["ip", "link", "del", dummy], check=False)
+
+
+def dp(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([DP, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_plan_changes_nothing_and_shows_current_to_desired(setup) -> None:
+    cfg, dummy, before, journal = setup
+    p = dp("plan", "--config", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert "->" in p.stdout and "hugepages" in p.stdout.lower() and dummy in p.stdout
+    assert snapshot(dummy) == before and not journal.exists()
+
+
+def test_up_down_round_trip_twice_each(setup) -> None:
+    cfg, dummy, before, journal = setup
+    up = dp("up", "--config", str(cfg))
+    assert up.returncode == 0, up.stdout + up.stderr
+    during = snapshot(dummy)
+    assert during != before and during["qdisc"][0][0] == "fq"
+    assert int(during["nr_hugepages"]) == int(before["nr_hugepages"]) + 32
+    st = dp("status", "--config", str(cfg))
+    assert "change(s) applied" in st.stdout and "state=running" in st.stdout, st.stdout
+    again = dp("up", "--config", str(cfg))
+    assert again.returncode == 0 and "already up" in again.stdout
+    assert json.loads(journal.read_text())["entries"] == json.loads(journal.read_text())[
+        "entries"]
+    down = dp("down", "--config", str(cfg))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert snapshot(dummy) == before, "down did not restore the host exactly"
+    assert not journal.exists()
+    assert dp("down", "--config", str(cfg)).returncode == 0
+    assert snapshot(dummy) == before
+
+
+def test_sigkill_during_up_then_down_restores(setup) -> None:
+    cfg, dummy, before, journal = setup
+    p = subprocess.Popen([DP, "up", "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:   # kill it half-way: after a few changes were journaled
+        try:
+            if len(json.loads(journal.read_text())["entries"]) >= 4:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert journal.exists(), "the journal must survive the kill"
+    down = dp("down", "--config", str(cfg))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert snapshot(dummy) == before
+    assert not journal.exists()
+
+
+@pytest.mark.parametrize("content,words", [
+    ("{not json", "damaged"),
+    ('{"version": 99, "entries": []}', "version 99"),
+    ('{"version": 1, "entries": [42]}', "not a list of changes"),
+])
+def test_damaged_journal_is_a_clear_stop_with_a_way_out(setup, content: str, words: str) -> None:
+    cfg, dummy, before, journal = setup
+    journal.parent.mkdir(mode=0o700, exist_ok=True)
+    journal.write_text(content)
+    for cmd in ("down", "up", "status"):
+        p = dp(cmd, "--config", str(cfg))
+        assert p.returncode != 0, f"{cmd} went on with a damaged journal"
+        assert words in p.stderr and "--forget-journal" in p.stderr, p.stderr
+    assert snapshot(dummy) == before, "nothing may change while the journal is damaged"
+    p = dp("down", "--config", str(cfg), "--forget-journal")
+    assert p.returncode == 0 and not journal.exists()
+
+
+def test_non_root_refused_before_any_change(setup) -> None:
+    cfg, dummy, before, journal = setup
+    os.chmod(cfg.parent, 0o755)
+    os.chmod(cfg, 0o644)
+    for cmd in ("up", "down"):
+        p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            DP, cmd, "--config", str(cfg)], capture_output=True, text=True)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert "CAP_SYS_ADMIN" in p.stderr and "sudo dataplane" in p.stderr, p.stderr
+    assert snapshot(dummy) == before and not journal.exists()
