@@ -92,10 +92,10 @@ def test_up_down_round_trip_twice_each(setup) -> None:
     assert int(during["nr_hugepages"]) == int(before["nr_hugepages"]) + 32
     st = dp("status", "--config", str(cfg))
     assert "change(s) applied" in st.stdout and "state=running" in st.stdout, st.stdout
+    entries = json.loads(journal.read_text())["entries"]
     again = dp("up", "--config", str(cfg))
     assert again.returncode == 0 and "already up" in again.stdout
-    assert json.loads(journal.read_text())["entries"] == json.loads(journal.read_text())[
-        "entries"]
+    assert json.loads(journal.read_text())["entries"] == entries, "a second up changed more"
     down = dp("down", "--config", str(cfg))
     assert down.returncode == 0, down.stdout + down.stderr
     assert snapshot(dummy) == before, "down did not restore the host exactly"
