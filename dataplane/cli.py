@@ -95,9 +95,10 @@ def need_caps(what: str, example: str, why: dict[str, str]) -> None:
                     f"sudo {example}")
 
 
+# CAP_SYS_RESOURCE (raising the memlock limit) is checked by that change itself: a process
+# with CAP_IPC_LOCK needs no higher limit, and a profile may not ask for one
 HOST_CAPS = {"CAP_SYS_ADMIN": "sysfs and sysctl writes, hugetlbfs mounts, driver binding",
-             "CAP_NET_ADMIN": "qdiscs, namespaces, interfaces",
-             "CAP_SYS_RESOURCE": "raising the locked-memory limit"}
+             "CAP_NET_ADMIN": "qdiscs, namespaces, interfaces"}
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -108,6 +109,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print("host: the config has no [host] changes")
     for ln in lines:
         print(ln)
+    from dataplane.host.plan import host_changes, problems
+    blocked = problems(host_changes(cfg))
+    for b in blocked:
+        print(f"BLOCKED: {b}")
     if cfg.workers:
         print(f"then: dataplane run ({len(cfg.workers)} worker(s): "
               f"{', '.join(w.name for w in cfg.workers)})")
@@ -118,7 +123,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     need_caps("dataplane up", "dataplane up", HOST_CAPS)
     from dataplane import updown
     cfg = config.load(args.config)
-    for ln in updown.up(cfg, args.config):
+    try:
+        lines = updown.up(cfg, args.config)
+    except updown.Blocked as e:
+        raise Usage(str(e)) from None
+    for ln in lines:
         print(ln)
     return OK
 

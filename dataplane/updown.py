@@ -21,13 +21,17 @@ from typing import Any
 
 from dataplane import host
 from dataplane.host import Journal, PlanLine
-from dataplane.host.plan import host_changes
+from dataplane.host.plan import host_changes, problems
 
 log = logging.getLogger("dataplane.up")
 
 
 class UpError(RuntimeError):
     pass
+
+
+class Blocked(UpError):
+    """The plan cannot be applied on this host; nothing was changed."""
 
 
 def _start_time(pid: int) -> int | None:
@@ -106,6 +110,10 @@ def up(cfg, config_path: str | None) -> list[str]:
                    "restoring what it changed first")
         out += host.undo(journal)
     changes = host_changes(cfg)
+    blocked = problems(changes)
+    if blocked:
+        raise Blocked("nothing was changed; `up` cannot apply this plan:\n  - "
+                      + "\n  - ".join(blocked))
     try:
         out += host.apply(changes, journal)
         if cfg.workers:

@@ -48,7 +48,7 @@ class Bind:
 @dataclass
 class Host:
     journal_dir: Path = DEFAULT_DIR
-    profile: str | None = None
+    profile: str | None = None        # name in config/profiles/, or /path/to/profile.toml
     fq_interfaces: list[str] = field(default_factory=list)
     hugepages: list[Hugepages] = field(default_factory=list)
     bind: list[Bind] = field(default_factory=list)
@@ -66,7 +66,7 @@ def parse(t) -> Host:
 
     h = Host(
         journal_dir=Path(t.get("journal_dir", str, str(DEFAULT_DIR), check=_abs_path)),
-        profile=t.get("profile", str, None, check=checks.name),
+        profile=t.get("profile", str, None, check=_profile),
         fq_interfaces=t.get("fq_interfaces", list, [], check=checks.names_list))
     for hp in t.tables("hugepages"):
         node = hp.get("node", int, None, check=checks.between(0, 1023))
@@ -93,6 +93,14 @@ def parse(t) -> Host:
         b.close()
     t.close()
     return h
+
+
+def _profile(v: str) -> str | None:
+    """A profile name (config/profiles/NAME.toml) or an absolute path to a .toml file."""
+    from dataplane._check import checks
+    if v.startswith("/"):
+        return None if v.endswith(".toml") else "expected a profile name or a path to a .toml"
+    return checks.name(v)
 
 
 def _abs_path(v: str) -> str | None:
