@@ -149,8 +149,10 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     from dataplane import updown
+    from dataplane.host import hugepages
     for ln in updown.status_lines(cfg):
         print(ln)
+    print(hugepages.show())     # what `dpdk-hugepages.py -s` shows: pools per node, mounts
     if cfg.lab is not None:
         from dataplane import lab
         print(f"lab: {'up' if lab.exists(cfg) else 'down'}")
