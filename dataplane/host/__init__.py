@@ -61,11 +61,12 @@ def apply(changes: list[Change], journal: Journal) -> list[str]:
     for c in changes:
         if not c.needed():
             continue
+        line = str(c.describe())          # before: afterwards current == desired
         entry = {"kind": c.kind, **c.journal_entry()}
         journal.record(entry)
         c.apply()
-        done.append(str(c.describe()))
-        log.info("applied %s", c.describe())
+        done.append(f"applied {line}")
+        log.debug("applied %s", line)
     return done
 
 
@@ -81,5 +82,5 @@ def undo(journal: Journal) -> list[str]:
         fn(e)
         journal.drop_last()
         done.append(f"undone {e['kind']} {e.get('key', '')}".rstrip())
-        log.info("undone %s", e)
+        log.debug("undone %s", e)
     return done
