@@ -131,3 +131,11 @@ def test_dpdk_workers_on_vfio_zero_copy(vfio):
     frames straight into the arena, and every generated sequence number arrives."""
     r = vfio["results"].get("vfio_dpdk_zero_copy", {})
     assert r.get("ok"), r.get("error") or "not run"
+
+
+def test_cli_plan_up_down_in_the_guest(uio):
+    """`dataplane plan`, `up` (binds both NICs, runs the workers on them), `down` (e1000 back
+    with the original names): the operator's commands, on a real PCI PMD."""
+    d = ok(uio, "cli_plan_up_down")
+    print(d["plan"], d["up"], d["down"], sep="\n")
+    assert d["unique"] >= 2000

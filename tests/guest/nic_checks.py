@@ -223,11 +223,100 @@ def vfio_zero_copy() -> dict[str, Any]:
     return on_vfio(zero_copy=True)
 
 
+CLI_CONFIG = """
+[metrics]
+listen = "127.0.0.1:9477"
+[arena]
+ring_size = 1024
+pool_mb = 16
+mbufs = 4095
+hugepages = "yes"
+[host]
+journal_dir = "{state}"
+[[host.hugepages]]
+size = "2M"
+count = 384
+mount = "/run/dataplane/huge-2m"
+[[host.bind]]
+pci = "{tx}"
+driver = "uio_pci_generic"
+[[host.bind]]
+pci = "{rx}"
+driver = "uio_pci_generic"
+[[worker]]
+name = "gen"
+  [[worker.port]]
+  name = "nic0"
+  driver = "pci"
+  pci = "{tx}"
+  [worker.generate]
+  port = "nic0"
+  rate_pps = 2000
+  count = 2000
+  src_mac = "02:00:00:00:00:01"
+  dst_mac = "02:00:00:00:00:02"
+  src = "10.5.0.1"
+  dst = "10.5.0.2"
+  size = 128
+[[worker]]
+name = "rx"
+  [[worker.port]]
+  name = "nic1"
+  driver = "pci"
+  pci = "{rx}"
+"""
+
+
+@check("cli_plan_up_down")
+def cli_plan_up_down() -> dict[str, Any]:
+    """The operator's commands: plan shows the binds, up binds both NICs and starts the
+    dataplane on them, the generated packets arrive (read from the metrics endpoint), down
+    gives both NICs back to e1000 with their names."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    state = Path(tempfile.mkdtemp())
+    cfg = state / "guest.toml"
+    cfg.write_text(CLI_CONFIG.format(state=state / "journal", tx=E1000[0], rx=E1000[1]))
+    dp = str(Path(sys.executable).parent / "dataplane")
+    plan = sh(dp, "plan", "--config", str(cfg))
+    assert all(f"bind {p}" in plan or p in plan for p in E1000), plan
+    assert state_unchanged(), "plan changed something"
+    up = subprocess.run([dp, "up", "--config", str(cfg)], capture_output=True, text=True)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        for p in E1000:
+            bound(p, "uio_pci_generic")
+        unique = 0.0
+        end = time.monotonic() + 240
+        while time.monotonic() < end and unique < 2000:
+            time.sleep(2)
+            with urllib.request.urlopen("http://127.0.0.1:9477/metrics", timeout=10) as r:
+                text = r.read().decode()
+            unique = sum(s.value for f in text_string_to_metric_families(text)
+                         for s in f.samples if s.name == "dataplane_sequence_unique_total")
+        assert unique >= 2000, f"{unique} of 2000 generated packets seen"
+        status = sh(dp, "status", "--config", str(cfg))
+    finally:
+        down = subprocess.run([dp, "down", "--config", str(cfg)], capture_output=True,
+                              text=True)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for p in E1000:
+        original(p)
+    return {"plan": plan, "up": up.stdout, "unique": unique, "status": status,
+            "down": down.stdout}
+
+
+def state_unchanged() -> bool:
+    return all(nic.driver_of(p) == "e1000" and nic.interfaces_of(p) == NAMES[p] for p in E1000)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     print(f"nic-check start: e1000 devices {NAMES}", flush=True)
     steps = ([auto_without_iommu, refuse_management, bind_uio, dpdk_workers, undo_restores,
-              failed_bind] if mode == "uio" else [vfio_round_trip, vfio_copy,
+              failed_bind, cli_plan_up_down] if mode == "uio" else [vfio_round_trip, vfio_copy,
                                                       vfio_zero_copy])
     for step in steps:
         step()
