@@ -131,6 +131,8 @@ class KillInApply:
         self.c, self.kind = c, c.kind
     def needed(self):
         return True
+    def describe(self):
+        return self.c.describe()
     def journal_entry(self):
         return self.c.journal_entry()
     def apply(self):
