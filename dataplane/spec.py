@@ -22,6 +22,9 @@ class PortSpec:
     rxd: int = 1024
     txd: int = 1024
     label: str = ""           # name shown in metrics (config's port name); defaults to name
+    # backend "uring" only: what the worker opens itself, with no DPDK
+    iface: str = ""           # AF_PACKET socket on this interface (raw frames)
+    udp_port: int = 0         # or a UDP socket bound to this port (payloads as packets)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class GenSpec:
 class WorkerSpec:
     name: str
     worker_id: int
+    backend: str = "dpdk"     # "dpdk" (EAL, ethdev PMDs) or "uring" (io_uring over sockets)
     core: int | None = None   # CPU to pin to; None: leave to the scheduler
     netns: str | None = None  # network namespace the worker runs in
     arena_path: str = ""      # filled by the supervisor
