@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.root,
 @pytest.fixture
 def host_pools(tmp_path: Path) -> Iterator[Path]:
     """Whatever a test does, the pools and our mounts are as they were afterwards."""
-    saved = {p: p.read_text() for p in [NR, hp.pool(2048, 0) / "nr_hugepages"] if p.exists()}
+    saved = {p: p.read_text() for p in [NR, hp.pool(2048, 0) / "nr_hugepages",
+                                          hp.pool(1048576, None) / "nr_hugepages"] if p.exists()}
     try:
         yield tmp_path
     finally:
@@ -79,6 +80,22 @@ def test_reserve_and_mount_round_trip(node: int | None, host_pools: Path) -> Non
     assert int(nr.read_text()) == before
     assert not mounted(mnt) and not (host_pools / "run").exists()
     assert not (jdir / "journal.json").exists()
+
+
+def test_one_gigabyte_pages_round_trip(host_pools: Path) -> None:
+    """1 GB pages (the CPU's pdpe1gb): one page reserved, mounted with pagesize=1G, given back."""
+    nr = hp.pool(1048576, None) / "nr_hugepages"
+    if not nr.exists():
+        pytest.skip("no 1 GB hugepage pool: the CPU lacks pdpe1gb")
+    before = int(nr.read_text())
+    mnt = host_pools / "huge1g"
+    jdir = host_pools / "journal"
+    apply(hugepage_changes([Hugepages("1G", before + 1, None, str(mnt))]), Journal(jdir))
+    assert int(nr.read_text()) == before + 1
+    [(_, kb, _opts)] = mounted(mnt)
+    assert kb == 1048576
+    undo(Journal(jdir))
+    assert int(nr.read_text()) == before and not mounted(mnt)
 
 
 def test_refusals_are_explained(host_pools: Path) -> None:
