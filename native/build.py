@@ -12,6 +12,7 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ["arena.c", "parse.c", "dpdk_port.c", "dpdk_worker.c", "kernel_drops.c", "ring_bench.c"]
+SOURCES += ["transport.c", "transport_send.c"]   # TCP transport (native/dp_transport.h)
 
 CDEF = """
 #define DP_LAYOUT_VERSION ...
@@ -95,6 +96,39 @@ void dp_ring_store_cons(struct dp_ring *r, uint64_t cons);
 int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);
 int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg);
 
+/* native/dp_transport.h: TCP transport, zero-copy send, its control file */
+#define DP_TRANSPORT_MAGIC ...
+#define DP_TRANSPORT_VERSION ...
+#define DP_TW_MAX_BATCH ...
+#define DP_TM_COPY ...
+#define DP_TM_ZEROCOPY ...
+#define DP_TM_SEND_ZC ...
+struct dp_transport_counters {
+    uint64_t batches; uint64_t packets; uint64_t bytes; uint64_t completions;
+    uint64_t copied_completions; uint64_t reconnects; uint64_t lost_batches;
+    uint64_t lost_packets; uint64_t bad_frames; uint64_t short_reads; uint64_t acks;
+    uint64_t ring_waits; uint64_t disconnects; uint64_t last_session; uint64_t last_seq;
+    ...;
+};
+struct dp_transport {
+    uint64_t magic; uint32_t version; uint32_t size; uint64_t heartbeat_ns; uint32_t state;
+    uint32_t stop; int32_t pid; uint32_t connected; uint64_t restarts; char error[];
+    struct dp_transport_counters c;
+    ...;
+};
+struct dp_transport_config {
+    char name[]; char host[]; uint16_t tcp_port; uint16_t mode; uint16_t port_index;
+    uint32_t max_batch; uint32_t max_bytes; uint32_t max_inflight; uint32_t backoff_min_ms;
+    uint32_t backoff_max_ms; uint64_t session;
+    ...;
+};
+int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *t,
+                          const struct dp_transport_config *cfg);
+int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *t,
+                          const struct dp_transport_config *cfg);
+uint64_t dp_transport_produce(void *arena_base, uint32_t ring, uint64_t n, uint32_t frame_len,
+                              uint32_t burst, uint32_t stream);
+
 /* native/ring_bench.h: test producer/consumer, not used by workers */
 uint64_t dp_bench_produce(void *arena_base, uint32_t ring, uint64_t n, uint32_t burst);
 uint32_t dp_bench_try_produce(void *arena_base, uint32_t ring, uint32_t n);
@@ -117,12 +151,13 @@ ffibuilder.cdef(CDEF)
 _cflags = _pkg_config("--cflags")
 ffibuilder.set_source(
     "dataplane._native",
-    '#include "dp_ring.h"\n#include "dp_worker.h"\n#include "ring_bench.h"\n',
+    '#include "dp_ring.h"\n#include "dp_worker.h"\n#include "ring_bench.h"\n'
+    '#include "dp_transport.h"\n',
     sources=[f"native/{s}" for s in SOURCES],  # relative: setuptools insists
     include_dirs=["native"],
     extra_compile_args=[*_cflags, "-O2", "-g", "-Wall", "-Wextra", "-Werror",
                         "-Wno-unused-parameter"],
-    extra_link_args=_pkg_config("--libs"),
+    extra_link_args=[*_pkg_config("--libs"), "-luring"],
 )
 
 if __name__ == "__main__":

@@ -138,4 +138,45 @@ struct dp_gen_trailer {
     uint32_t magic;
 } __attribute__((packed));
 
+/* A TCP transport process (native/transport.c): its control block and counters, in a small
+ * file of its own (/dev/shm/dataplane-transport-NAME, 0600).  Not in struct dp_arena: the
+ * sender is a consumer of another worker's arena and must not write that worker's header, and
+ * a file of its own keeps the counters across restarts of either side without a new arena
+ * layout.  It has its own version; struct dp_arena (DP_LAYOUT_VERSION) is unchanged. */
+#define DP_TRANSPORT_MAGIC   0x3154524e41525444ull  /* "DTRANRT1" little-endian */
+#define DP_TRANSPORT_VERSION 1u
+
+struct dp_transport_counters {
+    uint64_t batches;            /* send: batches sent whole; recv: batches published */
+    uint64_t packets;            /* descriptors in those batches */
+    uint64_t bytes;              /* frame bytes in those batches */
+    uint64_t completions;        /* send: zero-copy completions (one per send call) */
+    uint64_t copied_completions; /* ... of which the kernel reported it copied anyway */
+    uint64_t reconnects;         /* send: connections after the first; recv: accepts after it */
+    uint64_t lost_batches;       /* send: consumed from the ring, never acknowledged */
+    uint64_t lost_packets;       /* descriptors in the lost batches */
+    uint64_t bad_frames;         /* recv: header or descriptors failed validation */
+    uint64_t short_reads;        /* recv: the peer went away in the middle of a frame */
+    uint64_t acks;               /* send: batches acknowledged; recv: acks sent */
+    uint64_t ring_waits;         /* recv: frames that waited for ring room (TCP backpressure) */
+    uint64_t disconnects;        /* connections that ended (either side, any reason) */
+    uint64_t last_session;       /* recv: session and seq of the last batch published, sent */
+    uint64_t last_seq;           /*   to every new sender so it knows what arrived */
+    uint64_t pad0;
+};
+
+struct dp_transport {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t size;               /* sizeof(struct dp_transport) */
+    _Alignas(DP_CACHE_LINE) volatile uint64_t heartbeat_ns;  /* CLOCK_MONOTONIC, ~10 ms */
+    volatile uint32_t state;     /* enum dp_worker_state */
+    volatile uint32_t stop;      /* supervisor sets 1 */
+    volatile int32_t  pid;
+    uint32_t connected;          /* 1 while a peer connection is up */
+    uint64_t restarts;           /* supervisor: times this process was started again */
+    char     error[DP_ERR_LEN];
+    _Alignas(DP_CACHE_LINE) struct dp_transport_counters c;
+};
+
 #endif

@@ -1,0 +1,100 @@
+/* dp_transport.h: the TCP transport (arena ring -> remote arena ring), its wire format, its
+ * configuration and entry points.  Shared by native/transport.c (common, receiver) and
+ * native/transport_send.c (sender).
+ *
+ * Wire format, little-endian, version DP_TW_VERSION:
+ *
+ *   sender -> receiver, one frame per batch:
+ *     struct dp_tw_frame (32 bytes: magic, version, header_len, count, payload_len, batch_seq,
+ *                         session)
+ *     count x struct dp_desc   the sender's descriptors as they are in its ring (addr is the
+ *                              sender's and is ignored; len says how many bytes follow)
+ *     payload_len bytes        the frames, back to back, in descriptor order
+ *   receiver -> sender:
+ *     struct dp_tw_msg (24 bytes) HELLO once per connection, before anything else: the session
+ *                              and seq of the last batch the receiver published (so a sender
+ *                              that lost a connection learns which unacknowledged batches
+ *                              arrived: they are delivered, the rest are lost, exactly), then
+ *                              one ACK per published batch.
+ *
+ * Every piece of a frame the sender writes is an iovec into its arena (header aside): the
+ * descriptors straight from its ring, the bytes from the slots or the mbuf pool.
+ */
+#ifndef DP_TRANSPORT_H
+#define DP_TRANSPORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "dp_layout.h"
+
+#define DP_TW_MAGIC       0x31545044u  /* "DPT1" */
+#define DP_TW_ACK_MAGIC   0x31415044u  /* "DPA1" */
+#define DP_TW_VERSION     1u
+#define DP_TW_HELLO       1u
+#define DP_TW_ACK         2u
+#define DP_TW_MAX_BATCH   1024u        /* descriptors per frame: bounds the receiver's reads */
+
+struct dp_tw_frame {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t header_len;    /* sizeof(struct dp_tw_frame): a later version may grow it */
+    uint32_t count;         /* descriptors, 1..DP_TW_MAX_BATCH */
+    uint32_t payload_len;   /* sum of the descriptors' len */
+    uint64_t batch_seq;     /* 1, 2, ... per sender session, never reused */
+    uint64_t session;       /* chosen by the sender at start */
+};
+
+struct dp_tw_msg {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t type;          /* DP_TW_HELLO or DP_TW_ACK */
+    uint64_t seq;
+    uint64_t session;
+};
+
+#define DP_TM_COPY      0   /* plain sendmsg: the kernel copies, completion = sent */
+#define DP_TM_ZEROCOPY  1   /* sendmsg(MSG_ZEROCOPY), completions from the error queue */
+#define DP_TM_SEND_ZC   2   /* io_uring SENDMSG_ZC, completions are notification CQEs */
+
+struct dp_transport_config {
+    char     name[64];      /* for log lines */
+    char     host[64];      /* send: peer address; recv: address to listen on */
+    uint16_t tcp_port;
+    uint16_t mode;          /* DP_TM_* (send only) */
+    uint16_t port_index;    /* recv: the arena port stamped on published descriptors */
+    uint16_t pad0;
+    uint32_t max_batch;     /* send: descriptors per frame, <= DP_TW_MAX_BATCH */
+    uint32_t max_bytes;     /* send: frame bytes per frame (a batch ends before it passes) */
+    uint32_t max_inflight;  /* send: batches sent and not yet acknowledged + completed */
+    uint32_t backoff_min_ms;
+    uint32_t backoff_max_ms;
+    uint64_t session;       /* send: 0 picks one from the clock */
+};
+
+/* Consume ring `ring` of the arena at arena_base, ship it to cfg->host:tcp_port, release each
+ * batch once it is acknowledged and its send completed.  Runs until t->stop.  0, or -1 with
+ * t->error filled (set-up only: a peer that misbehaves is logged, counted, reconnected). */
+int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *t,
+                          const struct dp_transport_config *cfg);
+/* Listen on cfg->host:tcp_port, publish every received batch on ring `ring` of the arena at
+ * arena_base (the receiver's own), acknowledge it.  Runs until t->stop.  0, or -1. */
+int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *t,
+                          const struct dp_transport_config *cfg);
+
+/* Test producer: n frames of frame_len bytes on ring `ring`, each ending in a dp_gen_trailer
+ * whose seq is the ring index (waits for room, like dp_bench_produce).  Returns n produced. */
+uint64_t dp_transport_produce(void *arena_base, uint32_t ring, uint64_t n, uint32_t frame_len,
+                              uint32_t burst, uint32_t stream);
+
+/* Internal to transport*.c. */
+uint64_t dp_t_mono_ns(void);
+uint64_t dp_t_real_ns(void);
+void dp_t_log(const struct dp_transport_config *cfg, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+int  dp_t_fail(struct dp_transport *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void dp_t_beat(struct dp_transport *t);
+struct iovec;
+/* Step iov and n past k bytes written or read (partial sends and reads). */
+void dp_t_iov_advance(struct iovec **iov, int *n, size_t k);
+
+#endif

@@ -1,0 +1,416 @@
+/* transport.c: the receiving end of the TCP transport, the helpers both ends share, and a test
+ * producer.  The wire format is in dp_transport.h; the sender is transport_send.c.
+ *
+ * The receiver serves one sender at a time.  A new connection replaces the current one (a
+ * sender that reconnects after a failure the receiver has not noticed yet must not wait behind
+ * a dead socket).  Per frame: read and check the header (magic, version, header_len, count,
+ * payload_len against the ring and slot sizes), read the descriptors and check every len and
+ * their sum, reserve ring positions, read the bytes straight into those positions' slots (the
+ * kernel's copy out of the socket is the only one), publish, acknowledge.
+ *
+ * A full ring WAITS (counted in ring_waits): the sender is a ring consumer, not a NIC, so the
+ * wait becomes TCP backpressure, the sender's ring fills, and the worker feeding it drops and
+ * counts (invariant 2) where the loss is visible.  Dropping here would lose batches the
+ * sender has already been told nothing about.
+ *
+ * A bad header or bad descriptors: log (with the peer), count bad_frames, close, keep
+ * listening.  A peer gone mid-frame: log, count short_reads, close.  Nothing is published from
+ * a frame that did not arrive whole.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "dp_ring.h"
+#include "dp_transport.h"
+#include "dp_worker.h"
+
+uint64_t dp_t_mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t dp_t_real_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void dp_t_log(const struct dp_transport_config *cfg, const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "transport %s: %s\n", cfg->name, line);   /* one write per line */
+}
+
+int dp_t_fail(struct dp_transport *t, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->error, DP_ERR_LEN, fmt, ap);
+    va_end(ap);
+    __atomic_store_n(&t->state, DP_W_FAILED, __ATOMIC_RELEASE);
+    return -1;
+}
+
+void dp_t_beat(struct dp_transport *t)
+{
+    __atomic_store_n(&t->heartbeat_ns, dp_t_mono_ns(), __ATOMIC_RELAXED);
+}
+
+void dp_t_iov_advance(struct iovec **iov, int *n, size_t k)
+{
+    struct iovec *v = *iov;
+    while (*n > 0 && k >= v->iov_len) {
+        k -= v->iov_len;
+        v++, (*n)--;
+    }
+    if (*n > 0) {
+        v->iov_base = (char *)v->iov_base + k;
+        v->iov_len -= k;
+    }
+    *iov = v;
+}
+
+static int stopping(const struct dp_transport *t)
+{
+    return __atomic_load_n(&t->stop, __ATOMIC_RELAXED) != 0;
+}
+
+/* -- receiver -- */
+
+struct rx {
+    struct dp_arena *a;
+    struct dp_ring *r;
+    struct dp_prod p;
+    struct dp_transport *t;
+    const struct dp_transport_config *cfg;
+    int lfd, fd;
+    char peer[64];
+    struct dp_desc d[DP_TW_MAX_BATCH];
+    struct iovec iov[DP_TW_MAX_BATCH];
+};
+
+static void rx_beat(struct rx *x)
+{
+    dp_t_beat(x->t);
+    x->a->heartbeat_ns = x->t->heartbeat_ns;   /* the arena looks like a running worker too */
+}
+
+static void rx_close(struct rx *x, const char *why)
+{
+    if (x->fd < 0)
+        return;
+    dp_t_log(x->cfg, "connection from %s closed: %s", x->peer, why);
+    close(x->fd);
+    x->fd = -1;
+    x->t->connected = 0;
+    x->t->c.disconnects++;
+}
+
+static int rx_send_msg(struct rx *x, uint16_t type, uint64_t seq, uint64_t session)
+{
+    struct dp_tw_msg m = { DP_TW_ACK_MAGIC, DP_TW_VERSION, type, seq, session };
+    return send(x->fd, &m, sizeof(m), MSG_NOSIGNAL) == (ssize_t)sizeof(m) ? 0 : -1;
+}
+
+static void rx_accept(struct rx *x)
+{
+    struct sockaddr_in sa;
+    socklen_t sl = sizeof(sa);
+    int fd = accept4(x->lfd, (struct sockaddr *)&sa, &sl, SOCK_CLOEXEC);
+    if (fd < 0)
+        return;
+    rx_close(x, "replaced by a new connection");
+    x->fd = fd;
+    snprintf(x->peer, sizeof(x->peer), "%s:%u", inet_ntoa(sa.sin_addr), ntohs(sa.sin_port));
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));   /* acks are tiny */
+    struct timeval tv = { 0, 20000 };     /* reads wake every 20 ms to look at stop/listen */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (x->t->c.last_session || x->t->connected || x->t->c.disconnects)
+        x->t->c.reconnects++;
+    x->t->connected = 1;
+    dp_t_log(x->cfg, "connection from %s (last published: session %llx seq %llu)", x->peer,
+             (unsigned long long)x->t->c.last_session, (unsigned long long)x->t->c.last_seq);
+    if (rx_send_msg(x, DP_TW_HELLO, x->t->c.last_seq, x->t->c.last_session) < 0)
+        rx_close(x, "cannot send hello");
+}
+
+static int listen_pending(int lfd)
+{
+    struct pollfd pf = { lfd, POLLIN, 0 };
+    return poll(&pf, 1, 0) > 0;
+}
+
+/* Read exactly the iovecs' bytes.  1 done, 0 EOF before the first byte, -1 EOF or error after
+ * it (or stop, or a new connection waiting), with errno. */
+static int rx_read(struct rx *x, struct iovec *iov, int n, uint64_t *got_out)
+{
+    uint64_t got = 0;
+    while (n > 0) {
+        ssize_t k = readv(x->fd, iov, n > 1024 ? 1024 : n);
+        if (k > 0) {
+            got += (uint64_t)k;
+            dp_t_iov_advance(&iov, &n, (size_t)k);
+            continue;
+        }
+        if (k == 0) {
+            *got_out = got;
+            errno = 0;
+            return got ? -1 : 0;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            *got_out = got;
+            return -1;
+        }
+        rx_beat(x);
+        if (stopping(x->t) || listen_pending(x->lfd)) {
+            *got_out = got;
+            errno = ECANCELED;
+            return -1;
+        }
+    }
+    *got_out = got;
+    return 1;
+}
+
+static const char *rx_check_header(const struct rx *x, const struct dp_tw_frame *h)
+{
+    if (h->magic != DP_TW_MAGIC)
+        return "bad magic";
+    if (h->version != DP_TW_VERSION)
+        return "unsupported version";
+    if (h->header_len != sizeof(*h))
+        return "bad header_len";
+    if (h->count == 0 || h->count > DP_TW_MAX_BATCH || h->count > x->r->size)
+        return "count out of range";
+    if ((uint64_t)h->payload_len > (uint64_t)h->count * x->a->slot_size)
+        return "payload_len larger than count slots";
+    return NULL;
+}
+
+/* One frame.  0 on success, -1 when the connection was closed (logged, counted). */
+static int rx_frame(struct rx *x)
+{
+    struct dp_tw_frame h;
+    struct iovec v = { &h, sizeof(h) };
+    uint64_t got;
+    int rc = rx_read(x, &v, 1, &got);
+    if (rc == 0) {
+        rx_close(x, "peer closed");
+        return -1;
+    }
+    if (rc < 0)
+        goto short_read;
+    const char *bad = rx_check_header(x, &h);
+    if (bad) {
+        x->t->c.bad_frames++;
+        dp_t_log(x->cfg, "bad frame from %s: %s (magic %08x version %u header_len %u count %u "
+                 "payload_len %u)", x->peer, bad, h.magic, h.version, h.header_len, h.count,
+                 h.payload_len);
+        rx_close(x, "bad frame");
+        return -1;
+    }
+    v.iov_base = x->d;
+    v.iov_len = h.count * sizeof(struct dp_desc);
+    if (rx_read(x, &v, 1, &got) != 1)
+        goto short_read;
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < h.count; i++) {
+        if (x->d[i].len > x->a->slot_size) {
+            x->t->c.bad_frames++;
+            dp_t_log(x->cfg, "bad frame from %s: descriptor %u len %u > slot size %u", x->peer,
+                     i, x->d[i].len, x->a->slot_size);
+            rx_close(x, "bad frame");
+            return -1;
+        }
+        sum += x->d[i].len;
+    }
+    if (sum != h.payload_len) {
+        x->t->c.bad_frames++;
+        dp_t_log(x->cfg, "bad frame from %s: descriptor lengths sum to %llu, header says %u",
+                 x->peer, (unsigned long long)sum, h.payload_len);
+        rx_close(x, "bad frame");
+        return -1;
+    }
+    if (dp_ring_reserve(&x->p, h.count) < h.count) {
+        x->t->c.ring_waits++;
+        while (dp_ring_reserve(&x->p, h.count) < h.count) {
+            if (stopping(x->t))
+                return -1;
+            rx_beat(x);
+            usleep(50);
+        }
+    }
+    int n = 0;
+    for (uint32_t i = 0; i < h.count; i++) {
+        if (x->d[i].len == 0)
+            continue;
+        uint64_t off = x->r->slots_off + ((x->p.prod + i) & x->r->mask) * x->a->slot_size;
+        x->iov[n].iov_base = (char *)x->a + off;
+        x->iov[n++].iov_len = x->d[i].len;
+    }
+    if (n && rx_read(x, x->iov, n, &got) != 1)
+        goto short_read;
+    uint64_t rx_ns = dp_t_real_ns();
+    for (uint32_t i = 0; i < h.count; i++) {
+        struct dp_desc *d = dp_ring_at(x->r, x->p.prod + i);
+        *d = x->d[i];
+        d->addr = x->r->slots_off + ((x->p.prod + i) & x->r->mask) * x->a->slot_size;
+        d->rx_ns = rx_ns;
+        d->port = x->cfg->port_index;
+        d->queue = (uint8_t)x->r->queue;
+        d->flags |= DP_F_COPIED;
+    }
+    dp_ring_submit(&x->p, h.count);
+    struct dp_ring_counters *rc_ = &x->r->c;
+    rc_->rx_packets += h.count;
+    rc_->rx_bytes += h.payload_len;
+    rc_->copied += h.count;
+    rc_->bursts++;
+    x->t->c.batches++;
+    x->t->c.packets += h.count;
+    x->t->c.bytes += h.payload_len;
+    x->t->c.last_session = h.session;
+    x->t->c.last_seq = h.batch_seq;
+    if (rx_send_msg(x, DP_TW_ACK, h.batch_seq, h.session) < 0) {
+        rx_close(x, "cannot send ack (peer gone)");
+        return -1;
+    }
+    x->t->c.acks++;
+    return 0;
+
+short_read:
+    if (errno == ECANCELED) {
+        if (!stopping(x->t)) {
+            x->t->c.short_reads++;
+            rx_close(x, "abandoned mid-frame for a new connection");
+        }
+        return -1;
+    }
+    x->t->c.short_reads++;
+    dp_t_log(x->cfg, "short read from %s: connection ended mid-frame (%s)", x->peer,
+             errno ? strerror(errno) : "EOF");
+    rx_close(x, "short read");
+    return -1;
+}
+
+static int rx_listen(struct rx *x)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(x->cfg->tcp_port) };
+    if (inet_pton(AF_INET, x->cfg->host, &sa.sin_addr) != 1)
+        return dp_t_fail(x->t, "listen address %s is not an IPv4 address", x->cfg->host);
+    x->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(x->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(x->lfd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(x->lfd, 8) < 0) {
+        int e = errno;
+        close(x->lfd);
+        return dp_t_fail(x->t, "listen on %s:%u: %s", x->cfg->host, x->cfg->tcp_port,
+                         strerror(e));
+    }
+    return 0;
+}
+
+int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *t,
+                          const struct dp_transport_config *cfg)
+{
+    static struct rx x;   /* 64 KB of scratch: one receiver per process */
+    memset(&x, 0, sizeof(x));
+    x.a = arena_base;
+    x.t = t;
+    x.cfg = cfg;
+    x.fd = -1;
+    t->pid = getpid();
+    x.a->pid = t->pid;
+    __atomic_store_n(&t->state, DP_W_STARTING, __ATOMIC_RELEASE);
+    if (ring >= x.a->n_rings)
+        return dp_t_fail(t, "ring %u: the arena has %u", ring, x.a->n_rings);
+    x.r = dp_arena_ring(arena_base, ring);
+    dp_prod_init(&x.p, x.r);
+    if (rx_listen(&x) < 0)
+        return -1;
+    dp_t_log(cfg, "listening on %s:%u", cfg->host, cfg->tcp_port);
+    rx_beat(&x);
+    __atomic_store_n(&t->state, DP_W_RUNNING, __ATOMIC_RELEASE);
+    x.a->state = DP_W_RUNNING;
+    while (!stopping(t)) {
+        rx_beat(&x);
+        if (x.fd < 0 || listen_pending(x.lfd)) {
+            struct pollfd pf = { x.lfd, POLLIN, 0 };
+            if (poll(&pf, 1, 10) > 0)
+                rx_accept(&x);
+            continue;
+        }
+        rx_frame(&x);
+    }
+    rx_close(&x, "stopping");
+    close(x.lfd);
+    x.a->state = DP_W_STOPPED;
+    __atomic_store_n(&t->state, DP_W_STOPPED, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* -- test producer -- */
+
+uint64_t dp_transport_produce(void *arena_base, uint32_t ring, uint64_t n, uint32_t frame_len,
+                              uint32_t burst, uint32_t stream)
+{
+    struct dp_arena *a = arena_base;
+    struct dp_ring *r = dp_arena_ring(arena_base, ring);
+    struct dp_prod p;
+    uint64_t done = 0;
+
+    if (frame_len < sizeof(struct dp_gen_trailer) || frame_len > a->slot_size)
+        return 0;
+    dp_prod_init(&p, r);
+    while (done < n && !__atomic_load_n(&a->stop, __ATOMIC_RELAXED)) {
+        uint32_t want = n - done < burst ? (uint32_t)(n - done) : burst;
+        uint32_t got = dp_ring_reserve(&p, want);
+        if (got == 0) {
+            usleep(20);
+            continue;
+        }
+        uint64_t now = dp_t_real_ns();
+        for (uint32_t i = 0; i < got; i++) {
+            uint64_t idx = p.prod + i;
+            struct dp_desc *d = dp_ring_at(r, idx);
+            d->addr = r->slots_off + (idx & r->mask) * a->slot_size;
+            uint8_t *f = (uint8_t *)a + d->addr;
+            memset(f, (int)(idx & 0xff), 16);   /* something to compare besides the trailer */
+            struct dp_gen_trailer tr = { idx, now, stream, DP_GEN_MAGIC };
+            memcpy(f + frame_len - sizeof(tr), &tr, sizeof(tr));
+            d->rx_ns = now;
+            d->hash = (uint32_t)idx;
+            d->len = (uint16_t)frame_len;
+            d->flags = DP_F_GENERATED;
+            d->ethertype = 0x0800;
+            d->port = r->port;
+            d->queue = (uint8_t)r->queue;
+            d->l4proto = 17;
+            d->l4_off = 34;
+        }
+        dp_ring_submit(&p, got);
+        done += got;
+    }
+    return done;
+}

@@ -1,0 +1,487 @@
+/* transport_send.c: the sending end of the TCP transport.  Consumes one ring of a local arena
+ * and ships each batch as one frame (dp_transport.h) without copying it in user space: the
+ * iovecs point at the ring's descriptors and at the frames where they lie in the arena.
+ *
+ * A batch's ring positions (and so its slots or mbufs) are released only when BOTH
+ *   - the kernel is done with its pages: the zero-copy completion (MSG_ZEROCOPY: a range read
+ *     from the error queue; SEND_ZC: the notification CQE); in copy mode, the send itself, and
+ *   - the receiver acknowledged it, or said in its HELLO after a reconnect that it published it.
+ * Batches released any other way are counted lost (lost_batches, lost_packets) and logged:
+ * after a disconnect the batches still unacknowledged wait for the next HELLO, which says
+ * exactly which of them arrived; on stop, whatever is still unacknowledged is lost.  So
+ * batches sent = acknowledged + lost, exactly, and a batch is never dropped silently.
+ *
+ * The kernel's "copied" flag (SO_EE_CODE_ZEROCOPY_COPIED, IORING_NOTIF_USAGE_ZC_COPIED) is
+ * counted in copied_completions: on loopback and veth the kernel copies anyway.
+ *
+ * Disconnect: SO_LINGER 0 so close() purges the send queue at once (the kernel lets go of the
+ * arena pages it still referenced), then reconnect with backoff (backoff_min_ms doubling to
+ * backoff_max_ms).  The ring is not consumed while disconnected: it fills and the worker
+ * feeding it drops and counts.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <liburing.h>
+#include <linux/errqueue.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "dp_ring.h"
+#include "dp_transport.h"
+#include "dp_worker.h"
+
+#ifndef SO_ZEROCOPY
+#define SO_ZEROCOPY 60
+#endif
+#ifndef MSG_ZEROCOPY
+#define MSG_ZEROCOPY 0x4000000
+#endif
+/* Newer than liburing 2.3's headers, present in the running kernel (6.2+). */
+#ifndef IORING_SEND_ZC_REPORT_USAGE
+#define IORING_SEND_ZC_REPORT_USAGE (1U << 3)
+#endif
+#ifndef IORING_NOTIF_USAGE_ZC_COPIED
+#define IORING_NOTIF_USAGE_ZC_COPIED (1U << 31)
+#endif
+
+#define INFL 1024u   /* batch bookkeeping ring; cfg->max_inflight caps what is used */
+
+struct txb {
+    uint64_t seq, start;       /* batch seq; ring index of its first descriptor */
+    uint32_t count, bytes;
+    uint32_t zc_last;          /* MSG_ZEROCOPY: id of its last send call */
+    uint32_t notifs;           /* SEND_ZC: notifications still to come */
+    uint8_t  sent, acked, done;
+};
+
+struct tx {
+    struct dp_arena *a;
+    struct dp_ring *r;
+    struct dp_transport *t;
+    const struct dp_transport_config *cfg;
+    int fd, have_uring, hello;
+    struct io_uring ring;
+    uint64_t next;             /* ring index of the next descriptor to ship */
+    uint64_t prod_cache, cons; /* cons: what we released */
+    uint64_t seq, session;
+    uint64_t head, tail;       /* inflight batches: [head, tail) in b[] */
+    struct txb b[INFL];
+    /* the batch being sent: header, iovecs, how far it got */
+    struct dp_tw_frame hdr;
+    struct iovec iov[DP_TW_MAX_BATCH + 2];
+    struct msghdr msg;
+    int cur, uring_busy, niov;
+    uint32_t zc_next, zc_done;  /* MSG_ZEROCOPY ids issued / completed (in order on TCP) */
+    uint8_t rbuf[sizeof(struct dp_tw_msg) * 64];
+    uint32_t rlen;
+};
+
+/* Batch seqs are consecutive in b[], so a seq finds its batch by subtraction. */
+static struct txb *tx_find(struct tx *x, uint64_t seq)
+{
+    if (x->head == x->tail)
+        return NULL;
+    uint64_t first = x->b[x->head % INFL].seq;
+    if (seq < first || seq - first >= x->tail - x->head)
+        return NULL;
+    return &x->b[(x->head + (seq - first)) % INFL];
+}
+
+/* Release finished batches, oldest first: ring positions go back in order. */
+static void tx_retire(struct tx *x)
+{
+    while (x->head < x->tail) {
+        struct txb *b = &x->b[x->head % INFL];
+        int zc = x->cfg->mode == DP_TM_ZEROCOPY ? (int32_t)(b->zc_last - x->zc_done) < 0
+               : x->cfg->mode == DP_TM_SEND_ZC ? b->notifs == 0 : 1;
+        if (!(b->sent && b->acked && zc))
+            break;
+        x->cons = b->start + b->count;
+        __atomic_store_n(&x->r->cons, x->cons, __ATOMIC_RELEASE);   /* slots back to producer */
+        x->head++;
+    }
+}
+
+static void tx_lose(struct tx *x, struct txb *b, const char *why)
+{
+    x->t->c.lost_batches++;
+    x->t->c.lost_packets += b->count;
+    dp_t_log(x->cfg, "batch %llu (%u packets) lost: %s", (unsigned long long)b->seq, b->count,
+             why);
+}
+
+static void tx_disconnect(struct tx *x, const char *why)
+{
+    if (x->fd < 0)
+        return;
+    dp_t_log(x->cfg, "peer %s:%u lost: %s; %llu batch(es) unacknowledged, reconnecting",
+             x->cfg->host, x->cfg->tcp_port, why, (unsigned long long)(x->tail - x->head));
+    if (x->uring_busy) {          /* let the send in flight finish (it fails) before close */
+        shutdown(x->fd, SHUT_RDWR);
+        struct io_uring_cqe *cqe;
+        while (x->uring_busy && io_uring_wait_cqe(&x->ring, &cqe) == 0) {
+            if (!(cqe->flags & IORING_CQE_F_NOTIF))
+                x->uring_busy = 0;
+            else if (tx_find(x, cqe->user_data))
+                tx_find(x, cqe->user_data)->notifs--;
+            io_uring_cqe_seen(&x->ring, cqe);
+        }
+    }
+    struct linger lg = { 1, 0 };
+    setsockopt(x->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    close(x->fd);   /* RST, send queue purged: no more kernel references to our pages */
+    x->fd = -1;
+    x->t->connected = 0;
+    x->t->c.disconnects++;
+    /* The kernel has let go; completions for this socket will not come.  A batch half sent
+     * was never received whole: it is lost now, and later batches were never sent. */
+    for (uint64_t i = x->head; i < x->tail; i++) {
+        struct txb *b = &x->b[i % INFL];
+        b->notifs = 0;
+        b->zc_last = x->zc_done - 1;
+        if (!b->sent) {
+            b->sent = 1;
+            b->acked = 1;
+            tx_lose(x, b, "not sent whole before the disconnect");
+        }
+    }
+    x->zc_next = x->zc_done = 0;
+    x->cur = 0;
+    x->hello = 0;
+    x->rlen = 0;
+}
+
+static int tx_connect(struct tx *x)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(x->cfg->tcp_port) };
+    inet_pton(AF_INET, x->cfg->host, &sa.sin_addr);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    struct timeval tv = { 1, 0 };  /* connect gives up after 1 s: stop stays responsive */
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (x->cfg->mode == DP_TM_ZEROCOPY &&
+        setsockopt(fd, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof(one)) < 0) {
+        close(fd);
+        return -2;
+    }
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    int fl = 1;
+    ioctl(fd, FIONBIO, &fl);
+    x->fd = fd;
+    return 0;
+}
+
+/* Acks and the hello.  -1: the connection is gone (or spoke nonsense). */
+static int tx_read_acks(struct tx *x)
+{
+    for (;;) {
+        ssize_t k = recv(x->fd, x->rbuf + x->rlen, sizeof(x->rbuf) - x->rlen, MSG_DONTWAIT);
+        if (k == 0) {
+            tx_disconnect(x, "receiver closed the connection");
+            return -1;
+        }
+        if (k < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return 0;
+            tx_disconnect(x, strerror(errno));
+            return -1;
+        }
+        x->rlen += (uint32_t)k;
+        uint32_t off = 0;
+        for (; x->rlen - off >= sizeof(struct dp_tw_msg); off += sizeof(struct dp_tw_msg)) {
+            struct dp_tw_msg m;
+            memcpy(&m, x->rbuf + off, sizeof(m));
+            if (m.magic != DP_TW_ACK_MAGIC || m.version != DP_TW_VERSION) {
+                x->t->c.bad_frames++;
+                tx_disconnect(x, "bad message from the receiver");
+                return -1;
+            }
+            if (m.type == DP_TW_HELLO) {
+                /* What the receiver published last says which unacknowledged batches of
+                 * ours arrived before the old connection died: delivered; the rest lost. */
+                for (uint64_t i = x->head; i < x->tail; i++) {
+                    struct txb *b = &x->b[i % INFL];
+                    if (b->acked)
+                        continue;
+                    b->acked = 1;
+                    if (m.session == x->session && b->seq <= m.seq)
+                        x->t->c.acks++;
+                    else
+                        tx_lose(x, b, "sent, but the receiver did not publish it");
+                }
+                x->hello = 1;
+            } else if (m.type == DP_TW_ACK && m.session == x->session) {
+                struct txb *b = tx_find(x, m.seq);
+                if (b && !b->acked) {
+                    b->acked = 1;
+                    x->t->c.acks++;
+                }
+            }
+        }
+        memmove(x->rbuf, x->rbuf + off, x->rlen - off);
+        x->rlen -= off;
+    }
+}
+
+/* MSG_ZEROCOPY completions: ranges of send-call ids, from the error queue. */
+static void tx_errqueue(struct tx *x)
+{
+    for (;;) {
+        char ctl[128];
+        struct msghdr m = { .msg_control = ctl, .msg_controllen = sizeof(ctl) };
+        if (recvmsg(x->fd, &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0)
+            return;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+            if (!((c->cmsg_level == SOL_IP && c->cmsg_type == IP_RECVERR) ||
+                  (c->cmsg_level == SOL_IPV6 && c->cmsg_type == IPV6_RECVERR)))
+                continue;
+            struct sock_extended_err ee;
+            memcpy(&ee, CMSG_DATA(c), sizeof(ee));
+            if (ee.ee_origin != SO_EE_ORIGIN_ZEROCOPY || ee.ee_errno != 0)
+                continue;
+            uint32_t n = ee.ee_data - ee.ee_info + 1;
+            x->t->c.completions += n;
+            if (ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED)
+                x->t->c.copied_completions += n;
+            if ((int32_t)(ee.ee_data + 1 - x->zc_done) > 0)
+                x->zc_done = ee.ee_data + 1;
+        }
+    }
+}
+
+/* k more bytes of the current batch went out; count it once it went out whole. */
+static void tx_sent(struct tx *x, struct txb *b, size_t k)
+{
+    dp_t_iov_advance(&x->msg.msg_iov, &x->niov, k);
+    if (x->niov == 0) {
+        b->sent = 1;
+        x->cur = 0;
+        x->t->c.batches++;
+        x->t->c.packets += b->count;
+        x->t->c.bytes += b->bytes;
+    }
+}
+
+static void tx_cqes(struct tx *x)
+{
+    struct io_uring_cqe *cqe;
+    while (io_uring_peek_cqe(&x->ring, &cqe) == 0) {
+        struct txb *b = tx_find(x, cqe->user_data);
+        if (cqe->flags & IORING_CQE_F_NOTIF) {
+            x->t->c.completions++;
+            if (cqe->res & IORING_NOTIF_USAGE_ZC_COPIED)
+                x->t->c.copied_completions++;
+            if (b && b->notifs)
+                b->notifs--;
+        } else {
+            x->uring_busy = 0;
+            if (b && (cqe->flags & IORING_CQE_F_MORE))
+                b->notifs++;
+            if (cqe->res < 0) {
+                int e = -cqe->res;
+                io_uring_cqe_seen(&x->ring, cqe);
+                if (e != EAGAIN && e != EINTR) {
+                    tx_disconnect(x, strerror(e));
+                    return;
+                }
+                continue;
+            }
+            if (b)
+                tx_sent(x, b, (size_t)cqe->res);
+        }
+        io_uring_cqe_seen(&x->ring, cqe);
+    }
+}
+
+/* Take the next batch off the ring (without releasing it) and lay out its iovecs. */
+static int tx_take(struct tx *x)
+{
+    uint32_t avail = (uint32_t)(x->prod_cache - x->next);
+    if (avail == 0) {
+        x->prod_cache = __atomic_load_n(&x->r->prod, __ATOMIC_ACQUIRE);  /* descs visible */
+        avail = (uint32_t)(x->prod_cache - x->next);
+    }
+    uint32_t to_end = x->r->size - (uint32_t)(x->next & x->r->mask);
+    uint32_t n = avail < to_end ? avail : to_end;
+    if (n > x->cfg->max_batch)
+        n = x->cfg->max_batch;
+    if (n == 0)
+        return 0;
+    uint32_t bytes = 0, i;
+    int v = 2;
+    for (i = 0; i < n; i++) {
+        const struct dp_desc *d = dp_ring_at(x->r, x->next + i);
+        if (i && bytes + d->len > x->cfg->max_bytes)
+            break;
+        char *p = (char *)x->a + d->addr;
+        if (v > 2 && (char *)x->iov[v - 1].iov_base + x->iov[v - 1].iov_len == p)
+            x->iov[v - 1].iov_len += d->len;   /* adjacent frames: one iovec */
+        else if (d->len)
+            x->iov[v++] = (struct iovec){ p, d->len };
+        bytes += d->len;
+    }
+    n = i;
+    struct txb *b = &x->b[x->tail % INFL];
+    *b = (struct txb){ .seq = ++x->seq, .start = x->next, .count = n, .bytes = bytes };
+    x->hdr = (struct dp_tw_frame){ DP_TW_MAGIC, DP_TW_VERSION, sizeof(x->hdr), n, bytes,
+                                   b->seq, x->session };
+    x->iov[0] = (struct iovec){ &x->hdr, sizeof(x->hdr) };
+    x->iov[1] = (struct iovec){ dp_ring_at(x->r, x->next), n * sizeof(struct dp_desc) };
+    x->msg = (struct msghdr){ .msg_iov = x->iov, .msg_iovlen = (size_t)v };
+    x->niov = v;
+    x->next += n;
+    x->tail++;
+    x->cur = 1;
+    return 1;
+}
+
+/* Push the current batch.  1 progress, 0 would block, -1 disconnected. */
+static int tx_push(struct tx *x)
+{
+    struct txb *b = &x->b[(x->tail - 1) % INFL];
+    if (x->cfg->mode == DP_TM_SEND_ZC) {
+        if (x->uring_busy)
+            return 0;
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&x->ring);
+        x->msg.msg_iovlen = (size_t)(x->niov > 1024 ? 1024 : x->niov);   /* UIO_MAXIOV */
+        io_uring_prep_sendmsg_zc(sqe, x->fd, &x->msg, MSG_NOSIGNAL | MSG_WAITALL);
+        sqe->ioprio |= IORING_SEND_ZC_REPORT_USAGE;
+        sqe->user_data = b->seq;
+        io_uring_submit(&x->ring);
+        x->uring_busy = 1;
+        return 1;
+    }
+    int flags = MSG_NOSIGNAL | MSG_DONTWAIT | (x->cfg->mode == DP_TM_ZEROCOPY ? MSG_ZEROCOPY : 0);
+    x->msg.msg_iovlen = (size_t)(x->niov > 1024 ? 1024 : x->niov);
+    ssize_t k = sendmsg(x->fd, &x->msg, flags);
+    if (k < 0) {
+        if (errno == EAGAIN || errno == ENOBUFS || errno == EINTR)
+            return 0;   /* ENOBUFS: too many zero-copy sends pending; completions free them */
+        tx_disconnect(x, strerror(errno));
+        return -1;
+    }
+    if (x->cfg->mode == DP_TM_ZEROCOPY)
+        b->zc_last = x->zc_next++;
+    tx_sent(x, b, (size_t)k);
+    return 1;
+}
+
+static void tx_wait(struct tx *x, int busy)
+{
+    struct pollfd pf = { x->fd, POLLIN | (x->cur && !x->uring_busy ? POLLOUT : 0), 0 };
+    if (poll(&pf, 1, busy ? 0 : 1) <= 0)
+        return;
+    if (pf.revents & POLLERR && x->cfg->mode == DP_TM_ZEROCOPY)
+        tx_errqueue(x);
+    if (pf.revents & (POLLIN | POLLHUP | POLLERR))
+        tx_read_acks(x);
+}
+
+int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *t,
+                          const struct dp_transport_config *cfg)
+{
+    static struct tx x;   /* large (iovecs, batches): one sender per process */
+    memset(&x, 0, sizeof(x));
+    x.a = arena_base;
+    x.t = t;
+    x.cfg = cfg;
+    x.fd = -1;
+    t->pid = getpid();
+    __atomic_store_n(&t->state, DP_W_STARTING, __ATOMIC_RELEASE);
+    if (ring >= x.a->n_rings)
+        return dp_t_fail(t, "ring %u: the arena has %u", ring, x.a->n_rings);
+    if (cfg->max_batch == 0 || cfg->max_batch > DP_TW_MAX_BATCH || cfg->max_inflight == 0 ||
+        cfg->max_inflight > INFL)
+        return dp_t_fail(t, "max_batch %u (1..%u), max_inflight %u (1..%u)", cfg->max_batch,
+                         DP_TW_MAX_BATCH, cfg->max_inflight, INFL);
+    struct in_addr ia;
+    if (inet_pton(AF_INET, cfg->host, &ia) != 1)
+        return dp_t_fail(t, "peer address %s is not an IPv4 address", cfg->host);
+    if (cfg->mode == DP_TM_SEND_ZC) {
+        int e = io_uring_queue_init(64, &x.ring, 0);
+        if (e < 0)
+            return dp_t_fail(t, "io_uring_queue_init: %s", strerror(-e));
+        x.have_uring = 1;
+    }
+    x.r = dp_arena_ring(arena_base, ring);
+    x.cons = x.next = x.prod_cache = __atomic_load_n(&x.r->cons, __ATOMIC_ACQUIRE);
+    x.session = cfg->session ? cfg->session : dp_t_real_ns();
+    uint64_t backoff = cfg->backoff_min_ms, retry_at = 0, connects = 0, since = 0;
+    uint64_t drain_until = 0;
+    __atomic_store_n(&t->state, DP_W_RUNNING, __ATOMIC_RELEASE);
+    for (;;) {
+        uint64_t now = dp_t_mono_ns();
+        dp_t_beat(t);
+        /* On stop, take nothing new and give what is in flight up to 2 s to be acknowledged,
+         * so a clean stop loses nothing. */
+        int stop = __atomic_load_n(&t->stop, __ATOMIC_RELAXED) != 0;
+        if (stop && !drain_until)
+            drain_until = now + 2000000000ull;
+        if (stop && (x.head == x.tail || x.fd < 0 || now > drain_until))
+            break;
+        if (x.fd < 0) {
+            if (dp_t_mono_ns() < retry_at) {
+                usleep(2000);
+                continue;
+            }
+            int rc = tx_connect(&x);
+            if (rc == -2)
+                return dp_t_fail(t, "SO_ZEROCOPY: %s", strerror(errno));
+            if (rc < 0) {
+                dp_t_log(cfg, "connect to %s:%u: %s; retry in %llu ms", cfg->host,
+                         cfg->tcp_port, strerror(errno), (unsigned long long)backoff);
+                retry_at = dp_t_mono_ns() + backoff * 1000000u;
+                backoff = backoff * 2 > cfg->backoff_max_ms ? cfg->backoff_max_ms : backoff * 2;
+                continue;
+            }
+            t->c.reconnects += connects++ > 0;
+            backoff = cfg->backoff_min_ms;
+            t->connected = 1;
+            since = dp_t_mono_ns();
+            dp_t_log(cfg, "connected to %s:%u", cfg->host, cfg->tcp_port);
+        }
+        if (!x.hello && now - since > 3000000000ull) {
+            tx_disconnect(&x, "no hello from the receiver within 3 s");
+            continue;
+        }
+        int busy = 0;
+        if (!stop && x.hello && !x.cur && x.tail - x.head < cfg->max_inflight)
+            busy |= tx_take(&x);
+        if (x.hello && x.cur && tx_push(&x) < 0)
+            continue;
+        if (x.fd >= 0 && x.have_uring)
+            tx_cqes(&x);
+        if (x.fd >= 0 && cfg->mode == DP_TM_ZEROCOPY && x.zc_next != x.zc_done)
+            tx_errqueue(&x);
+        if (x.fd >= 0)
+            tx_wait(&x, busy || x.cur);
+        tx_retire(&x);
+    }
+    if (x.fd >= 0)
+        tx_disconnect(&x, "stopping");
+    for (uint64_t i = x.head; i < x.tail; i++) {   /* never acknowledged: lost, said so */
+        struct txb *b = &x.b[i % INFL];
+        if (!b->acked) {
+            b->acked = 1;
+            tx_lose(&x, b, "unacknowledged at stop");
+        }
+    }
+    tx_retire(&x);
+    if (x.have_uring)
+        io_uring_queue_exit(&x.ring);
+    __atomic_store_n(&t->state, DP_W_STOPPED, __ATOMIC_RELEASE);
+    return 0;
+}
