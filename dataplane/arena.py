@@ -30,6 +30,8 @@ RING_COUNTERS = ("rx_packets", "rx_bytes", "ring_full_drops", "malformed", "trun
                  "bursts")
 PORT_COUNTERS = ("tx_packets", "tx_bytes", "tx_drops", "nic_missed", "nic_errors", "rx_nombuf",
                  "gen_seq")
+# Per ring, io_uring worker only (layout version 2): struct dp_uring_counters.
+URING_COUNTERS = ("cqes", "enobufs", "rearms", "recv_errors")
 
 # Offsets Python relies on, by struct: checked against the compiled layout.
 _EXPECTED = {
@@ -38,6 +40,7 @@ _EXPECTED = {
                         "queue": 138, "slots_off": 144, "c": 192}, 256),
     "struct dp_ring_counters": ({n: 8 * i for i, n in enumerate(RING_COUNTERS)}, 64),
     "struct dp_port_counters": ({n: 8 * i for i, n in enumerate(PORT_COUNTERS)}, 64),
+    "struct dp_uring_counters": ({n: 8 * i for i, n in enumerate(URING_COUNTERS)}, 64),
 }
 
 WORKER_STATES = {0: "empty", 1: "starting", 2: "running", 3: "stopped", 4: "failed"}
@@ -112,6 +115,9 @@ class Arena:
         port_off = ffi.offsetof("struct dp_arena", "port")
         self.port_counters = np.ndarray((lib.DP_MAX_PORTS, 8), dtype="<u8", buffer=mm,
                                         offset=port_off)
+        # one row per ring, URING_COUNTERS first: zero unless the worker is an io_uring one
+        self.uring_counters = np.ndarray((lib.DP_MAX_RINGS, 8), dtype="<u8", buffer=mm,
+                                         offset=ffi.offsetof("struct dp_arena", "uring"))
 
     @staticmethod
     def layout(geo: ArenaGeometry):

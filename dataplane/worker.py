@@ -1,8 +1,9 @@
-"""One DPDK worker process: `python -m dataplane.worker SPEC_JSON`.
+"""One native worker process: `python -m dataplane.worker SPEC_JSON`.
 
 The supervisor has already created the arena at spec.arena_path.  This process maps it, pins
-itself, builds the EAL argv as a list, fills struct dp_worker_config and hands over to
-dp_dpdk_worker_run() in C, which polls until arena->stop is set.  Exit codes: 0 after a clean
+itself, fills struct dp_worker_config and hands over to C, which polls until arena->stop is set:
+backend "dpdk" builds the EAL argv as a list and runs dp_dpdk_worker_run(); backend "uring" has
+no EAL and runs dp_uring_worker_run() on sockets it opens itself (iface / udp_port).  Exit codes: 0 after a clean
 stop, 2 when set-up failed (arena->error is printed to stderr), 1 on a bad command line.
 """
 
@@ -84,6 +85,11 @@ class WorkerConfig:
             raise ValueError(f"port name {p.name!r} longer than {lib.DP_NAME_LEN - 1} bytes")
         pc.name = name
         pc.n_rxq, pc.n_txq, pc.rxd, pc.txd = p.rxq, p.txq, p.rxd, p.txd
+        iface = p.iface.encode()
+        if len(iface) >= 16:      # IFNAMSIZ; the C field has room for more
+            raise ValueError(f"interface name {p.iface!r} longer than 15 bytes")
+        pc.iface = iface
+        pc.udp_port = p.udp_port
 
     def _gen(self, spec: WorkerSpec) -> None:
         g, s = self.cfg.gen, spec.gen
@@ -115,8 +121,11 @@ def run(spec: WorkerSpec) -> int:
         return EXIT_SETUP_FAILED
     if spec.core is not None:
         os.sched_setaffinity(0, {spec.core})
+    uring = spec.backend == "uring"
     prefix = f"dp-{spec.name}-{os.getpid()}"
-    cfg = WorkerConfig(spec, eal_argv(spec, prefix))
+    # the io_uring worker has no EAL: its argv is a placeholder nobody parses
+    cfg = WorkerConfig(spec, ["dataplane-worker"] if uring else eal_argv(spec, prefix))
+    entry = lib.dp_uring_worker_run if uring else lib.dp_dpdk_worker_run
 
     def on_signal(signum: int, frame: object) -> None:
         arena.stop = 1
@@ -126,13 +135,13 @@ def run(spec: WorkerSpec) -> int:
     # The C loop runs in a thread (cffi drops the GIL for the call) so that this main thread
     # stays free to run the Python signal handlers, which only ever run in the main thread.
     result: list[int] = []
-    t = threading.Thread(target=lambda: result.append(lib.dp_dpdk_worker_run(base, cfg.cfg)),
-                         name="dpdk-worker")
+    t = threading.Thread(target=lambda: result.append(entry(base, cfg.cfg)),
+                         name=f"{spec.backend}-worker")
     t.start()
     while t.is_alive():
         t.join(0.2)
-    # EAL leaves its runtime directory behind; the prefix is ours alone
-    shutil.rmtree(Path("/var/run/dpdk") / prefix, ignore_errors=True)
+    if not uring:   # EAL leaves its runtime directory behind; the prefix is ours alone
+        shutil.rmtree(Path("/var/run/dpdk") / prefix, ignore_errors=True)
     if not result or result[0] != 0:
         msg = ffi.string(arena.error).decode(errors="replace")
         print(f"worker {spec.name}: set-up failed: {msg}", file=sys.stderr)
@@ -143,7 +152,7 @@ def run(spec: WorkerSpec) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m dataplane.worker",
-        description="Run one DPDK poll-mode worker on an arena the supervisor created. "
+        description="Run one poll-mode worker (DPDK or io_uring) on an arena the supervisor created. "
                     "SIGTERM/SIGINT (or arena->stop) stop it cleanly. Exit 0 after a clean "
                     "stop, 2 when set-up failed (the reason is printed and left in the arena).")
     ap.add_argument("spec_json", help="a WorkerSpec as JSON (dataplane.spec.WorkerSpec.to_json)")

@@ -12,6 +12,7 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ["arena.c", "parse.c", "dpdk_port.c", "dpdk_worker.c", "kernel_drops.c", "ring_bench.c"]
+SOURCES += ["gen.c", "uring_sock.c", "uring_worker.c"]   # io_uring worker (native/dp_uring.h)
 SOURCES += ["transport.c", "transport_send.c"]   # TCP transport (native/dp_transport.h)
 
 CDEF = """
@@ -55,6 +56,8 @@ struct dp_port_counters {
     uint64_t nic_errors; uint64_t rx_nombuf; uint64_t gen_seq;
     ...;
 };
+struct dp_uring_counters { uint64_t cqes; uint64_t enobufs; uint64_t rearms; uint64_t recv_errors;
+                           ...; };
 struct dp_arena {
     uint64_t magic; uint32_t version; uint32_t header_size; uint64_t arena_size;
     uint32_t n_ports; uint32_t n_rings; uint32_t ring_size; uint32_t slot_size;
@@ -64,12 +67,13 @@ struct dp_arena {
     uint64_t restarts; uint64_t loops; uint64_t busy_cycles; uint64_t total_cycles;
     char error[];
     struct dp_port_counters port[];
+    struct dp_uring_counters uring[];
     ...;
 };
 struct dp_gen_trailer { uint64_t seq; uint64_t tx_ns; uint32_t stream; uint32_t magic; ...; };
 
 struct dp_port_config { char name[]; uint16_t n_rxq; uint16_t n_txq; uint16_t rxd; uint16_t txd;
-                        ...; };
+                        char iface[]; uint16_t udp_port; ...; };
 struct dp_gen_config {
     uint32_t enabled; uint16_t port; uint16_t queue; uint32_t stream; uint32_t burst;
     uint64_t rate_pps; uint64_t count; uint16_t tmpl_len; uint16_t vary_off; uint16_t vary_min;
@@ -95,6 +99,7 @@ uint64_t dp_ring_load_prod(const struct dp_ring *r);
 void dp_ring_store_cons(struct dp_ring *r, uint64_t cons);
 int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);
 int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg);
+int dp_uring_worker_run(void *arena_base, const struct dp_worker_config *cfg);
 
 /* native/dp_transport.h: TCP transport, zero-copy send, its control file */
 #define DP_TRANSPORT_MAGIC ...

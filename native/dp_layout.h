@@ -21,7 +21,7 @@
 #include <stdint.h>
 
 #define DP_MAGIC          0x414e455241504455ull  /* "UDPARENA" little-endian */
-#define DP_LAYOUT_VERSION 1u
+#define DP_LAYOUT_VERSION 2u  /* 2: struct dp_uring_counters appended to dp_arena */
 #define DP_CACHE_LINE     64
 #define DP_HUGE_PAGE      (2u << 20)
 #define DP_MAX_PORTS      8
@@ -92,6 +92,17 @@ struct dp_port_counters {
     uint64_t pad0;
 };
 
+/* Counters of one ring that only the io_uring worker (uring_worker.c) has; zero under DPDK.
+ * Indexed like the rings.  ENOBUFS is an event, not a drop: the packets wait in the socket, and
+ * only what overflows the socket's buffer is lost (counted in the port's nic_missed). */
+struct dp_uring_counters {
+    uint64_t cqes;              /* receive completions reaped for this ring */
+    uint64_t enobufs;           /* multishot receive ended with -ENOBUFS: every slot was held */
+    uint64_t rearms;            /* multishot receive submitted again after it ended */
+    uint64_t recv_errors;       /* other failed receive completions */
+    uint64_t pad[4];
+};
+
 enum dp_worker_state {
     DP_W_EMPTY = 0, DP_W_STARTING = 1, DP_W_RUNNING = 2, DP_W_STOPPED = 3, DP_W_FAILED = 4,
 };
@@ -126,6 +137,7 @@ struct dp_arena {
     char     error[DP_ERR_LEN];   /* why the worker failed, NUL-terminated */
 
     struct dp_port_counters port[DP_MAX_PORTS];
+    _Alignas(DP_CACHE_LINE) struct dp_uring_counters uring[DP_MAX_RINGS];   /* version 2 */
 };
 
 /* Written by our generator at the very end of every frame, so a reader finds it at

@@ -15,6 +15,9 @@ struct dp_port_config {
     uint16_t n_txq;
     uint16_t rxd;                 /* RX/TX descriptors per queue */
     uint16_t txd;
+    /* io_uring worker only (dp_uring_worker_run): the socket it opens itself, no DPDK */
+    char     iface[32];           /* AF_PACKET on this interface, n_rxq sockets in a fanout */
+    uint16_t udp_port;            /* or, when non-zero, n_rxq UDP sockets on this port */
 };
 
 /* Generate mode: replay a template built with scapy. */
@@ -73,5 +76,9 @@ int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);
 
 /* Run a DPDK worker until arena->stop is set.  Returns 0, or -1 with arena->error filled. */
 int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg);
+
+/* Run an io_uring worker (no DPDK: AF_PACKET or UDP sockets, multishot receive straight into
+ * the ring slots) until arena->stop is set.  Same contract as dp_dpdk_worker_run. */
+int dp_uring_worker_run(void *arena_base, const struct dp_worker_config *cfg);
 
 #endif

@@ -18,8 +18,7 @@
 #include <rte_ip.h>
 
 #include "dp_dpdk.h"
-
-#define DPW_TRAILER ((uint16_t)sizeof(struct dp_gen_trailer))
+#include "dp_gen.h"
 
 static inline uint64_t real_ns(void)
 {
@@ -88,15 +87,7 @@ static inline int dpw_describe(struct dpw *w, struct dpw_ring *q, struct rte_mbu
     d->queue = (uint8_t)q->queue;
     if (dp_parse(frame, len, d) < 0)
         c->malformed++;
-    /* Our generator sends UDP or TCP only; an ICMP error quoting one of its frames ends with
-     * the same trailer and must not count as a second copy. */
-    uint32_t magic;
-    if (!(flags & DP_F_TRUNCATED) && len >= DPW_TRAILER &&
-        (d->l4proto == IPPROTO_UDP || d->l4proto == IPPROTO_TCP)) {
-        memcpy(&magic, frame + len - sizeof(magic), sizeof(magic));
-        if (magic == DP_GEN_MAGIC)
-            flags |= DP_F_GENERATED;
-    }
+    flags |= dp_gen_flag(frame, len, d->l4proto, flags);
     d->flags |= flags;
     c->truncated += !!(d->flags & DP_F_TRUNCATED);   /* ours (slot) or the parser's (IP length) */
     return copy;
@@ -139,35 +130,12 @@ static inline uint32_t dpw_rx(struct dpw *w, struct dpw_ring *q)
 
 /* ---- generate ---- */
 
+/* The frame rules and the token bucket are dp_gen.h's, shared with the io_uring worker. */
 struct dpw_gen {
     int on, link_up;
-    uint16_t port_id, queue, burst, len, vary_off, csum;
-    uint32_t l3_off, vary_range;
-    uint64_t sent, credit, cap, last_tsc, hz;
+    uint16_t port_id, queue;
+    struct dp_gen_state s;
 };
-
-/* Where the IP header of the template is, for per-packet checksums: after Ethernet and any
- * VLAN tags, IPv4 or IPv6 with UDP/TCP right after the fixed header.  0 when it is not that. */
-static uint32_t dpw_l3_off(const uint8_t *f, uint32_t len)
-{
-    uint32_t off = 12;
-    while (off + 2 <= len) {
-        uint16_t et = (uint16_t)(f[off] << 8 | f[off + 1]);
-        off += 2;
-        if (et == 0x8100 || et == 0x88a8) {
-            off += 2;
-            continue;
-        }
-        if (et == 0x0800 && off + 20 <= len && (f[off + 9] == IPPROTO_UDP ||
-                                                f[off + 9] == IPPROTO_TCP))
-            return off;
-        if (et == 0x86dd && off + 40 <= len && (f[off + 6] == IPPROTO_UDP ||
-                                                f[off + 6] == IPPROTO_TCP))
-            return off;
-        return 0;
-    }
-    return 0;
-}
 
 static int dpw_gen_init(struct dpw *w, struct dpw_gen *g)
 {
@@ -178,82 +146,21 @@ static int dpw_gen_init(struct dpw *w, struct dpw_gen *g)
     if (gc->port >= w->cfg->n_ports ||
         gc->queue >= RTE_MAX(w->cfg->port[gc->port].n_txq, (uint16_t)1))
         return dpw_fail(w, "generator: port %u queue %u is not configured", gc->port, gc->queue);
-    if (gc->tmpl_len < 14u + DPW_TRAILER || gc->tmpl_len > DP_TMPL_MAX ||
-        gc->tmpl_len > RTE_MBUF_DEFAULT_DATAROOM)
-        return dpw_fail(w, "generator: template of %u bytes, need %u..%u", gc->tmpl_len,
-                        14 + DPW_TRAILER, RTE_MIN(DP_TMPL_MAX, RTE_MBUF_DEFAULT_DATAROOM));
-    if (gc->vary_off && (gc->vary_off + 2u > (uint32_t)gc->tmpl_len - DPW_TRAILER ||
-                         gc->vary_max < gc->vary_min))
-        return dpw_fail(w, "generator: vary field at %u (%u..%u) outside the %u-byte frame's "
-                        "headers, or max < min", gc->vary_off, gc->vary_min, gc->vary_max,
-                        gc->tmpl_len);
-    g->l3_off = dpw_l3_off(gc->tmpl, gc->tmpl_len);
-    if (gc->csum == DP_CSUM_L4 && g->l3_off == 0)
-        return dpw_fail(w, "generator: csum=L4 needs an IPv4/IPv6 template with UDP or TCP");
+    char why[DP_ERR_LEN];
+    if (dp_gen_prepare(&g->s, gc, RTE_MBUF_DEFAULT_DATAROOM, DPW_MAX_BURST, rte_get_tsc_hz(),
+                       rte_rdtsc(), why, sizeof(why)) < 0)
+        return dpw_fail(w, "%s", why);
     g->on = 1;
     g->port_id = w->port_id[gc->port];
     g->queue = gc->queue;
-    g->burst = (uint16_t)RTE_MIN(RTE_MAX(gc->burst, 1u), (uint32_t)DPW_MAX_BURST);
-    g->len = gc->tmpl_len;
-    g->vary_off = gc->vary_off;
-    g->vary_range = (uint32_t)gc->vary_max - gc->vary_min + 1;
-    g->csum = gc->csum;
-    g->hz = rte_get_tsc_hz();
-    /* Catch-up allowed after the loop was late (an idle nap, preemption): 5 ms worth, at least
-     * two bursts.  Less and a descheduled generator falls short of its rate for good. */
-    g->cap = RTE_MAX((uint64_t)g->burst * 2, gc->rate_pps / 200) * g->hz;
-    g->last_tsc = rte_rdtsc();
     return 0;
-}
-
-/* Fill one frame: template, varied field, trailer, checksums. */
-static inline void dpw_gen_fill(struct dpw *w, struct dpw_gen *g, uint8_t *f, uint64_t seq,
-                                uint64_t ns)
-{
-    const struct dp_gen_config *gc = &w->cfg->gen;
-    rte_memcpy(f, gc->tmpl, g->len);
-    if (g->vary_off) {
-        uint16_t v = (uint16_t)(gc->vary_min + seq % g->vary_range);
-        f[g->vary_off] = (uint8_t)(v >> 8);
-        f[g->vary_off + 1] = (uint8_t)v;
-    }
-    struct dp_gen_trailer t = { .seq = seq, .tx_ns = ns, .stream = gc->stream,
-                                .magic = DP_GEN_MAGIC };
-    memcpy(f + g->len - DPW_TRAILER, &t, sizeof(t));
-    if (g->csum != DP_CSUM_L4)
-        return;
-    uint8_t *l3 = f + g->l3_off;
-    if ((l3[0] >> 4) == 4) {
-        struct rte_ipv4_hdr *ip = (struct rte_ipv4_hdr *)l3;
-        uint8_t *l4 = l3 + rte_ipv4_hdr_len(ip);
-        uint16_t *ck = (uint16_t *)(l4 + (ip->next_proto_id == IPPROTO_UDP ? 6 : 16));
-        ip->hdr_checksum = 0;
-        ip->hdr_checksum = rte_ipv4_cksum(ip);
-        *ck = 0;
-        *ck = rte_ipv4_udptcp_cksum(ip, l4);
-    } else {
-        struct rte_ipv6_hdr *ip = (struct rte_ipv6_hdr *)l3;
-        uint8_t *l4 = l3 + sizeof(*ip);
-        uint16_t *ck = (uint16_t *)(l4 + (ip->proto == IPPROTO_UDP ? 6 : 16));
-        *ck = 0;
-        *ck = rte_ipv6_udptcp_cksum(ip, l4);
-    }
 }
 
 /* One generator burst when the token bucket allows; returns packets the port took. */
 static inline uint32_t dpw_gen(struct dpw *w, struct dpw_gen *g, uint64_t now)
 {
     const struct dp_gen_config *gc = &w->cfg->gen;
-    uint32_t n = g->burst;
-    if (gc->rate_pps) {
-        /* credit counts packets x hz, so no division per packet and no drift */
-        uint64_t dt = RTE_MIN(now - g->last_tsc, g->hz);
-        g->last_tsc = now;
-        g->credit = RTE_MIN(g->credit + dt * gc->rate_pps, g->cap);
-        n = (uint32_t)RTE_MIN((uint64_t)n, g->credit / g->hz);
-    }
-    if (gc->count)
-        n = (uint32_t)RTE_MIN((uint64_t)n, gc->count - g->sent);
+    uint32_t n = dp_gen_due(&g->s, gc, now);
     if (n == 0)
         return 0;
     struct rte_mbuf *m[DPW_MAX_BURST];
@@ -264,8 +171,8 @@ static inline uint32_t dpw_gen(struct dpw *w, struct dpw_gen *g, uint64_t now)
     }
     uint64_t seq = pc->gen_seq, ns = real_ns();
     for (uint32_t i = 0; i < n; i++) {
-        m[i]->data_len = m[i]->pkt_len = g->len;
-        dpw_gen_fill(w, g, rte_pktmbuf_mtod(m[i], uint8_t *), seq + i, ns);
+        m[i]->data_len = m[i]->pkt_len = g->s.len;
+        dp_gen_fill(&g->s, gc, rte_pktmbuf_mtod(m[i], uint8_t *), seq + i, ns);
     }
     uint16_t k = rte_eth_tx_burst(g->port_id, g->queue, m, (uint16_t)n);
     if (k < n) {   /* not taken: freed and counted as dropped */
@@ -277,11 +184,8 @@ static inline uint32_t dpw_gen(struct dpw *w, struct dpw_gen *g, uint64_t now)
      * reusing "untaken" numbers produced duplicates.  Issued = tx_packets + tx_drops. */
     pc->gen_seq = seq + n;
     pc->tx_packets += k;
-    pc->tx_bytes += (uint64_t)k * g->len;
-    g->sent += k;
-    if (gc->rate_pps)
-        g->credit -= (uint64_t)k * g->hz;
-    if (gc->count && g->sent >= gc->count)
+    pc->tx_bytes += (uint64_t)k * g->s.len;
+    if (dp_gen_took(&g->s, gc, k))
         g->on = 0;
     return k;
 }
@@ -321,7 +225,7 @@ static void dpw_loop(struct dpw *w, struct dpw_gen *g)
                 struct rte_eth_link link;
                 if (rte_eth_link_get_nowait(g->port_id, &link) == 0 && link.link_status) {
                     g->link_up = 1;
-                    g->last_tsc = rte_rdtsc();
+                    g->s.last = rte_rdtsc();
                 }
             }
         }

@@ -1,0 +1,263 @@
+/* uring_worker.c: the io_uring worker loop, the DPDK worker's sibling for hosts without DPDK.
+ *
+ * Each arena ring has one socket (AF_PACKET in a fanout, or UDP) with a multishot receive whose
+ * provided buffers ARE the ring's slots: the kernel writes each packet straight into shared
+ * memory and the worker only publishes descriptors.  Ring positions and buffers are decoupled:
+ * a completion names its buffer (bid), the descriptor at the next ring position points at slot
+ * bid, and bid[pos] remembers it; the buffer goes back to the kernel only after the consumer
+ * released that position.  So kernel-held + published = ring_size: the ring can never be full
+ * when a packet arrives.  A consumer that holds every slot starves the kernel instead: the
+ * multishot ends with -ENOBUFS (counted), packets wait in the socket (its overflow is counted
+ * in nic_missed), and the receive is re-armed (counted) as soon as slots come back.
+ *
+ * Descriptor meaning.  AF_PACKET: the raw frame, parsed by dp_parse like the DPDK worker's.
+ * UDP: the datagram's payload only; ethertype 0, l4proto 17, l4_off 0, hash 0 (a plain recv
+ * does not tell the sender), DP_F_GENERATED when the payload ends with our trailer.
+ * DP_F_COPIED is not set: the kernel's write into the slot is the packet's one write.
+ *
+ * The loop is dpdk_worker.c's: give back released slots, re-arm, one generator burst, reap a
+ * batch of completions, publish once per ring per batch, periodic work every ~10 ms.
+ */
+#define _GNU_SOURCE   /* sendmmsg, struct mmsghdr */
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "dp_uring.h"
+
+static inline uint64_t real_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Loop accounting in TSC cycles, as the DPDK worker's busy/total cycles. */
+static inline uint64_t cycles(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    return __builtin_ia32_rdtsc();
+#else
+    return urw_mono_ns();
+#endif
+}
+
+/* Give back the buffers behind ring positions the consumer has released. */
+static inline void urw_reclaim(struct urw *w, struct urw_ring *q)
+{
+    if (q->returned == q->p.prod)
+        return;
+    /* acquire: the consumer's reads of these frames happen before the kernel may refill them */
+    uint64_t cons = __atomic_load_n(&q->r->cons, __ATOMIC_ACQUIRE);
+    q->p.cons_cache = cons;
+    uint32_t n = (uint32_t)(cons - q->returned);
+    if (n == 0)
+        return;
+    for (uint32_t i = 0; i < n; i++)
+        urw_give_back(w, q, q->bid[(q->returned + i) & q->r->mask], i);
+    io_uring_buf_ring_advance(q->br, (int)n);   /* release store: the kernel sees them now */
+    q->returned = cons;
+}
+
+/* (Re-)submit the multishot receive, once the kernel has at least one buffer to fill. */
+static inline void urw_arm(struct urw *w, struct urw_ring *q, uint32_t i)
+{
+    if (q->p.prod - q->returned >= q->r->size)
+        return;   /* every slot is with the consumer: arming would only end in ENOBUFS again */
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&w->uring);
+    if (sqe == NULL)
+        return;   /* SQ full: next loop */
+    /* MSG_TRUNC: the completion reports the packet's real length, so truncation is seen */
+    io_uring_prep_recv_multishot(sqe, q->fd, NULL, 0, MSG_TRUNC);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = (uint16_t)i;
+    io_uring_sqe_set_data64(sqe, i);
+    q->armed = 1;
+    q->uc->rearms += q->ever_armed;
+    q->ever_armed = 1;
+}
+
+/* Describe the packet the kernel put in slot bid at ring index idx. */
+static inline void urw_describe(struct urw *w, struct urw_ring *q, uint16_t bid, uint32_t res,
+                                uint64_t ns)
+{
+    uint64_t idx = q->p.prod + q->n;
+    struct dp_desc *d = dp_ring_at(q->r, idx);
+    struct dp_ring_counters *c = &q->r->c;
+    uint64_t addr = q->r->slots_off + (uint64_t)bid * w->a->slot_size;
+    const uint8_t *frame = (const uint8_t *)w->base + addr;
+    uint32_t len = res;
+    uint16_t flags = 0;
+    if (len > w->a->slot_size) {
+        len = w->a->slot_size;
+        flags |= DP_F_TRUNCATED;
+    }
+    q->bid[idx & q->r->mask] = bid;
+    memset(d, 0, sizeof(*d));
+    d->addr = addr;
+    d->rx_ns = ns;
+    d->len = (uint16_t)len;
+    d->port = q->port;
+    d->queue = (uint8_t)q->queue;
+    if (q->kind == URW_RAW) {
+        if (dp_parse(frame, len, d) < 0)
+            c->malformed++;
+    } else {
+        d->l4proto = 17;
+    }
+    flags |= dp_gen_flag(frame, len, d->l4proto, flags);
+    d->flags |= flags;
+    c->truncated += !!(d->flags & DP_F_TRUNCATED);
+    q->bytes += res;
+    q->n++;
+}
+
+/* One batch of completions; returns the packets published. */
+static uint32_t urw_reap(struct urw *w)
+{
+    struct io_uring_cqe *cqes[URW_MAX_BURST];
+    unsigned n = io_uring_peek_batch_cqe(&w->uring, cqes, w->cfg->burst * w->n_rings <
+                                         URW_MAX_BURST ? w->cfg->burst * w->n_rings :
+                                         URW_MAX_BURST);
+    if (n == 0)
+        return 0;
+    uint64_t ns = real_ns();
+    for (unsigned k = 0; k < n; k++) {
+        struct io_uring_cqe *cqe = cqes[k];
+        uint64_t i = io_uring_cqe_get_data64(cqe);
+        if (i >= w->n_rings)
+            continue;
+        struct urw_ring *q = &w->ring[i];
+        q->uc->cqes++;
+        if (!(cqe->flags & IORING_CQE_F_MORE))
+            q->armed = 0;   /* this multishot is over: re-armed by the loop */
+        if (cqe->res < 0 || !(cqe->flags & IORING_CQE_F_BUFFER)) {
+            if (cqe->res == -ENOBUFS)
+                q->uc->enobufs++;
+            else
+                q->uc->recv_errors++;
+            continue;
+        }
+        uint16_t bid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+        if (q->p.prod + q->n - q->p.cons_cache >= q->r->size &&
+            dp_ring_reserve(&q->p, q->n + 1) < q->n + 1) {
+            /* cannot happen while kernel-held + published = ring_size; never overwrite */
+            q->r->c.ring_full_drops++;
+            urw_give_back(w, q, bid, 0);
+            io_uring_buf_ring_advance(q->br, 1);
+            continue;
+        }
+        urw_describe(w, q, bid, (uint32_t)cqe->res, ns);
+    }
+    io_uring_cq_advance(&w->uring, n);
+    uint32_t moved = 0;
+    for (uint32_t i = 0; i < w->n_rings; i++) {
+        struct urw_ring *q = &w->ring[i];
+        if (q->n == 0)
+            continue;
+        dp_ring_submit(&q->p, q->n);
+        q->r->c.rx_packets += q->n;
+        q->r->c.rx_bytes += q->bytes;
+        q->r->c.bursts++;
+        moved += q->n;
+        q->n = 0;
+        q->bytes = 0;
+    }
+    return moved ? moved : 1;   /* completions without packets still moved the loop */
+}
+
+/* One generator burst when the token bucket allows: build, sendmmsg, count. */
+static uint32_t urw_gen(struct urw *w, uint64_t now_ns)
+{
+    const struct dp_gen_config *gc = &w->cfg->gen;
+    uint32_t n = dp_gen_due(&w->gs, gc, now_ns);
+    if (n == 0)
+        return 0;
+    struct dp_port_counters *pc = &w->a->port[gc->port];
+    uint64_t seq = pc->gen_seq, ns = real_ns();
+    for (uint32_t i = 0; i < n; i++)
+        dp_gen_fill(&w->gs, gc, w->txbuf + (size_t)i * w->gs.len, seq + i, ns);
+    int k = sendmmsg(w->gen_fd, w->msgs, n, MSG_DONTWAIT);
+    if (k < 0)
+        k = 0;   /* ENOBUFS/EAGAIN: the device or qdisc took none of them */
+    /* every sequence number is issued once, taken or not: issued = tx_packets + tx_drops */
+    pc->tx_drops += n - (uint32_t)k;
+    pc->gen_seq = seq + n;
+    pc->tx_packets += (uint32_t)k;
+    pc->tx_bytes += (uint64_t)k * w->gs.len;
+    if (dp_gen_took(&w->gs, gc, (uint32_t)k))
+        w->gen_on = 0;
+    return (uint32_t)k;
+}
+
+static void urw_loop(struct urw *w)
+{
+    struct dp_arena *a = w->a;
+    uint64_t prev = cycles(), loops = 0, busy = 0, total = 0;
+    uint64_t t = urw_mono_ns(), next_tick = t, last_move = t;
+    uint32_t moved = 0;
+    while (!__atomic_load_n(&a->stop, __ATOMIC_RELAXED)) {
+        uint64_t now = cycles();
+        total += now - prev;
+        if (moved)
+            busy += now - prev;
+        prev = now;
+        t = urw_mono_ns();
+        if (moved)
+            last_move = t;
+        loops++;
+        moved = 0;
+        for (uint32_t i = 0; i < w->n_rings; i++) {
+            urw_reclaim(w, &w->ring[i]);
+            if (!w->ring[i].armed)
+                urw_arm(w, &w->ring[i], i);
+        }
+        if (w->gen_on)
+            moved += urw_gen(w, t);
+        if (io_uring_sq_ready(&w->uring))
+            io_uring_submit(&w->uring);
+        moved += urw_reap(w);
+        if (t >= next_tick) {   /* periodic work, ~every 10 ms */
+            next_tick = t + 10000000ull;
+            a->loops += loops;
+            a->busy_cycles += busy;
+            a->total_cycles += total;
+            loops = busy = total = 0;
+            urw_heartbeat(w);
+            urw_sock_drops(w);
+        }
+        /* idle: wait for a completion (or the nap's end) in the kernel instead of spinning */
+        if (!moved && w->cfg->idle_sleep_us && t - last_move > 1000000ull) {
+            struct __kernel_timespec ts = { .tv_sec = w->cfg->idle_sleep_us / 1000000,
+                                            .tv_nsec = (w->cfg->idle_sleep_us % 1000000) *
+                                                       1000ll };
+            struct io_uring_cqe *cqe;
+            io_uring_wait_cqe_timeout(&w->uring, &cqe, &ts);
+        }
+    }
+    a->loops += loops;
+    a->busy_cycles += busy;
+    a->total_cycles += total;
+}
+
+int dp_uring_worker_run(void *arena_base, const struct dp_worker_config *cfg)
+{
+    static struct urw w;   /* DP_MAX_RINGS rings of private state; one worker per process */
+    memset(&w, 0, sizeof(w));
+    w.base = arena_base;
+    w.a = arena_base;
+    w.cfg = cfg;
+    w.gen_fd = -1;
+    w.a->error[0] = '\0';
+    if (urw_setup(&w) < 0 || urw_gen_setup(&w) < 0) {
+        urw_close(&w);
+        return -1;
+    }
+    __atomic_store_n(&w.a->state, DP_W_RUNNING, __ATOMIC_RELEASE);
+    urw_loop(&w);
+    urw_close(&w);
+    __atomic_store_n(&w.a->state, DP_W_STOPPED, __ATOMIC_RELEASE);
+    return 0;
+}
