@@ -213,11 +213,13 @@ def cmd_config(args: argparse.Namespace) -> int:
         poll = f"adaptive, idle_sleep_us {s.idle_sleep_us}" if s.idle_sleep_us else "busy"
         print(f"worker {s.worker_id} {s.name}: core {s.core}, netns {s.netns or '-'}, "
               f"poll {poll}, zero_copy {s.zero_copy}")
+        print(f"  backend {s.backend}" + (f" ({s.backend_reason})" if s.backend_reason else ""))
         print(f"  arena {s.arena_path} (hugepages {'yes' if s.hugepages else 'no'}): rings "
               f"{len(s.rings())} x {s.ring_size}, slots {s.slot_size} B, pool {s.pool_mb} MB, "
               f"{s.n_mbufs} mbufs")
         for i, p in enumerate(s.ports):
-            dev = f"--vdev {p.devargs}" if p.devargs else f"-a {p.pci}"
+            dev = (f"--vdev {p.devargs}" if p.devargs else f"-a {p.pci}" if p.pci else
+                   f"udp port {p.udp_port}" if p.udp_port else f"AF_PACKET on {p.iface}")
             print(f"  port {i} {p.label}: {p.name}  {dev}  rxq {p.rxq} txq {p.txq}")
         if s.gen:
             g = s.gen

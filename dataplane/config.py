@@ -20,15 +20,16 @@ from pathlib import Path
 
 from dataplane import template
 from dataplane._check import ConfigError, Problems, Table, checks
+from dataplane.backend import BACKENDS, resolve
 from dataplane.host import settings as host_settings
 from dataplane.host.settings import Host
 from dataplane.spec import GenSpec, PortSpec, WorkerSpec
 
 log = logging.getLogger(__name__)
 
-DRIVERS = ("af_packet", "af_xdp", "memif", "pci")
+DRIVERS = ("af_packet", "af_xdp", "memif", "pci", "udp")
 DRIVER_KEYS = {"af_packet": ("iface",), "af_xdp": ("iface",), "memif": ("role", "socket", "id"),
-               "pci": ("pci",)}
+               "pci": ("pci",), "udp": ("udp_port",)}
 RUN_DIR = Path("/run/dataplane")        # 0700: memif sockets live here unless a config says not
 MBUF_FOOTPRINT = 2560   # bytes per mbuf in the pool: 2048 data + headroom + rte_mbuf + mempool
 
@@ -79,6 +80,7 @@ class Port:
     role: str = "server"
     socket: str | None = None
     id: int = 0
+    udp_port: int | None = None
 
 
 @dataclass
@@ -114,6 +116,8 @@ class Worker:
     copybreak: int = 256
     burst: int = 32
     generate: Generate | None = None
+    backend: str = "auto"         # as configured; plan() resolves "auto" (see _backend)
+    backend_reason: str = ""
 
 
 @dataclass
@@ -147,12 +151,13 @@ def loads(text: str, source: str = "<string>") -> Config:
     p = Problems()
     top = Table(p, "", data)
     lab_table = top.table("lab")        # read even when absent, so "lab" is a known key
+    backend = top.get("backend", str, "auto", choices=BACKENDS)   # default of every worker
     lab = _lab(lab_table) if "lab" in data else None
     metrics = _metrics(top.table("metrics"))
     arena = _arena(top.table("arena"))
     host = host_settings.parse(top.table("host"))
     # a config may only prepare the host ([host] and no workers); otherwise it runs workers
-    workers = [_worker(t) for t in top.tables("worker", required="host" not in data)]
+    workers = [_worker(t, backend) for t in top.tables("worker", required="host" not in data)]
     top.close()
     cfg = Config(source, metrics, arena, workers, lab, host)
     _cross_check(cfg, p)
@@ -219,13 +224,14 @@ def _port(t: Table) -> Port:
         pci=t.get("pci", str, None, check=checks.pci),
         role=t.get("role", str, "server", choices=("server", "client")),
         socket=t.get("socket", str, None, check=checks.socket_path),
-        id=t.get("id", int, 0, check=checks.between(0, 255)))
+        id=t.get("id", int, 0, check=checks.between(0, 255)),
+        udp_port=t.get("udp_port", int, None, check=checks.between(1, 65535)))
     # Each driver takes some keys and refuses the others, so a misplaced key is not ignored.
     wants = DRIVER_KEYS.get(p.driver or "", ())
-    for key in ("iface", "pci"):
+    for key in ("iface", "pci", "udp_port"):
         if key in wants and key not in t.data:
             t.error(key, None, f'missing; driver = "{p.driver}" needs it')
-    for key in ("iface", "pci", "role", "socket", "id"):
+    for key in ("iface", "pci", "role", "socket", "id", "udp_port"):
         if p.driver and key in t.data and key not in wants:
             owners = [d for d, keys in DRIVER_KEYS.items() if key in keys]
             t.error(key, t.data[key], f"only for driver = {' or '.join(owners)}, not {p.driver}")
@@ -268,9 +274,10 @@ def _generate(t: Table) -> Generate:
     return g
 
 
-def _worker(t: Table) -> Worker:
+def _worker(t: Table, backend: str = "auto") -> Worker:
     w = Worker(
         name=t.get("name", str, check=checks.label),
+        backend=t.get("backend", str, backend, choices=BACKENDS),
         core=t.get("core", int, None, check=checks.cpu),
         netns=t.get("netns", str, None, check=checks.name),
         poll=t.get("poll", str, "busy", choices=("busy", "adaptive")),
@@ -285,6 +292,7 @@ def _worker(t: Table) -> Worker:
     gen = t.table("generate")
     if "generate" in t.data:
         w.generate = _generate(gen)
+    resolve(t, w)
     t.close()
     return w
 
@@ -349,13 +357,16 @@ def plan(cfg: Config) -> list[WorkerSpec]:
     seen: dict[str, int] = {}
     for wid, w in enumerate(cfg.workers):
         ports: list[PortSpec] = []
+        uring = w.backend == "uring"
         for pt in w.ports:
             n = seen[pt.driver] = seen.get(pt.driver, -1) + 1
-            ports.append(_port_spec(pt, n))
+            ports.append(_uring_port_spec(pt) if uring else _port_spec(pt, n))
         a = cfg.arena
         specs.append(WorkerSpec(
-            name=w.name, worker_id=wid, core=w.core, netns=w.netns, ring_size=a.ring_size,
-            slot_size=a.slot_size, pool_mb=a.pool_mb, n_mbufs=a.mbufs, burst=w.burst,
+            name=w.name, worker_id=wid, backend=w.backend, backend_reason=w.backend_reason,
+            core=w.core, netns=w.netns, ring_size=a.ring_size, slot_size=a.slot_size,
+            # io_uring writes into the ring slots: no mbuf pool in its arena
+            pool_mb=0 if uring else a.pool_mb, n_mbufs=a.mbufs, burst=w.burst,
             zero_copy=w.zero_copy, copybreak=w.copybreak, idle_sleep_us=w.idle_sleep_us,
             ports=ports,
             gen=_gen_spec(w, wid)))
@@ -379,6 +390,13 @@ def _port_spec(pt: Port, n: int) -> PortSpec:
         "memif": f"role={pt.role},socket={pt.socket},socket-abstract=no,id={pt.id}",
     }[pt.driver]
     return PortSpec(name=name, devargs=f"{name},{args}", rxq=q, txq=q, label=pt.name)
+
+
+def _uring_port_spec(pt: Port) -> PortSpec:
+    """A port the io_uring worker opens itself: an AF_PACKET socket per queue, or UDP ones."""
+    q = pt.queues
+    return PortSpec(name=pt.name, iface=pt.iface or "", udp_port=pt.udp_port or 0, rxq=q, txq=q,
+                    label=pt.name)
 
 
 def _gen_spec(w: Worker, wid: int) -> GenSpec | None:

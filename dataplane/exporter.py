@@ -25,7 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from dataplane.arena import PORT_COUNTERS, RING_COUNTERS, WORKER_STATES, Arena
+from dataplane.arena import PORT_COUNTERS, RING_COUNTERS, URING_COUNTERS, WORKER_STATES, Arena
 from dataplane.consumers import (
     ETHERTYPES,
     FLAGS,
@@ -126,6 +126,15 @@ FAMILIES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                          "Descriptors the consumer loop handed to its consumers.", ()),
     "loop_batches": ("c", "dataplane_consumer_batches_total", "Batches consumed.", ()),
     "loop_errors": ("c", "dataplane_consumer_errors_total", "Exceptions raised by consumers.", ()),
+    # io_uring worker only (struct dp_uring_counters); absent for a worker whose are all zero
+    "uring_cqes": ("c", "dataplane_uring_cqes_total", "Receive completions reaped.", RQ),
+    "uring_enobufs": ("c", "dataplane_uring_enobufs_total",
+                      "Multishot receives ended by -ENOBUFS: the consumer held every slot (packets"
+                      " wait in the socket; its overflow is dataplane_nic_missed_total).", RQ),
+    "uring_rearms": ("c", "dataplane_uring_rearms_total",
+                     "Multishot receives submitted again after one ended.", RQ),
+    "uring_recv_errors": ("c", "dataplane_uring_recv_errors_total",
+                          "Receive completions with an error other than ENOBUFS.", RQ),
     "source_errors": ("c", "dataplane_exporter_source_errors_total",
                       "Scrapes that could not read a source (partial scrape).", ("source",)),
 }
@@ -203,6 +212,12 @@ class DataplaneCollector(Collector):
             for i, key in enumerate(RING_COUNTERS):
                 fams[key].add_metric(labels, float(c[i]))
             fams["occupancy"].add_metric(labels, max(ring.occupancy(), 0) / ring.size)
+        uc = a.uring_counters[:a.n_rings].copy()
+        if uc.any():
+            for ring in list(a.rings):
+                labels = [w.name, w.port_label(ring.port), str(ring.queue)]
+                for i, key in enumerate(URING_COUNTERS):
+                    fams[f"uring_{key}"].add_metric(labels, float(uc[ring.index, i]))
         pc = a.port_counters[:a.n_ports].copy()
         for p in range(a.n_ports):
             for i, key in enumerate(PORT_COUNTERS):

@@ -47,6 +47,7 @@ class WorkerSpec:
     name: str
     worker_id: int
     backend: str = "dpdk"     # "dpdk" (EAL, ethdev PMDs) or "uring" (io_uring over sockets)
+    backend_reason: str = ""  # why config chose this backend (backend = "auto"), for show/logs
     core: int | None = None   # CPU to pin to; None: leave to the scheduler
     netns: str | None = None  # network namespace the worker runs in
     arena_path: str = ""      # filled by the supervisor

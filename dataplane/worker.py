@@ -3,8 +3,9 @@
 The supervisor has already created the arena at spec.arena_path.  This process maps it, pins
 itself, fills struct dp_worker_config and hands over to C, which polls until arena->stop is set:
 backend "dpdk" builds the EAL argv as a list and runs dp_dpdk_worker_run(); backend "uring" has
-no EAL and runs dp_uring_worker_run() on sockets it opens itself (iface / udp_port).  Exit codes: 0 after a clean
-stop, 2 when set-up failed (arena->error is printed to stderr), 1 on a bad command line.
+no EAL and runs dp_uring_worker_run() on sockets it opens itself (iface / udp_port).
+Exit codes: 0 after a clean stop, 2 when set-up failed (arena->error is printed to stderr), 1 on
+a bad command line.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def run(spec: WorkerSpec) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m dataplane.worker",
-        description="Run one poll-mode worker (DPDK or io_uring) on an arena the supervisor created. "
+        description="Run one poll-mode worker (DPDK or io_uring) on an arena the supervisor "
+                    "created. "
                     "SIGTERM/SIGINT (or arena->stop) stop it cleanly. Exit 0 after a clean "
                     "stop, 2 when set-up failed (the reason is printed and left in the arena).")
     ap.add_argument("spec_json", help="a WorkerSpec as JSON (dataplane.spec.WorkerSpec.to_json)")
