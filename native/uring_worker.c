@@ -216,8 +216,8 @@ static void urw_loop(struct urw *w)
         }
         if (w->gen_on)
             moved += urw_gen(w, t);
-        if (io_uring_sq_ready(&w->uring))
-            io_uring_submit(&w->uring);
+        /* submit what is queued and run the deferred completion work: one syscall a loop */
+        io_uring_submit_and_get_events(&w->uring);
         moved += urw_reap(w);
         if (t >= next_tick) {   /* periodic work, ~every 10 ms */
             next_tick = t + 10000000ull;
