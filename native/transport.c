@@ -159,8 +159,8 @@ static int listen_pending(int lfd)
     return poll(&pf, 1, 0) > 0;
 }
 
-/* Read exactly the iovecs' bytes.  1 done, 0 EOF before the first byte, -1 EOF or error after
- * it (or stop, or a new connection waiting), with errno. */
+/* Read exactly the iovecs' bytes.  1 done; 0 nothing read (EOF: errno 0, an error, or
+ * ECANCELED: stop or a new connection waiting); -1 the same after some bytes. */
 static int rx_read(struct rx *x, struct iovec *iov, int n, uint64_t *got_out)
 {
     uint64_t got = 0;
@@ -180,13 +180,13 @@ static int rx_read(struct rx *x, struct iovec *iov, int n, uint64_t *got_out)
             continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) {
             *got_out = got;
-            return -1;
+            return got ? -1 : 0;
         }
         rx_beat(x);
         if (stopping(x->t) || listen_pending(x->lfd)) {
             *got_out = got;
             errno = ECANCELED;
-            return -1;
+            return got ? -1 : 0;
         }
     }
     *got_out = got;
@@ -205,6 +205,8 @@ static const char *rx_check_header(const struct rx *x, const struct dp_tw_frame 
         return "count out of range";
     if ((uint64_t)h->payload_len > (uint64_t)h->count * x->a->slot_size)
         return "payload_len larger than count slots";
+    if (h->session == x->t->c.last_session && h->batch_seq <= x->t->c.last_seq)
+        return "batch_seq did not move forward";
     return NULL;
 }
 
@@ -215,8 +217,9 @@ static int rx_frame(struct rx *x)
     struct iovec v = { &h, sizeof(h) };
     uint64_t got;
     int rc = rx_read(x, &v, 1, &got);
-    if (rc == 0) {
-        rx_close(x, "peer closed");
+    if (rc == 0) {   /* between frames: not a short read */
+        if (errno != ECANCELED)
+            rx_close(x, errno ? strerror(errno) : "peer closed");
         return -1;
     }
     if (rc < 0)

@@ -58,7 +58,10 @@ struct txb {
     uint32_t count, bytes;
     uint32_t zc_last;          /* MSG_ZEROCOPY: id of its last send call */
     uint32_t notifs;           /* SEND_ZC: notifications still to come */
-    uint8_t  sent, acked, done;
+    uint8_t  sent, acked;
+    /* The header is sent by reference too: it must stay put until the batch completes, so it
+     * lives here and not in one buffer the next batch would overwrite under the kernel. */
+    struct dp_tw_frame hdr;
 };
 
 struct tx {
@@ -73,12 +76,13 @@ struct tx {
     uint64_t seq, session;
     uint64_t head, tail;       /* inflight batches: [head, tail) in b[] */
     struct txb b[INFL];
-    /* the batch being sent: header, iovecs, how far it got */
-    struct dp_tw_frame hdr;
+    /* the batch being sent: iovecs, how far it got */
     struct iovec iov[DP_TW_MAX_BATCH + 2];
     struct msghdr msg;
     int cur, uring_busy, niov;
-    uint32_t zc_next, zc_done;  /* MSG_ZEROCOPY ids issued / completed (in order on TCP) */
+    /* MSG_ZEROCOPY ids issued / completed (in order on TCP).  The kernel numbers each socket's
+     * sends from 0; ours run on across sockets: ours = zc_base + the kernel's. */
+    uint32_t zc_next, zc_done, zc_base;
     uint8_t rbuf[sizeof(struct dp_tw_msg) * 64];
     uint32_t rlen;
 };
@@ -121,7 +125,7 @@ static void tx_disconnect(struct tx *x, const char *why)
 {
     if (x->fd < 0)
         return;
-    dp_t_log(x->cfg, "peer %s:%u lost: %s; %llu batch(es) unacknowledged, reconnecting",
+    dp_t_log(x->cfg, "connection to %s:%u ended: %s; %llu batch(es) unacknowledged",
              x->cfg->host, x->cfg->tcp_port, why, (unsigned long long)(x->tail - x->head));
     if (x->uring_busy) {          /* let the send in flight finish (it fails) before close */
         shutdown(x->fd, SHUT_RDWR);
@@ -134,9 +138,11 @@ static void tx_disconnect(struct tx *x, const char *why)
             io_uring_cqe_seen(&x->ring, cqe);
         }
     }
-    struct linger lg = { 1, 0 };
-    setsockopt(x->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-    close(x->fd);   /* RST, send queue purged: no more kernel references to our pages */
+    if (x->head != x->tail) {   /* RST, send queue purged: the kernel lets go of our pages */
+        struct linger lg = { 1, 0 };
+        setsockopt(x->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    }
+    close(x->fd);
     x->fd = -1;
     x->t->connected = 0;
     x->t->c.disconnects++;
@@ -145,14 +151,13 @@ static void tx_disconnect(struct tx *x, const char *why)
     for (uint64_t i = x->head; i < x->tail; i++) {
         struct txb *b = &x->b[i % INFL];
         b->notifs = 0;
-        b->zc_last = x->zc_done - 1;
         if (!b->sent) {
             b->sent = 1;
             b->acked = 1;
             tx_lose(x, b, "not sent whole before the disconnect");
         }
     }
-    x->zc_next = x->zc_done = 0;
+    x->zc_done = x->zc_base = x->zc_next;   /* every send so far counts as completed */
     x->cur = 0;
     x->hello = 0;
     x->rlen = 0;
@@ -256,8 +261,8 @@ static void tx_errqueue(struct tx *x)
             x->t->c.completions += n;
             if (ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED)
                 x->t->c.copied_completions += n;
-            if ((int32_t)(ee.ee_data + 1 - x->zc_done) > 0)
-                x->zc_done = ee.ee_data + 1;
+            if ((int32_t)(x->zc_base + ee.ee_data + 1 - x->zc_done) > 0)
+                x->zc_done = x->zc_base + ee.ee_data + 1;
         }
     }
 }
@@ -336,9 +341,9 @@ static int tx_take(struct tx *x)
     n = i;
     struct txb *b = &x->b[x->tail % INFL];
     *b = (struct txb){ .seq = ++x->seq, .start = x->next, .count = n, .bytes = bytes };
-    x->hdr = (struct dp_tw_frame){ DP_TW_MAGIC, DP_TW_VERSION, sizeof(x->hdr), n, bytes,
+    b->hdr = (struct dp_tw_frame){ DP_TW_MAGIC, DP_TW_VERSION, sizeof(b->hdr), n, bytes,
                                    b->seq, x->session };
-    x->iov[0] = (struct iovec){ &x->hdr, sizeof(x->hdr) };
+    x->iov[0] = (struct iovec){ &b->hdr, sizeof(b->hdr) };
     x->iov[1] = (struct iovec){ dp_ring_at(x->r, x->next), n * sizeof(struct dp_desc) };
     x->msg = (struct msghdr){ .msg_iov = x->iov, .msg_iovlen = (size_t)v };
     x->niov = v;
@@ -441,19 +446,18 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
             if (rc == -2)
                 return dp_t_fail(t, "SO_ZEROCOPY: %s", strerror(errno));
             if (rc < 0) {
-                dp_t_log(cfg, "connect to %s:%u: %s; retry in %llu ms", cfg->host,
+                dp_t_log(cfg, "connect to %s:%u: %s; reconnecting in %llu ms", cfg->host,
                          cfg->tcp_port, strerror(errno), (unsigned long long)backoff);
                 retry_at = dp_t_mono_ns() + backoff * 1000000u;
                 backoff = backoff * 2 > cfg->backoff_max_ms ? cfg->backoff_max_ms : backoff * 2;
                 continue;
             }
             t->c.reconnects += connects++ > 0;
-            backoff = cfg->backoff_min_ms;
             t->connected = 1;
             since = dp_t_mono_ns();
             dp_t_log(cfg, "connected to %s:%u", cfg->host, cfg->tcp_port);
         }
-        if (!x.hello && now - since > 3000000000ull) {
+        if (!x.hello && now > since && now - since > 3000000000ull) {
             tx_disconnect(&x, "no hello from the receiver within 3 s");
             continue;
         }
@@ -468,6 +472,8 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
             tx_errqueue(&x);
         if (x.fd >= 0)
             tx_wait(&x, busy || x.cur);
+        if (x.hello)   /* a connection that got as far as the hello resets the backoff */
+            backoff = cfg->backoff_min_ms;
         tx_retire(&x);
     }
     if (x.fd >= 0)
