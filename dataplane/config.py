@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from dataplane import template
+from dataplane import template, transport_cfg
 from dataplane._check import ConfigError, Problems, Table, checks
 from dataplane.backend import BACKENDS, resolve
 from dataplane.host import settings as host_settings
@@ -129,6 +129,7 @@ class Config:
     lab: Lab | None = None
     host: Host = field(default_factory=Host)
     warnings: list[str] = field(default_factory=list)
+    transports: list[transport_cfg.TransportCfg] = field(default_factory=list)
 
 
 def load(path: str | os.PathLike | None = None) -> Config:
@@ -158,8 +159,10 @@ def loads(text: str, source: str = "<string>") -> Config:
     host = host_settings.parse(top.table("host"))
     # a config may only prepare the host ([host] and no workers); otherwise it runs workers
     workers = [_worker(t, backend) for t in top.tables("worker", required="host" not in data)]
+    transports = [transport_cfg.parse(t) for t in top.tables("transport")]
+    transport_cfg.cross_check(transports, workers, p)
     top.close()
-    cfg = Config(source, metrics, arena, workers, lab, host)
+    cfg = Config(source, metrics, arena, workers, lab, host, transports=transports)
     _cross_check(cfg, p)
     if p.errors:
         raise ConfigError(source, p.errors)

@@ -296,12 +296,13 @@ class MetricsServer:
 
 
 def serve(collector: Collector, host: str = DEFAULT_HOST,
-          port: int = DEFAULT_PORT) -> MetricsServer:
-    """Serve /metrics for this collector alone (no process/platform collectors) on host:port;
+          port: int = DEFAULT_PORT, *more: Collector) -> MetricsServer:
+    """Serve /metrics for these collectors alone (no process/platform collectors) on host:port;
     port 0 picks a free one (see .address)."""
     from prometheus_client import start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    for c in (collector, *more):
+        registry.register(c)
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server, thread, registry)

@@ -22,6 +22,7 @@ from dataplane import config, lab
 from dataplane.consumers import LATENCY_EDGES, ConsumerLoop, TrafficStats, ring_sources
 from dataplane.exporter import DataplaneCollector, serve
 from dataplane.supervisor import Supervisor
+from dataplane.transport import TransportCollector, TransportProcess, TransportSpec
 
 log = logging.getLogger("dataplane.run")
 
@@ -38,10 +39,12 @@ class Totals:
     rx_nombuf: int = 0
     malformed: int = 0
     occupancy: float = 0.0     # fullest ring, 0..1
+    transport_lost: int = 0    # consumed by a transport sender, never acknowledged
 
     @property
     def drops(self) -> int:
-        return self.ring_full_drops + self.nic_missed + self.tx_drops + self.rx_nombuf
+        return (self.ring_full_drops + self.nic_missed + self.tx_drops + self.rx_nombuf
+                + self.transport_lost)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Run:
         self.lab_created = False
         self.t0 = 0.0
         self.result: RunResult | None = None
+        self.transports = self._transports()
 
     # -- start --
     def start(self) -> None:
@@ -79,19 +83,54 @@ class Run:
         if any(p.name.startswith("net_memif") for s in self.specs for p in s.ports):
             config.ensure_run_dir()
         self.sup.create_arenas()
-        arenas = [w.arena for w in self.sup.workers.values()]
-        self.loop = ConsumerLoop(ring_sources(arenas), [self.stats])
+        # transport receivers first: a sender connects as soon as it runs
+        receivers = [t for t in self.transports if t.spec.role == "recv"]
+        for t in receivers:
+            t.start()
+            t.wait_running()
+        shipped = {(t.spec.arena_path, t.spec.ring) for t in self.transports
+                   if t.spec.role == "send"}
+        # a shipped ring has one consumer, its sender; the local consumers get the others and
+        # the rings of the transport receivers' arenas
+        arenas = [w.arena for w in self.sup.workers.values()] + [t.arena for t in receivers]
+        sources = [(a, r) for a, r in ring_sources(arenas)
+                   if (str(a.path), r.index) not in shipped]
+        self.loop = ConsumerLoop(sources, [self.stats])
         self.loop.start()
         collector = DataplaneCollector(
-            [(w.name, w.arena, self.labels[w.name]) for w in self.sup.workers.values()],
+            [(w.name, w.arena, self.labels[w.name]) for w in self.sup.workers.values()]
+            + [(t.spec.name, t.arena, [t.spec.label]) for t in receivers],
             self.stats, self.loop)
         m = self.cfg.metrics
-        self.metrics = serve(collector, m.host, m.port)
+        self.metrics = serve(collector, m.host, m.port,
+                             TransportCollector([(t.spec, t.control) for t in self.transports]))
         log.info("metrics on http://%s:%d/metrics", *self.metrics.address)
         # receivers first, so the generators' first packets find someone listening
         self.sup.start()
         self.sup.wait_running()
+        for t in self.transports:
+            if t.spec.role == "send":
+                t.start()
+                t.wait_running()
         self.t0 = time.monotonic()
+
+    def _transports(self) -> list[TransportProcess]:
+        """[[transport]] tables as processes: a sender ships the first ring of a worker's
+        port; a receiver owns a one-ring arena whose port carries the remote's label."""
+        out = []
+        specs = {s.name: s for s in self.specs}
+        for x in self.cfg.transports:
+            base = f"/dev/shm/dataplane-transport-{x.name}"
+            spec = TransportSpec(name=x.name, role=x.role, control_path=base + ".ctl",
+                                 arena_path=base, host=x.host, tcp_port=x.tcp_port,
+                                 mode=x.mode, netns=x.netns, label=x.label)
+            if x.role == "send":
+                w = specs[x.worker]
+                port = [p.label or p.name for p in w.ports].index(x.port)
+                spec.arena_path = w.arena_path
+                spec.ring = w.rings().index((port, 0))
+            out.append(TransportProcess(spec, self.cfg.arena.ring_size, self.cfg.arena.slot_size))
+        return out
 
     # -- while running --
     def totals(self) -> Totals:
@@ -110,6 +149,8 @@ class Run:
             t.tx_drops += int(pc[:, 2].sum())
             t.nic_missed += int(pc[:, 3].sum())
             t.rx_nombuf += int(pc[:, 5].sum())
+        t.transport_lost = sum(x.control.counter("lost_packets") for x in self.transports
+                               if x.spec.role == "send")
         return t
 
     def latency_quantiles(self, qs: tuple[float, ...] = (0.5, 0.99)) -> list[float | None]:
@@ -169,7 +210,15 @@ class Run:
                     pass
         _wait_quiet(self.totals, settle)
         seconds = time.monotonic() - self.t0 if self.t0 else 0.0
+        # senders before the workers they drain (they wait for their last acks), the
+        # transport receivers after the workers
+        for t in self.transports:
+            if t.spec.role == "send":
+                t.stop()
         self.sup.stop()
+        for t in self.transports:
+            if t.spec.role == "recv":
+                t.stop()
         if self.loop is not None:
             self.loop.stop()
             self.loop.drain()      # what the receivers published before they stopped
@@ -226,6 +275,8 @@ class Run:
             if self.metrics is not None:
                 self.metrics.close()
                 self.metrics = None
+            for t in self.transports:
+                t.close()
             self.sup.close()
             if self.lab_created:
                 lab.down(self.cfg)
