@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "dp_ring.h"
@@ -110,4 +111,33 @@ void *dp_arena_map(const char *path, uint64_t *len_out)
 int dp_arena_unmap(void *base, uint64_t len)
 {
     return munmap(base, len);
+}
+
+static uint64_t mono_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* A dead predecessor may have left descriptors the consumer has not given back yet; their
+ * frames live in slots or buffers the new worker is about to reuse, and cons belongs to the
+ * consumer: so wait for it to catch up, beating the heart meanwhile, and never write cons.
+ * Returns 0 when drained, -1 after `seconds`, -2 when told to stop; *left: still held. */
+int dp_ring_wait_drained(void *base, uint32_t i, uint32_t seconds, uint64_t *left)
+{
+    struct dp_arena *a = base;
+    struct dp_ring *r = dp_arena_ring(base, i);
+    uint64_t deadline = mono_now_ns() + seconds * 1000000000ull;
+    while (__atomic_load_n(&r->cons, __ATOMIC_ACQUIRE) != r->prod) {
+        *left = r->prod - r->cons;
+        if (a->stop)
+            return -2;
+        if (mono_now_ns() > deadline)
+            return -1;
+        __atomic_store_n(&a->heartbeat_ns, mono_now_ns(), __ATOMIC_RELEASE);
+        usleep(10000);
+    }
+    *left = 0;
+    return 0;
 }

@@ -95,6 +95,7 @@ int dp_arena_layout(struct dp_arena *a, uint32_t n_ports, uint32_t n_rings, uint
 void dp_arena_format(void *base, const struct dp_arena *layout, const uint16_t *ring_port,
                      const uint16_t *ring_queue);
 struct dp_ring *dp_arena_ring(void *base, uint32_t i);
+int dp_ring_wait_drained(void *base, uint32_t i, uint32_t seconds, uint64_t *left);
 uint64_t dp_ring_load_prod(const struct dp_ring *r);
 void dp_ring_store_cons(struct dp_ring *r, uint64_t cons);
 int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);

@@ -66,6 +66,10 @@ void  dp_arena_format(void *base, const struct dp_arena *layout, const uint16_t 
                       const uint16_t *ring_queue);
 struct dp_ring *dp_arena_ring(void *base, uint32_t i);
 
+/* Wait (heartbeat beating) until the consumer released what a dead predecessor published on
+ * ring i.  0: drained; -1: not after `seconds`; -2: told to stop.  *left: still held. */
+int dp_ring_wait_drained(void *base, uint32_t i, uint32_t seconds, uint64_t *left);
+
 /* Consumer side for Python: one call per batch, with the same barriers as dp_ring.h. */
 uint64_t dp_ring_load_prod(const struct dp_ring *r);
 void     dp_ring_store_cons(struct dp_ring *r, uint64_t cons);

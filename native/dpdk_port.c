@@ -60,9 +60,7 @@ static int dpw_eal(struct dpw *w)
     return 0;
 }
 
-/* A dead predecessor may have left descriptors the consumer has not given back yet.  Their
- * frames live in slots or in the old pool, which we are about to reuse, and cons belongs to the
- * consumer: so wait for it to catch up (beating the heart meanwhile), never write cons. */
+/* The rings, once a dead predecessor's descriptors are released (dp_ring_wait_drained). */
 static int dpw_rings(struct dpw *w)
 {
     struct dp_arena *a = w->a;
@@ -74,18 +72,15 @@ static int dpw_rings(struct dpw *w)
         return dpw_fail(w, "config has %u RX queues in all, the arena has %u rings", want,
                         a->n_rings);
     w->n_rings = a->n_rings;
-    uint64_t deadline = mono_ns() + DPW_DRAIN_WAIT_S * 1000000000ull;
     for (uint32_t i = 0; i < w->n_rings; i++) {
         struct dp_ring *r = dp_arena_ring(w->base, i);
-        while (__atomic_load_n(&r->cons, __ATOMIC_ACQUIRE) != r->prod) {
-            if (mono_ns() > deadline || a->stop)
-                return dpw_fail(w, "ring %u (port %u queue %u): consumer still holds %lu "
-                                "descriptors of a previous worker %s", i, r->port, r->queue,
-                                (unsigned long)(r->prod - r->cons),
-                                a->stop ? "when told to stop" : "after waiting 5 s");
-            dpw_heartbeat(w);
-            usleep(10000);
-        }
+        uint64_t left;
+        int rc = dp_ring_wait_drained(w->base, i, DPW_DRAIN_WAIT_S, &left);
+        if (rc < 0)
+            return dpw_fail(w, "ring %u (port %u queue %u): consumer still holds %lu "
+                            "descriptors of a previous worker %s", i, r->port, r->queue,
+                            (unsigned long)left, rc == -2 ? "when told to stop" :
+                            "after waiting 5 s");
         struct dpw_ring *q = &w->ring[i];
         q->r = r;
         dp_prod_init(&q->p, r);

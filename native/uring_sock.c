@@ -72,18 +72,15 @@ static int urw_rings(struct urw *w)
         return urw_fail(w, "ring_size %u: io_uring provides at most %u buffers per ring",
                         a->ring_size, URW_MAX_BUFS);
     w->n_rings = a->n_rings;
-    uint64_t deadline = urw_mono_ns() + URW_DRAIN_WAIT_S * 1000000000ull;
     for (uint32_t i = 0; i < w->n_rings; i++) {
         struct dp_ring *r = dp_arena_ring(w->base, i);
-        while (__atomic_load_n(&r->cons, __ATOMIC_ACQUIRE) != r->prod) {
-            if (urw_mono_ns() > deadline || a->stop)
-                return urw_fail(w, "ring %u (port %u queue %u): consumer still holds %lu "
-                                "descriptors of a previous worker %s", i, r->port, r->queue,
-                                (unsigned long)(r->prod - r->cons),
-                                a->stop ? "when told to stop" : "after waiting 5 s");
-            urw_heartbeat(w);
-            usleep(10000);
-        }
+        uint64_t left;
+        int rc = dp_ring_wait_drained(w->base, i, URW_DRAIN_WAIT_S, &left);
+        if (rc < 0)
+            return urw_fail(w, "ring %u (port %u queue %u): consumer still holds %lu "
+                            "descriptors of a previous worker %s", i, r->port, r->queue,
+                            (unsigned long)left, rc == -2 ? "when told to stop" :
+                            "after waiting 5 s");
         struct urw_ring *q = &w->ring[i];
         q->r = r;
         q->fd = -1;
