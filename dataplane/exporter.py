@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prometheus_client.core import (
@@ -306,3 +307,45 @@ def serve(collector: Collector, host: str = DEFAULT_HOST,
         registry.register(c)
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server, thread, registry)
+
+
+class MRCacheCollector(Collector):
+    """The RDMA memory-registration caches' counters, read from cache.stats() at scrape time."""
+
+    def __init__(self, caches: dict[str, Any]):
+        self.caches = caches          # name -> dataplane.mr_cache.MRCache
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        fams = {
+            "hits": CounterMetricFamily("dataplane_mr_cache_hits",
+                                        "Lookups served by an existing registration.",
+                                        labels=["cache"]),
+            "misses": CounterMetricFamily("dataplane_mr_cache_misses",
+                                          "Lookups that registered memory (ibv_reg_mr).",
+                                          labels=["cache"]),
+            "evictions": CounterMetricFamily("dataplane_mr_cache_evictions",
+                                             "Registrations dropped to stay in budget.",
+                                             labels=["cache"]),
+            "registered_bytes": GaugeMetricFamily("dataplane_mr_cache_registered_bytes",
+                                                  "Bytes registered now.", labels=["cache"]),
+            "budget": GaugeMetricFamily("dataplane_mr_cache_budget_bytes",
+                                        "Byte budget (from RLIMIT_MEMLOCK).", labels=["cache"]),
+        }
+        seconds = HistogramMetricFamily("dataplane_mr_cache_registration_seconds",
+                                        "Time spent in ibv_reg_mr.", labels=["cache"])
+        for name, cache in list(self.caches.items()):
+            try:
+                s = cache.stats()
+            except Exception:   # a closed cache: a partial scrape, not a failed one
+                continue
+            for k, fam in fams.items():
+                fam.add_metric([name], s[k])
+            reg = s["registration_seconds"]
+            edges = [e for e in reg["buckets"] if e != float("inf")]
+            counts = np.array([reg["buckets"][e] for e in reg["buckets"]], dtype=np.int64)
+            seconds.add_metric([name], _buckets(edges, counts), reg["sum"])
+        yield from fams.values()
+        yield seconds
