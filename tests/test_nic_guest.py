@@ -13,51 +13,19 @@ Two guests, each booted once for the module, each running one Python process
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-GUEST = REPO / "scripts" / "guest"
+from tests.guest_run import ok, run_checks
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="the guest tool installs with apt")]
 
 
-def _qemu_why_not() -> str:
-    try:
-        r = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
-    except FileNotFoundError:
-        return ""       # scripts/guest installs it (root)
-    return "" if r.returncode == 0 else f"qemu-system-x86_64 cannot run: {r.stderr.strip()}"
-
-
 def boot(mode: str, *flags: str) -> dict[str, Any]:
-    why = _qemu_why_not()
-    if why:
-        print(why)
-        pytest.skip(why)
-    with tempfile.TemporaryDirectory(prefix="nic-guest-") as out:
-        t = time.monotonic()
-        r = subprocess.run([str(GUEST), "--nics", "2", "--hugepages", "256", *flags, "--out", out,
-                            "--", sys.executable, "tests/guest/nic_checks.py", mode,
-                            "/lab/results.json"],
-                           cwd=REPO, capture_output=True, text=True, timeout=900)
-        res = Path(out) / "results.json"
-        results = json.loads(res.read_text()) if res.exists() else {}
-    took = time.monotonic() - t
-    print(f"\nguest ({mode}) exited {r.returncode} after {took:.0f} s")
-    output = r.stdout + r.stderr
-    if not results:
-        pytest.fail(f"the guest wrote no results (exit {r.returncode}):\n{output}")
-    return {"results": results, "output": output, "rc": r.returncode}
+    return run_checks("nic_checks.py", mode, flags=("--nics", "2", "--hugepages", "256", *flags))
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +36,6 @@ def uio() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def vfio() -> dict[str, Any]:
     return boot("vfio", "--iommu")
-
-
-def ok(run: dict[str, Any], name: str) -> Any:
-    r = run["results"].get(name)
-    if r is None:
-        pytest.fail(f"check {name} did not run; guest output:\n{run['output']}")
-    if not r["ok"]:
-        pytest.fail(f"{name} failed in the guest:\n{r['error']}\nguest output:\n{run['output']}")
-    return r["detail"]
 
 
 def test_auto_without_iommu_picks_uio(uio):

@@ -15,19 +15,11 @@ script, role `recv`) on rxe0, and writes the results to the lab share:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-GUEST = REPO / "scripts" / "guest"
+from tests.guest_run import ok, run_checks
 
 
 def test_imports_without_pyverbs() -> None:
@@ -36,41 +28,9 @@ def test_imports_without_pyverbs() -> None:
     assert rdma.CREDIT.size == 8 and rdma.MAX_BATCH >= 1
 
 
-def _qemu_why_not() -> str:
-    try:
-        r = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
-    except FileNotFoundError:
-        return "" if os.geteuid() == 0 else "no qemu-system-x86_64, and not root to install it"
-    return "" if r.returncode == 0 else f"qemu-system-x86_64 cannot run: {r.stderr.strip()}"
-
-
 @pytest.fixture(scope="module")
 def guest() -> dict[str, Any]:
-    why = _qemu_why_not()
-    if why:
-        print(why)
-        pytest.skip(why)
-    with tempfile.TemporaryDirectory(prefix="rdma-guest-") as out:
-        t = time.monotonic()
-        r = subprocess.run([str(GUEST), "--rdma", "--out", out, "--", sys.executable,
-                            "tests/guest/rdma_checks.py", "/lab/results.json"],
-                           cwd=REPO, capture_output=True, text=True, timeout=900)
-        res = Path(out) / "results.json"
-        results = json.loads(res.read_text()) if res.exists() else {}
-    print(f"\nguest exited {r.returncode} after {time.monotonic() - t:.0f} s")
-    output = r.stdout + r.stderr
-    if not results:
-        pytest.fail(f"the guest wrote no results (exit {r.returncode}):\n{output}")
-    return {"results": results, "output": output}
-
-
-def ok(run: dict[str, Any], name: str) -> Any:
-    r = run["results"].get(name)
-    if r is None:
-        pytest.fail(f"check {name} did not run; guest output:\n{run['output']}")
-    if not r["ok"]:
-        pytest.fail(f"{name} failed in the guest:\n{r['error']}\nguest output:\n{run['output']}")
-    return r["detail"]
+    return run_checks("rdma_checks.py", flags=("--rdma",))
 
 
 def test_rxe_end_to_end(guest):
