@@ -97,6 +97,12 @@ class _Entry:
     mr: Any
     pinned: int
     pins: int = 0
+    live: bool = True                   # False once unlinked from the index
+    lkey: int = field(init=False)       # read once: a pyverbs property costs a call per hit
+    rkey: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lkey, self.rkey = self.mr.lkey, self.mr.rkey
 
     @property
     def addr(self) -> int:
@@ -142,6 +148,11 @@ class MRCache:
         self._room = threading.Condition(self._lock)
         self._lru: OrderedDict[tuple[int, int, int], _Entry] = OrderedDict()
         self._by_obj: dict[int, list[_Entry]] = {}
+        # id(buffer) -> the entry that registered ALL of that very object: the hit path without
+        # a memoryview and ctypes (most of a hit's cost).  Safe for the same reasons as _by_obj:
+        # the entry's export keeps the object alive (its id is not reused) and its memory in
+        # place (a bytearray, mmap or numpy array with an export cannot be resized).
+        self._whole: dict[int, _Entry] = {}
         self._reserved = 0              # bytes and entries being registered outside the lock
         self._reserved_entries = 0
         self._s = _Stats()
@@ -151,6 +162,16 @@ class MRCache:
 
     def get(self, buffer: Any, offset: int = 0, length: int | None = None) -> Registration:
         """Keys and address of bytes [offset, offset+length) of buffer; registers on a miss."""
+        e = self._whole.get(id(buffer))
+        if e is not None and e.view.obj is buffer:
+            if length is None:
+                length = e.length - offset
+            if offset >= 0 and length > 0 and offset + length <= e.length:
+                with self._lock:
+                    if e.live:                  # not evicted since the dict lookup
+                        self._s.hits += 1
+                        self._lru.move_to_end(e.key)
+                        return Registration(e.lkey, e.rkey, e.addr + offset, length)
         reg, _ = self._get(buffer, offset, length, pin=False)
         return reg
 
@@ -248,7 +269,7 @@ class MRCache:
                     self._lru.move_to_end(e.key)
                     if pin:
                         e.pins += 1
-                    return Registration(e.mr.lkey, e.mr.rkey, want, length), e
+                    return Registration(e.lkey, e.rkey, want, length), e
                 # the whole object if it fits, else the asked range
                 if _span(base, size) <= self.budget:
                     raddr, rlen = base, size
@@ -289,11 +310,13 @@ class MRCache:
             else:
                 self._lru[entry.key] = entry
                 self._by_obj.setdefault(id(obj), []).append(entry)
+                if raddr == base and rlen == size:
+                    self._whole[id(obj)] = entry
                 self._s.registered_bytes += rlen
                 self._s.pinned_bytes += pinned
             if pin:
                 entry.pins += 1
-            reg = Registration(entry.mr.lkey, entry.mr.rkey, want, length)
+            reg = Registration(entry.lkey, entry.rkey, want, length)
         if loser is not None:
             self._drop(loser)
         return reg, entry
@@ -347,6 +370,9 @@ class MRCache:
 
     def _unlink(self, e: _Entry) -> None:
         del self._lru[e.key]
+        e.live = False
+        if self._whole.get(e.key[2]) is e:
+            del self._whole[e.key[2]]
         lst = self._by_obj[e.key[2]]
         lst.remove(e)
         if not lst:

@@ -84,6 +84,19 @@ def test_lru_and_refusals():
     c.close()
 
 
+def test_whole_object_hits_follow_eviction_and_release():
+    """The hit path keyed by the object (no memoryview) never returns an evicted MR's keys."""
+    c, made = fake_cache(budget=P, max_entries=10)
+    a, b = mmap.mmap(-1, P), mmap.mmap(-1, P)
+    ka = c.get(a).lkey
+    assert c.get(a, 10, 20) == (ka, ka, made[0].address + 10, 20)
+    c.get(b)                   # evicts a
+    again = c.get(a)
+    assert made[0].closed and again.lkey != ka and c.stats()["misses"] == 3
+    assert c.release(a) == 1 and c.get(a).lkey not in (ka, again.lkey)
+    c.close()
+
+
 def test_threads_wait_for_room_held_by_registrations_in_flight():
     import threading
 

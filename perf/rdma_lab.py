@@ -1,0 +1,71 @@
+"""What perf/mr_cache_bench.py and perf/rdma_bench.py share: running on rxe0, which exists only
+inside the project's QEMU guest (scripts/guest --rdma), and describing the machine.
+
+    if not in_rdma_lab():
+        sys.exit(rerun_in_guest(__file__, sys.argv[1:], mem="2G"))
+
+`rerun_in_guest` boots the guest with this script and the same arguments plus `--json-out
+/lab/NAME.json`, streams the guest's console to stdout, and prints the JSON object the guest
+wrote as the very last line: the console may print after the command (power-off), so the
+guest's own last line cannot be relied on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEVICE = "rxe0"
+
+
+def in_rdma_lab() -> bool:
+    return Path(f"/sys/class/infiniband/{DEVICE}").exists()
+
+
+def rerun_in_guest(script: str, args: list[str], mem: str = "2G", smp: int = 2,
+                   timeout: int = 1500) -> int:
+    name = Path(script).stem
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as out:
+        cmd = [str(REPO / "scripts" / "guest"), "--rdma", "--mem", mem, "--smp", str(smp),
+               "--out", out, "--timeout", str(timeout), "--", sys.executable,
+               str(Path(script).resolve()), *args, "--json-out", f"/lab/{name}.json"]
+        print("host: no rxe0 here, running in the guest:", " ".join(cmd), flush=True)
+        rc = subprocess.run(cmd, cwd=REPO).returncode
+        res = Path(out) / f"{name}.json"
+        if not res.exists():
+            print(f"host: the guest wrote no results (exit {rc})", file=sys.stderr)
+            return rc or 1
+        result = json.loads(res.read_text())
+    # the guest's /proc/cpuinfo names QEMU's emulated CPU: add the host's, which runs it
+    host = machine()
+    result.setdefault("machine", {}).update(host_cpu=host["cpu"], host_cores=host["cores"],
+                                            host_loadavg_1m=host["loadavg_1m"])
+    print(json.dumps(result), flush=True)
+    return rc
+
+
+def machine() -> dict[str, Any]:
+    """The guest's view (vCPUs, kernel) and the host's CPU, which TCG emulates."""
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    guest = os.environ.get("GUEST") == "1"
+    where = (f"QEMU TCG guest, Debian kernel {platform.release()}" if guest
+             else f"bare metal or VM, kernel {platform.release()}")
+    return {"cpu": model, "cores": os.cpu_count(), "where": where, "device": DEVICE,
+            "python": platform.python_version(), "loadavg_1m": os.getloadavg()[0]}
+
+
+def finish(result: dict[str, Any], json_out: str | None) -> None:
+    """The benchmark's last line, and the file the host side reads back."""
+    line = json.dumps(result)
+    if json_out:
+        Path(json_out).write_text(line)
+    print(line, flush=True)
