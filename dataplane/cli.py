@@ -174,7 +174,41 @@ def cmd_status(args: argparse.Namespace) -> int:
         beat = f"heartbeat {age:.2f} s ago" if age is not None else "no heartbeat yet"
         print(f"worker {w.name}: arena {found[0]} state={state} pid={pid} "
               f"({'alive' if _alive(pid) else 'gone'}) {beat}" + (f" error: {err}" if err else ""))
+    for ln in _transport_status(cfg):
+        print(ln)
     return OK
+
+
+def _transport_status(cfg) -> list[str]:
+    """Each [[transport]] of the config, from its control file when a run has one."""
+    from dataplane.arena import LayoutError
+    from dataplane.rdma_run import status_line
+    from dataplane.transport import Control, control_path
+    out = []
+    for x in cfg.transports:
+        path = Path(control_path(x.name))
+        where = f"{x.host}:{x.tcp_port}"
+        head = f"transport {x.name} ({x.kind} {x.role} {'to' if x.role == 'send' else 'on'} " \
+            f"{where})"
+        if not path.exists():
+            out.append(f"{head}: not running (no {path})")
+            continue
+        try:
+            ctl = Control(path)
+        except (OSError, LayoutError) as e:
+            out.append(f"{head}: control file {path} unreadable: {e}")
+            continue
+        h, c = ctl.hdr, ctl.snapshot()
+        err = ctl.error()
+        out.append(f"{head}: state={ctl.state()} pid={h.pid} "
+                   f"({'alive' if _alive(h.pid) else 'gone'}) "
+                   f"{'connected' if h.connected else 'not connected'}, batches {c['batches']}, "
+                   f"packets {c['packets']}, restarts {h.restarts}"
+                   + (f" error: {err}" if err else ""))
+        if x.kind == "rdma":
+            out.append(status_line(x.role, x.device, ctl))
+        ctl.close()
+    return out
 
 
 def find_arenas(worker: str, dirs: list[Path]) -> list[Path]:

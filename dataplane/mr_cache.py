@@ -25,7 +25,9 @@ The budget: pinned bytes (page-rounded, which is what RLIMIT_MEMLOCK counts) sta
 min(`budget`, the soft RLIMIT_MEMLOCK), or `default_budget` when the limit is unlimited; the LRU
 unpinned entries are evicted to make room.  The limit is read again at each miss: a region that
 cannot fit raises MemlockError naming RLIMIT_MEMLOCK, its value and the value needed, before
-ibv_reg_mr is called.  The number of entries stays below the device's max_mr (and `max_entries`).
+ibv_reg_mr is called.  A process with CAP_IPC_LOCK is not held to the limit (nor is it by the
+kernel): its budget is `budget` or `default_budget`.  The number of entries stays below the
+device's max_mr (and `max_entries`).
 
 Thread-safe: one lock around the index; ibv_reg_mr runs outside it, with the bytes reserved
 first (so concurrent misses cannot overshoot the budget); when two threads register the same
@@ -85,9 +87,12 @@ def _span(addr: int, length: int) -> int:
 
 
 def memlock_limit() -> int | None:
-    """The soft RLIMIT_MEMLOCK in bytes, None when unlimited."""
+    """The soft RLIMIT_MEMLOCK in bytes; None when unlimited, or when this process has
+    CAP_IPC_LOCK: the kernel lets it pin past the limit (ib_umem_get checks
+    capable(CAP_IPC_LOCK)), so refusing there would refuse what would work."""
+    from dataplane.host.profile import CAP_IPC_LOCK, has_cap
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    return None if soft == resource.RLIM_INFINITY else soft
+    return None if soft == resource.RLIM_INFINITY or has_cap(CAP_IPC_LOCK) else soft
 
 
 @dataclass(eq=False)
@@ -338,8 +343,8 @@ class MRCache:
                 raise MemlockError(
                     f"RLIMIT_MEMLOCK is {limit} bytes (soft limit); registering this buffer "
                     f"needs {pinned} bytes locked (RLIMIT_MEMLOCK >= {pinned}); raise it "
-                    f"(ulimit -l, LimitMEMLOCK= in a systemd unit, or run with CAP_IPC_LOCK "
-                    f"and a higher limit)")
+                    f"(ulimit -l, LimitMEMLOCK= in a systemd unit), or give the process "
+                    f"CAP_IPC_LOCK, which pins past the limit")
             raise MRCacheError(f"a region of {pinned} bytes exceeds the MR cache budget of "
                                f"{cap} bytes")
         free_bytes = sum(e.pinned for e in self._lru.values() if e.pins == 0)

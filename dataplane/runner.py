@@ -20,9 +20,10 @@ import numpy as np
 
 from dataplane import config, lab
 from dataplane.consumers import LATENCY_EDGES, ConsumerLoop, TrafficStats, ring_sources
-from dataplane.exporter import DataplaneCollector, serve
+from dataplane.exporter import DataplaneCollector, MRCacheCollector, serve
+from dataplane.rdma_run import RdmaCollector, mr_caches
 from dataplane.supervisor import Supervisor
-from dataplane.transport import TransportCollector, TransportProcess, TransportSpec
+from dataplane.transport import TransportCollector, TransportProcess, TransportSpec, control_path
 
 log = logging.getLogger("dataplane.run")
 
@@ -102,8 +103,9 @@ class Run:
             + [(t.spec.name, t.arena, [t.spec.label]) for t in receivers],
             self.stats, self.loop)
         m = self.cfg.metrics
-        self.metrics = serve(collector, m.host, m.port,
-                             TransportCollector([(t.spec, t.control) for t in self.transports]))
+        controls = [(t.spec, t.control) for t in self.transports]
+        self.metrics = serve(collector, m.host, m.port, TransportCollector(controls),
+                             RdmaCollector(controls), MRCacheCollector(mr_caches(controls)))
         log.info("metrics on http://%s:%d/metrics", *self.metrics.address)
         # receivers first, so the generators' first packets find someone listening
         self.sup.start()
@@ -120,10 +122,11 @@ class Run:
         out = []
         specs = {s.name: s for s in self.specs}
         for x in self.cfg.transports:
-            base = f"/dev/shm/dataplane-transport-{x.name}"
-            spec = TransportSpec(name=x.name, role=x.role, control_path=base + ".ctl",
-                                 arena_path=base, host=x.host, tcp_port=x.tcp_port,
-                                 mode=x.mode, netns=x.netns, label=x.label)
+            ctl = control_path(x.name)
+            spec = TransportSpec(name=x.name, role=x.role, control_path=ctl,
+                                 arena_path=ctl.removesuffix(".ctl"), host=x.host,
+                                 tcp_port=x.tcp_port, mode=x.mode, netns=x.netns,
+                                 label=x.label, device=x.device)
             if x.role == "send":
                 w = specs[x.worker]
                 port = [p.label or p.name for p in w.ports].index(x.port)
@@ -186,7 +189,8 @@ class Run:
             if end is not None and now >= end:
                 break
             stop.wait(min(1.0 - (now - t_prev) % 1.0, 1.0 if end is None else max(0, end - now)))
-            for ev in self.sup.check():
+            events = self.sup.check() + [e for t in self.transports if (e := t.check())]
+            for ev in events:
                 print(f"[{time.monotonic() - self.t0:5.0f}s] {ev}", file=self.out, flush=True)
             now = time.monotonic()
             if now - t_prev >= 0.999:
@@ -253,6 +257,10 @@ class Run:
             if w.gave_up:
                 res.ok = False
                 res.problems.append(f"worker {w.name}: {w.gave_up}")
+        for t in self.transports:
+            if t.gave_up:
+                res.ok = False
+                res.problems.append(f"transport {t.spec.name}: {t.gave_up}")
 
     def report(self, res: RunResult) -> str:
         t = res.totals

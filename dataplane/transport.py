@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -46,8 +47,12 @@ _EXPECTED = {
     "struct dp_transport_counters": ({n: 8 * i for i, n in enumerate(COUNTERS)}, 128),
     "struct dp_transport": ({"magic": 0, "version": 8, "size": 12, "heartbeat_ns": 64,
                              "state": 72, "stop": 76, "pid": 80, "connected": 84,
-                             "restarts": 88, "error": 96, "c": 384}, 512),
+                             "restarts": 88, "error": 96, "c": 384, "r": 512}, 704),
 }
+# struct dp_rdma_counters, then mr_reg_buckets[DP_MR_BUCKETS]
+RDMA_COUNTERS = ("wc_errors", "peer_errors", "credit_waits", "credits", "credit_updates", "qps",
+                 "max_qp", "mr_hits", "mr_misses", "mr_evictions", "mr_registered_bytes",
+                 "mr_budget_bytes", "mr_reg_count", "mr_reg_ns")
 EXIT_SETUP_FAILED = 2
 
 
@@ -60,7 +65,8 @@ class TransportSpec:
     ring: int = 0              # send: which ring of that arena; recv: 0
     host: str = "127.0.0.1"    # send: peer address; recv: address to listen on
     tcp_port: int = 7000
-    mode: str = "zerocopy"     # send: copy | zerocopy | send_zc
+    mode: str = "zerocopy"     # send: copy | zerocopy | send_zc; both roles: rdma
+    device: str = ""           # rdma: the RDMA device (rxe0, mlx5_0, ...)
     netns: str | None = None
     max_batch: int = 256       # descriptors per frame
     max_bytes: int = 1 << 20   # frame bytes per frame
@@ -75,6 +81,11 @@ class TransportSpec:
     @classmethod
     def from_json(cls, text: str) -> TransportSpec:
         return cls(**json.loads(text))
+
+
+def control_path(name: str) -> str:
+    """Where a run keeps transport NAME's control file (its receiver arena: without .ctl)."""
+    return f"/dev/shm/dataplane-transport-{name}.ctl"
 
 
 class Control:
@@ -103,6 +114,9 @@ class Control:
                               "transport control file")
         self.counters = np.ndarray((len(COUNTERS),), dtype="<u8", buffer=self._mm,
                                    offset=ffi.offsetof("struct dp_transport", "c"))
+        # RDMA_COUNTERS then the registration-time buckets (written by dataplane/rdma_run.py)
+        self.rdma = np.ndarray((len(RDMA_COUNTERS) + lib.DP_MR_BUCKETS,), dtype="<u8",
+                               buffer=self._mm, offset=ffi.offsetof("struct dp_transport", "r"))
 
     def counter(self, name: str) -> int:
         return int(self.counters[COUNTERS.index(name)])
@@ -110,6 +124,12 @@ class Control:
     def snapshot(self) -> dict[str, int]:
         c = self.counters.copy()
         return {n: int(c[i]) for i, n in enumerate(COUNTERS)}
+
+    def rdma_snapshot(self) -> dict[str, Any]:
+        r = self.rdma.copy()
+        out: dict[str, Any] = {n: int(r[i]) for i, n in enumerate(RDMA_COUNTERS)}
+        out["mr_reg_buckets"] = [int(x) for x in r[len(RDMA_COUNTERS):]]
+        return out
 
     def state(self) -> str:
         return {0: "empty", 1: "starting", 2: "running", 3: "stopped", 4: "failed"}.get(
@@ -119,7 +139,7 @@ class Control:
         return ffi.string(self.hdr.error).decode(errors="replace")
 
     def close(self) -> None:
-        self.counters = None  # type: ignore[assignment]
+        self.counters = self.rdma = None  # type: ignore[assignment]
         self.hdr = None
         try:
             self._mm.close()
@@ -185,20 +205,24 @@ class TransportProcess:
         Path(spec.control_path).unlink(missing_ok=True)
         self.control = Control(Path(spec.control_path), create=True)
         self.arena: Arena | None = None
+        self.gave_up = ""
         if spec.role == "recv":
             Path(spec.arena_path).unlink(missing_ok=True)
             self.arena = Arena.create(Path(spec.arena_path),
                                       ArenaGeometry(1, ((0, 0),), ring_size, slot_size, 0))
 
     def start(self, stderr=None) -> None:
-        argv = [sys.executable, "-m", "dataplane.transport", self.spec.to_json()]
+        module = "dataplane.rdma_run" if self.spec.mode == "rdma" else "dataplane.transport"
+        argv = [sys.executable, "-m", module, self.spec.to_json()]
         if self.spec.netns:
             argv = ["ip", "netns", "exec", self.spec.netns, *argv]
         self.control.hdr.stop = 0
         self.control.hdr.state = 0
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=stderr)
 
-    def wait_running(self, timeout: float = 10.0) -> None:
+    def wait_running(self, timeout: float | None = None) -> None:
+        # an RDMA end is Python importing pyverbs and registering its memory: slower to start
+        timeout = timeout or (60.0 if self.spec.mode == "rdma" else 10.0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -215,6 +239,20 @@ class TransportProcess:
             self.proc.kill()
             self.proc.wait(5)
         self.control.hdr.restarts += 1
+
+    def check(self) -> str | None:
+        """Restart the process if it died on its own (not when set-up failed: that needs the
+        operator).  An event line for the run's log, or None when nothing happened."""
+        p = self.proc
+        if p is None or p.poll() is None or self.control.hdr.stop or self.gave_up:
+            return None
+        why = self.control.error() or "no error recorded"
+        if p.returncode == EXIT_SETUP_FAILED:
+            self.gave_up = f"set-up failed: {why}"
+            return f"transport {self.spec.name}: {self.gave_up}; not restarted"
+        self.control.hdr.restarts += 1
+        self.start()
+        return f"transport {self.spec.name} exited {p.returncode} ({why}): restarted"
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc is None:
@@ -294,7 +332,7 @@ class TransportCollector(Collector):
             except (AttributeError, TypeError, ValueError):
                 continue
             lab = [spec.name, spec.role, f"{spec.host}:{spec.tcp_port}",
-                   spec.mode if spec.role == "send" else ""]
+                   spec.mode if spec.role == "send" or spec.mode == "rdma" else ""]
             for k in FAMILIES:
                 fams[k].add_metric(lab, float(snap[k]))
             up.add_metric(lab, float(connected))
@@ -306,13 +344,16 @@ class TransportCollector(Collector):
             yield zc
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_spec(argv: list[str] | None, prog: str, rdma: bool, stop: str = "") -> TransportSpec:
+    """The command line of a transport process (this module's or dataplane.rdma_run's)."""
     ap = argparse.ArgumentParser(
-        prog="python -m dataplane.transport",
+        prog=prog,
         description="Run one transport end (send or recv, per the spec's role) on files "
-                    "TransportProcess created. SIGTERM/SIGINT stop it. Exit 0 after a clean "
-                    "stop, 2 when set-up failed.")
-    ap.add_argument("spec_json", help="a TransportSpec as JSON")
+                    f"TransportProcess created. SIGTERM/SIGINT stop it{stop}. Exit 0 after a "
+                    f"clean stop, {EXIT_SETUP_FAILED} when set-up failed (the reason is in the "
+                    "control file and on stderr).")
+    ap.add_argument("spec_json", help="a TransportSpec as JSON"
+                    + (', with mode "rdma"' if rdma else ""))
     args = ap.parse_args(argv)
     try:
         spec = TransportSpec.from_json(args.spec_json)
@@ -320,7 +361,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"bad transport spec: {e}")
     if spec.role not in ("send", "recv"):
         ap.error(f"role {spec.role!r}: expected send or recv")
-    return run(spec)
+    if (spec.mode == "rdma") != rdma:
+        ap.error(f"mode {spec.mode!r}: {prog} runs " + ("rdma only" if rdma else "tcp modes"))
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_spec(argv, "python -m dataplane.transport", rdma=False))
 
 
 if __name__ == "__main__":

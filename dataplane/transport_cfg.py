@@ -15,6 +15,17 @@
     listen = "10.77.0.1:7100"
     label = "from-rx"              # the port name its packets carry in metrics
     netns = "dp-gen"
+
+The same over RDMA (RC queue pairs, dataplane/rdma.py): `kind = "rdma"` on both ends, the
+RDMA device that reaches the peer, no `mode` (the NIC writes into the receiver's slots):
+
+    [[transport]]
+    name = "to-collector"
+    kind = "rdma"
+    role = "send"
+    from = "rx.in"
+    peer = "10.9.9.1:18515"        # the receiver's IPv4 on the RDMA device, and its TCP port
+    device = "rxe0"                # for the QP set-up exchange and the credits
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ class TransportCfg:
     port: str = ""                  # send: that worker's port (by name)
     netns: str | None = None
     label: str = ""
+    kind: str = "tcp"               # "tcp" | "rdma"
+    device: str = ""                # rdma: the RDMA device
 
 
 def _addr(v: str) -> str | None:
@@ -53,11 +66,19 @@ def parse(t) -> TransportCfg:
     name = t.get("name", str, check=checks.label)
     role = t.get("role", str, choices=("send", "recv"))
     netns = t.get("netns", str, None, check=checks.name)
+    kind = t.get("kind", str, "tcp", choices=("tcp", "rdma"))
+    if kind == "rdma":
+        device = t.get("device", str, "rxe0", check=checks.name)
+        t.refuse("mode", 'only with kind = "tcp" (RDMA writes need no send mode)')
+    else:
+        device = ""
+        t.refuse("device", 'only with kind = "rdma"')
     if role == "send":
         src = t.get("from", str, check=lambda v: None if v.count(".") == 1 else
                     'expected WORKER.PORT, e.g. "rx.in"')
         addr = t.get("peer", str, check=_addr)
-        mode = t.get("mode", str, "zerocopy", choices=("copy", "zerocopy", "send_zc"))
+        mode = "rdma" if kind == "rdma" else \
+            t.get("mode", str, "zerocopy", choices=("copy", "zerocopy", "send_zc"))
         t.refuse("listen", 'only with role = "recv"')
         t.refuse("label", 'only with role = "recv"')
         worker, _, port = (src or ".").partition(".")
@@ -65,9 +86,11 @@ def parse(t) -> TransportCfg:
     else:
         addr = t.get("listen", str, check=_addr)
         label = t.get("label", str, name, check=checks.label)
-        for k in ("from", "peer", "mode"):
+        for k in ("from", "peer") + (("mode",) if kind != "rdma" else ()):
             t.refuse(k, 'only with role = "send"')
-        cfg = TransportCfg(name or "", role or "recv", "", 0, netns=netns, label=label or "")
+        cfg = TransportCfg(name or "", role or "recv", "", 0, mode="rdma" if kind == "rdma"
+                           else "zerocopy", netns=netns, label=label or "")
+    cfg.kind, cfg.device = kind or "tcp", device or ""
     if addr and not _addr(addr):
         host, _, port = addr.rpartition(":")
         cfg.host, cfg.tcp_port = host, int(port)

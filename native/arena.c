@@ -72,6 +72,11 @@ void dp_ring_store_cons(struct dp_ring *r, uint64_t cons)
     __atomic_store_n(&r->cons, cons, __ATOMIC_RELEASE);
 }
 
+void dp_ring_store_prod(struct dp_ring *r, uint64_t prod)
+{
+    __atomic_store_n(&r->prod, prod, __ATOMIC_RELEASE);
+}
+
 void *dp_arena_map(const char *path, uint64_t *len_out)
 {
     int fd = open(path, O_RDWR | O_CLOEXEC);

@@ -34,6 +34,7 @@ CDEF = """
 #define DP_NAME_LEN ...
 #define DP_EAL_ARGS ...
 #define DP_CSUM_NONE ...
+enum dp_worker_state { DP_W_EMPTY, DP_W_STARTING, DP_W_RUNNING, DP_W_STOPPED, DP_W_FAILED, ... };
 #define DP_CSUM_L4 ...
 
 struct dp_desc {
@@ -98,6 +99,7 @@ struct dp_ring *dp_arena_ring(void *base, uint32_t i);
 int dp_ring_wait_drained(void *base, uint32_t i, uint32_t seconds, uint64_t *left);
 uint64_t dp_ring_load_prod(const struct dp_ring *r);
 void dp_ring_store_cons(struct dp_ring *r, uint64_t cons);
+void dp_ring_store_prod(struct dp_ring *r, uint64_t prod);
 int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);
 int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg);
 int dp_uring_worker_run(void *arena_base, const struct dp_worker_config *cfg);
@@ -116,10 +118,18 @@ struct dp_transport_counters {
     uint64_t ring_waits; uint64_t disconnects; uint64_t last_session; uint64_t last_seq;
     ...;
 };
+#define DP_MR_BUCKETS ...
+struct dp_rdma_counters {
+    uint64_t wc_errors; uint64_t peer_errors; uint64_t credit_waits; uint64_t credits;
+    uint64_t credit_updates; uint64_t qps; uint64_t max_qp; uint64_t mr_hits; uint64_t mr_misses;
+    uint64_t mr_evictions; uint64_t mr_registered_bytes; uint64_t mr_budget_bytes;
+    uint64_t mr_reg_count; uint64_t mr_reg_ns; uint64_t mr_reg_buckets[];
+    ...;
+};
 struct dp_transport {
     uint64_t magic; uint32_t version; uint32_t size; uint64_t heartbeat_ns; uint32_t state;
     uint32_t stop; int32_t pid; uint32_t connected; uint64_t restarts; char error[];
-    struct dp_transport_counters c;
+    struct dp_transport_counters c; struct dp_rdma_counters r;
     ...;
 };
 struct dp_transport_config {

@@ -156,7 +156,7 @@ struct dp_gen_trailer {
  * a file of its own keeps the counters across restarts of either side without a new arena
  * layout.  It has its own version; struct dp_arena (DP_LAYOUT_VERSION) is unchanged. */
 #define DP_TRANSPORT_MAGIC   0x3154524e41525444ull  /* "DTRANRT1" little-endian */
-#define DP_TRANSPORT_VERSION 1u
+#define DP_TRANSPORT_VERSION 2u
 
 struct dp_transport_counters {
     uint64_t batches;            /* send: batches sent whole; recv: batches published */
@@ -177,6 +177,29 @@ struct dp_transport_counters {
     uint64_t pad0;
 };
 
+/* What an RDMA transport (dataplane/rdma_run.py, Python) adds to the counters above: its QP,
+ * credits and memory-registration cache, for the scrape and `dataplane status`.  Gauges are
+ * marked; the rest only grow.  The histogram's bounds are mr_cache.SECONDS_BUCKETS. */
+#define DP_MR_BUCKETS 8
+struct dp_rdma_counters {
+    uint64_t wc_errors;          /* work completions with an error status */
+    uint64_t peer_errors;        /* peer gone, failed post, completion timeout, bad batch */
+    uint64_t credit_waits;       /* send: stalls at zero credits */
+    uint64_t credits;            /* gauge.  send: positions it may write; recv: free positions */
+    uint64_t credit_updates;     /* recv: consumer indexes sent back; send: received */
+    uint64_t qps;                /* gauge: queue pairs open */
+    uint64_t max_qp;             /* gauge: the device's limit */
+    uint64_t mr_hits;
+    uint64_t mr_misses;
+    uint64_t mr_evictions;
+    uint64_t mr_registered_bytes;  /* gauge */
+    uint64_t mr_budget_bytes;      /* gauge: from RLIMIT_MEMLOCK */
+    uint64_t mr_reg_count;
+    uint64_t mr_reg_ns;            /* time spent in ibv_reg_mr */
+    uint64_t mr_reg_buckets[DP_MR_BUCKETS];  /* registrations per bound (not cumulative) */
+    uint64_t pad[2];
+};
+
 struct dp_transport {
     uint64_t magic;
     uint32_t version;
@@ -189,6 +212,7 @@ struct dp_transport {
     uint64_t restarts;           /* supervisor: times this process was started again */
     char     error[DP_ERR_LEN];
     _Alignas(DP_CACHE_LINE) struct dp_transport_counters c;
+    _Alignas(DP_CACHE_LINE) struct dp_rdma_counters r;   /* RDMA transports only */
 };
 
 #endif

@@ -73,6 +73,8 @@ int dp_ring_wait_drained(void *base, uint32_t i, uint32_t seconds, uint64_t *lef
 /* Consumer side for Python: one call per batch, with the same barriers as dp_ring.h. */
 uint64_t dp_ring_load_prod(const struct dp_ring *r);
 void     dp_ring_store_cons(struct dp_ring *r, uint64_t cons);
+/* Producer side for Python (the RDMA receiver publishes what the HCA wrote). */
+void     dp_ring_store_prod(struct dp_ring *r, uint64_t prod);
 
 /* Parse a frame and fill ethertype, l4proto, l4_off, hash and flags of *d.  Never reads past
  * frame[len - 1].  Returns 0, or -1 when the frame is malformed (DP_F_MALFORMED is set). */

@@ -11,6 +11,7 @@ import ctypes
 import json
 import mmap
 import resource
+import subprocess
 import sys
 import threading
 import time
@@ -30,8 +31,8 @@ from pyverbs.wr import SGE, SendWR
 
 from dataplane.mr_cache import MemlockError, MRCache
 
-RESULTS: dict[str, dict[str, Any]] = {}
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/lab/results.json")
+RESULTS: dict[str, dict[str, Any]] = {}
 P = mmap.PAGESIZE
 ACC = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
 
@@ -132,6 +133,27 @@ def lru_eviction() -> dict[str, Any]:
 
 
 def low_memlock() -> dict[str, Any]:
+    """With CAP_IPC_LOCK (root here) a registration past RLIMIT_MEMLOCK works, in the cache as in
+    the kernel; without it (a child whose capabilities exclude it: dropping it in this process
+    would change its credentials, and uverbs refuses a caller whose credentials differ from
+    the opener's) the kernel refuses it, and the cache refuses it first, with the numbers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (16 * P, hard))
+    try:
+        big = mmap.mmap(-1, 256 * P)
+        with MRCache(CTX, PDOM) as c:
+            assert c.get(big).length == 256 * P
+    finally:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
+    r = subprocess.run(["setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", "--",
+                        sys.executable, __file__, "low-memlock-child"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def low_memlock_child() -> dict[str, Any]:
+    """low_memlock() without CAP_IPC_LOCK."""
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     big = mmap.mmap(-1, 256 * P)
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (16 * P, hard))
@@ -142,6 +164,12 @@ def low_memlock() -> dict[str, Any]:
         return MR(pd, length, access, address=address)
 
     try:
+        kernel_says = ""
+        try:
+            MR(PDOM, 256 * P, e.IBV_ACCESS_LOCAL_WRITE, address=addr_of(big)).close()
+        except Exception as err:   # noqa: BLE001 - PyverbsRDMAError: ENOMEM from ib_umem_get
+            kernel_says = str(err)
+        assert kernel_says, "the kernel registered past RLIMIT_MEMLOCK without CAP_IPC_LOCK"
         with MRCache(CTX, PDOM, register=spy) as c:
             assert c.budget == 16 * P, c.budget
             try:
@@ -156,7 +184,7 @@ def low_memlock() -> dict[str, Any]:
             after = counts(c)
     finally:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
-    return {"message": msg, "counts": after}
+    return {"message": msg, "counts": after, "kernel": kernel_says}
 
 
 class Peer:
@@ -288,7 +316,9 @@ def threads() -> dict[str, Any]:
     return {k: s[k] for k in ("hits", "misses", "evictions", "races", "entries")}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:] == ["low-memlock-child"]:
+    print(json.dumps(low_memlock_child()))
+elif __name__ == "__main__":
     print(f"mr-check start: max_mr {CTX.query_device().max_mr}", flush=True)
     for step in (sub_range_hits, lru_eviction, low_memlock, stale_address, threads):
         check(step)

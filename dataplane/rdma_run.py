@@ -1,0 +1,269 @@
+"""An RDMA transport end as a process of a run: `python -m dataplane.rdma_run SPEC_JSON`, and
+what the scrape and `dataplane status` read of it.
+
+A [[transport]] table with kind = "rdma" becomes a TransportSpec with mode "rdma" and a
+TransportProcess (dataplane/transport.py) that runs this module instead of the C TCP loop: the
+same control file (struct dp_transport: state, heartbeat, stop, error, counters that outlive
+the process), the same order in a run (receivers before workers, senders after), the same
+receiver arena, consumed and exported under the remote's label.  What RDMA adds (QPs, credits,
+the memory-registration cache) goes in the control file's struct dp_rdma_counters, rewritten
+every few milliseconds from the RdmaSender / RdmaReceiver's stats(): the collectors below read
+it at scrape time, as they read the workers' arenas.
+
+Counters carry across restarts of the process: it adds its own counts to what the file held
+when it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dataplane._native import lib
+from dataplane.arena import Arena
+from dataplane.transport import (
+    COUNTERS,
+    EXIT_SETUP_FAILED,
+    RDMA_COUNTERS,
+    Control,
+    TransportSpec,
+    parse_spec,
+)
+
+PUBLISH_S = 0.01        # counters and heartbeat, as often as the C workers beat
+IDLE_SLEEP_S = 100e-6   # nothing to do: nap (the workers' adaptive polling does the same)
+DRAIN_S = 2.0           # on stop, a sender finishes what its ring still holds for this long
+INFINIBAND = Path("/sys/class/infiniband")
+
+
+def devices() -> list[str]:
+    return sorted(p.name for p in INFINIBAND.iterdir()) if INFINIBAND.is_dir() else []
+
+
+def check_device(name: str) -> str:
+    """'' when the RDMA device exists, else what is wrong and how to fix it."""
+    try:
+        import pyverbs.device  # noqa: F401
+    except ImportError:
+        return "pyverbs is not installed: apt install python3-pyverbs (rdma-core)"
+    found = devices()
+    if name in found:
+        return ""
+    return (f"RDMA device {name!r} not found; devices here: {', '.join(found)}" if found else
+            f"RDMA device {name!r} not found and this host has none: load a driver, or for "
+            "soft-RoCE `modprobe rdma_rxe; rdma link add rxe0 type rxe netdev IFACE`")
+
+
+class _Books:
+    """Writes an end's stats() into the control file, on top of what the file held at start."""
+
+    def __init__(self, ctl: Control, role: str) -> None:
+        self.ctl, self.role = ctl, role
+        self.c0 = ctl.counters.copy()
+        self.r0 = ctl.rdma.copy()
+
+    def publish(self, s: dict[str, Any], cache: dict[str, Any], max_qp: int) -> None:
+        errors = s.get("wc_errors", 0) + s.get("peer_errors", 0)
+        c = {"batches": s.get("batches", 0), "packets": s.get("packets", 0),
+             "bytes": s.get("bytes", 0), "bad_frames": s.get("bad_batches", 0),
+             "reconnects": max(s.get("connects", 0) - 1, 0), "disconnects": errors,
+             "acks": s.get("credits_sent", 0)}
+        cur = np.zeros_like(self.c0)
+        for k, v in c.items():
+            cur[COUNTERS.index(k)] = v
+        self.ctl.counters[:] = self.c0 + cur
+        reg = cache["registration_seconds"]
+        grows = {"wc_errors": s.get("wc_errors", 0), "peer_errors": s.get("peer_errors", 0),
+                 "credit_waits": s.get("credits_wait", 0),
+                 "credit_updates": s.get("credits_sent", s.get("credit_updates", 0)),
+                 "mr_hits": cache["hits"], "mr_misses": cache["misses"],
+                 "mr_evictions": cache["evictions"], "mr_reg_count": reg["count"],
+                 "mr_reg_ns": int(reg["sum"] * 1e9)}
+        gauges = {"credits": max(s.get("credits", 0), 0), "qps": int(bool(s.get("connected"))),
+                  "max_qp": max_qp, "mr_registered_bytes": cache["registered_bytes"],
+                  "mr_budget_bytes": cache["budget"]}
+        r = self.r0.copy()
+        for k, v in grows.items():
+            r[RDMA_COUNTERS.index(k)] += v
+        for k, v in gauges.items():
+            r[RDMA_COUNTERS.index(k)] = v
+        n = len(RDMA_COUNTERS)
+        counts = list(reg["buckets"].values())
+        r[n:n + len(counts)] += np.array(counts, dtype=r.dtype)
+        self.ctl.rdma[:] = r
+        self.ctl.hdr.connected = int(bool(s.get("connected")))
+        self.ctl.hdr.heartbeat_ns = time.monotonic_ns()
+
+
+def _error(ctl: Control, msg: str) -> None:
+    ctl.hdr.error = msg.encode()[:255]
+
+
+def run(spec: TransportSpec) -> int:
+    """Open the end, poll it until told to stop: the exit code."""
+    from dataplane.rdma import RdmaError, RdmaReceiver, RdmaSender
+    ctl = Control(Path(spec.control_path))
+    hdr = ctl.hdr
+    hdr.pid, hdr.state = os.getpid(), lib.DP_W_STARTING
+
+    def on_signal(signum: int, frame: object) -> None:
+        hdr.stop = 1
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    why = check_device(spec.device)
+    end: Any = None
+    try:
+        if why:
+            raise RdmaError(why)
+        arena = Arena.open(Path(spec.arena_path))
+        if spec.role == "recv":
+            end = RdmaReceiver(arena, ring=spec.ring, port=spec.tcp_port, host=spec.host,
+                               device=spec.device)
+        else:
+            end = RdmaSender(arena, ring=spec.ring, host=spec.host, port=spec.tcp_port,
+                             device=spec.device, max_batch=spec.max_batch)
+        max_qp = int(end.ctx.query_device().max_qp)
+    except Exception as err:   # noqa: BLE001 - RdmaError, MemlockError, OSError, pyverbs errors
+        msg = f"transport {spec.name}: {err}"
+        _error(ctl, msg)
+        hdr.state = lib.DP_W_FAILED
+        print(msg, file=sys.stderr)
+        if end is not None:
+            end.close()
+        return EXIT_SETUP_FAILED
+    books = _Books(ctl, spec.role)
+    hdr.state = lib.DP_W_RUNNING
+    last_error, next_publish, drain_until = "", 0.0, None
+    try:
+        while True:
+            now = time.monotonic()
+            if hdr.stop and drain_until is None:
+                drain_until = now + (DRAIN_S if spec.role == "send" else 0.0)
+            if drain_until is not None and (now >= drain_until or spec.role == "recv"
+                                            or len(end.reader.peek(1)) == 0
+                                            or not end.stats()["connected"]):
+                break
+            try:
+                if spec.role == "send" and not end.stats()["connected"]:
+                    end.connect(timeout=0.5)       # short: the stop flag is seen between tries
+                n = end.poll()
+            except RdmaError as err:
+                n = 0
+                end.last_error = str(err)
+            if n == 0:
+                time.sleep(IDLE_SLEEP_S)
+            if now >= next_publish:
+                s = end.stats()
+                books.publish(s, end.cache.stats(), max_qp)
+                if s["last_error"] != last_error:
+                    last_error = s["last_error"]
+                    _error(ctl, last_error)
+                    print(f"transport {spec.name}: {last_error}", file=sys.stderr, flush=True)
+                next_publish = now + PUBLISH_S
+    finally:
+        books.publish(end.stats(), end.cache.stats(), max_qp)
+        hdr.connected = 0
+        ctl.rdma[RDMA_COUNTERS.index("qps")] = 0
+        end.close()
+        hdr.state = lib.DP_W_STOPPED
+    return 0
+
+
+# ---- read side: the scrape and `dataplane status` ----
+
+RDMA_FAMILIES = {
+    "wc_errors": ("c", "dataplane_rdma_wc_errors_total",
+                  "Work completions with an error status (the QP was reconnected)."),
+    "peer_errors": ("c", "dataplane_rdma_peer_errors_total",
+                    "Peer gone, failed posts, completion timeouts, bad batches."),
+    "credit_waits": ("c", "dataplane_rdma_credit_waits_total",
+                     "Times the sender stopped at zero credits (the receiver's ring full)."),
+    "credit_updates": ("c", "dataplane_rdma_credit_updates_total",
+                       "Consumer indexes the receiver sent back."),
+    "credits": ("g", "dataplane_rdma_credits",
+                "Ring positions the sender may write now (send side)."),
+    "qps": ("g", "dataplane_rdma_queue_pairs", "RC queue pairs open."),
+    "max_qp": ("g", "dataplane_rdma_device_max_qp", "The RDMA device's max_qp."),
+}
+LABELS = ["transport", "role", "peer", "device"]
+
+
+class _ControlCache:
+    """An MR cache's stats() as dataplane.exporter.MRCacheCollector wants it, read from a
+    transport process's control file."""
+
+    def __init__(self, ctl: Control) -> None:
+        self.ctl = ctl
+
+    def stats(self) -> dict[str, Any]:
+        from dataplane.mr_cache import SECONDS_BUCKETS
+        r = self.ctl.rdma_snapshot()
+        counts = r["mr_reg_buckets"][:len(SECONDS_BUCKETS)]
+        return {"hits": r["mr_hits"], "misses": r["mr_misses"], "evictions": r["mr_evictions"],
+                "registered_bytes": r["mr_registered_bytes"], "budget": r["mr_budget_bytes"],
+                "registration_seconds": {"sum": r["mr_reg_ns"] / 1e9, "count": r["mr_reg_count"],
+                                         "buckets": dict(zip(SECONDS_BUCKETS, counts,
+                                                             strict=True))}}
+
+
+def mr_caches(sources: Iterable[tuple[TransportSpec, Control]]) -> dict[str, _ControlCache]:
+    """For MRCacheCollector: each RDMA transport's cache, by transport name."""
+    return {spec.name: _ControlCache(ctl) for spec, ctl in sources if spec.mode == "rdma"}
+
+
+class RdmaCollector(Collector):
+    """dataplane_rdma_* of the RDMA transports, from their control files at scrape time."""
+
+    def __init__(self, sources: Iterable[tuple[TransportSpec, Control]]):
+        self.sources = [(s, c) for s, c in sources if s.mode == "rdma"]
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        fams = {k: (CounterMetricFamily if kind == "c" else GaugeMetricFamily)(
+            name, doc, labels=LABELS) for k, (kind, name, doc) in RDMA_FAMILIES.items()}
+        for spec, ctl in self.sources:
+            try:
+                r = ctl.rdma_snapshot()
+            except (AttributeError, TypeError, ValueError):
+                continue            # closed: a partial scrape, not a failed one
+            lab = [spec.name, spec.role, f"{spec.host}:{spec.tcp_port}", spec.device]
+            for k, fam in fams.items():
+                if k == "credits" and spec.role != "send":
+                    continue
+                fam.add_metric(lab, float(r[k]))
+        yield from fams.values()
+
+
+def status_line(role: str, device: str, ctl: Control) -> str:
+    """One line for `dataplane status`: the QP, credits and the MR cache."""
+    r, c = ctl.rdma_snapshot(), ctl.snapshot()
+    credits = f"credits {r['credits']}, waits {r['credit_waits']}" if role == "send" \
+        else f"credit updates {r['credit_updates']}"
+    mr = r["mr_hits"] + r["mr_misses"]
+    return (f"  rdma {device}: QPs {r['qps']}/{r['max_qp']}, {credits}; "
+            f"batches {c['batches']}, packets {c['packets']}; wc errors {r['wc_errors']}, "
+            f"peer errors {r['peer_errors']}, reconnects {c['reconnects']}; MR cache "
+            f"{r['mr_hits']}/{mr} hits, {r['mr_registered_bytes'] >> 20} MiB registered of "
+            f"{r['mr_budget_bytes'] >> 20} MiB, {r['mr_evictions']} evictions")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_spec(argv, "python -m dataplane.rdma_run", rdma=True,
+                          stop=f" (a sender first sends what its ring holds, for up to "
+                               f"{DRAIN_S:g} s)"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
