@@ -4,7 +4,8 @@ again with the role `recv`.  Writes RESULTS (JSON), one entry per check:
 {"ok": bool, "detail": ..., "error": traceback or ""}.
 
     python tests/guest/rdma_checks.py RESULTS
-    python tests/guest/rdma_checks.py recv PORT RING_SIZE LAST_SEQ STALL OUT     (internal)
+    python tests/guest/rdma_checks.py recv PORT RING_SIZE LAST_SEQ STALL OUT [DEVICE]  (internal;
+                                        also tests/guest/rdma_pair_checks.py's, on rxh)
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def fill(a: Arena, seq0: int, n: int, length: int = FRAME) -> None:
 
 # ---- the receiver role ----
 
-def receiver(port: int, ring_size: int, last: int, stall: int, out: Path) -> None:
+def receiver(port: int, ring_size: int, last: int, stall: int, out: Path,
+             device: str = "rxe0") -> None:
     a = make_arena("rx", ring_size)
-    rx = RdmaReceiver(a, port=port)
+    rx = RdmaReceiver(a, port=port, device=device)
     r = a.rings[0]
     seqs: list[int] = []
     bad: list[str] = []
@@ -268,7 +270,7 @@ def wc_error_reconnect() -> dict[str, Any]:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "recv":
         port, ring_size, last, stall = (int(x) for x in sys.argv[2:6])
-        receiver(port, ring_size, last, stall, Path(sys.argv[6]))
+        receiver(port, ring_size, last, stall, Path(sys.argv[6]), *sys.argv[7:8])
         sys.exit(0)
     OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/lab/results.json")
     for step in (end_to_end, credit_exhaustion, peer_killed, wc_error_reconnect):

@@ -1,0 +1,362 @@
+"""Run inside two guests joined by a link (tests/guest_run.run_pair, scripts/guest --rdma --link;
+see tests/test_rdma_pair.py): the RDMA transport between two hosts, over rxh on that link.
+
+The `serve` side (guest A, 10.6.6.1) is where the receivers run: a small TCP control port on its
+link address takes one command per line from the driver and answers one line, both JSON
+(start a receiver, SIGKILL it after a delay, wait for it and return what its ring saw, take the
+link down for a while).  The `drive` side (guest B) is the sender and does the checks.  The two
+coordinate over the link itself, not through files: the lab share is 9p with cache=loose, and
+the point is what crosses the link.  Each writes RESULTS (JSON) as tests/guest/rdma_checks.py does.
+
+    python tests/guest/rdma_pair_checks.py serve RESULTS
+    python tests/guest/rdma_pair_checks.py drive PEER RESULTS
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dataplane.rdma import RdmaSender  # noqa: E402
+from tests.guest import rdma_checks  # noqa: E402
+from tests.guest.rdma_checks import (  # noqa: E402
+    FRAME,
+    RESULTS,
+    check,
+    fill,
+    in_order,
+    make_arena,
+    run_sender,
+)
+
+CTL_PORT = 18700
+DEVICE = "rxh"
+
+
+def rxe_counters() -> dict[str, int]:
+    """rxh's own counters (retransmits, duplicates, sequence errors: what the link did)."""
+    d = Path(f"/sys/class/infiniband/{DEVICE}/ports/1/hw_counters")
+    return {f.name: int(f.read_text()) for f in sorted(d.iterdir()) if f.name != "lifespan"}
+
+
+def _link_if() -> str:
+    name = os.environ.get("GUEST_LINK_IF", "")
+    assert name and os.environ.get("GUEST_LINK_RDMA") == DEVICE, \
+        "not booted with scripts/guest --rdma --link"
+    return name
+
+
+# ---- the serve side (guest A): receivers and the link, on command ----
+
+class Server:
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.outs: dict[str, Path] = {}
+        self.kills: dict[str, dict[str, Any]] = {}
+        self.link: dict[str, Any] = {}
+        self.link_thread: threading.Thread | None = None
+        self.handled: list[str] = []
+
+    def recv(self, name: str, port: int, ring: int, last: int) -> dict[str, Any]:
+        """A receiver process (rdma_checks' recv role on rxh); answers once it listens, so the
+        sender's first connect finds it."""
+        out = Path(tempfile.mktemp(prefix=f"rx-{name}-"))
+        p = subprocess.Popen([sys.executable, rdma_checks.__file__, "recv", str(port), str(ring),
+                              str(last), "0", str(out), DEVICE], stdout=subprocess.PIPE,
+                             text=True)
+        self.procs[name], self.outs[name] = p, out
+        line = p.stdout.readline()      # "recv PORT: listening", or "" when it died first
+        return {"listening": line.startswith("recv"), "pid": p.pid}
+
+    def kill(self, name: str, after: float) -> dict[str, Any]:
+        """SIGKILL the receiver `after` seconds from now, while the sender keeps writing."""
+        p, rec = self.procs[name], self.kills.setdefault(name, {})
+
+        def later() -> None:
+            time.sleep(after)
+            rec["alive_until_kill"] = p.poll() is None     # set before `wait` can return
+            p.send_signal(signal.SIGKILL)
+        threading.Thread(target=later, daemon=True).start()
+        return {"scheduled": after}
+
+    def wait(self, name: str) -> dict[str, Any]:
+        """Wait for a receiver to end; its exit status and, when it lived to write it, its ring's
+        seqs and stats."""
+        rc = self.procs.pop(name).wait(120)
+        out = self.outs.pop(name)
+        got = json.loads(out.read_text()) if out.exists() else {}
+        return {"rc": rc, **got, "kill": self.kills.get(name)}
+
+    def down(self, seconds: float, delay: float, t_reply: list[float]) -> dict[str, Any]:
+        """Drop everything the link interface receives or sends for `seconds`, starting `delay`
+        after the answer went out (it has to cross the link first): no RST, no FIN, packets just
+        vanish, as when a cable is pulled.  Not `ip link set down`: virtio-net then leaves what
+        arrives in its queue and delivers it when the link is up again, seconds late."""
+        ifname = _link_if()
+        tc = ["tc", "filter", "add", "dev", ifname]
+        subprocess.run(["modprobe", "-a", "sch_ingress", "cls_matchall", "act_gact"],
+                       check=True)
+
+        def cycle() -> None:
+            while not t_reply:
+                time.sleep(0.01)
+            time.sleep(delay)
+            t0 = time.monotonic()
+            subprocess.run(["tc", "qdisc", "add", "dev", ifname, "clsact"], check=True)
+            for way in ("ingress", "egress"):
+                subprocess.run([*tc, way, "matchall", "action", "drop"], check=True)
+            self.link["down_after_reply"] = round(time.monotonic() - t_reply[0], 3)
+            time.sleep(seconds)
+            subprocess.run(["tc", "-s", "qdisc", "del", "dev", ifname, "clsact"], check=True)
+            self.link["down_for"] = round(time.monotonic() - t0, 3)
+        self.link = {"if": ifname}
+        self.link_thread = threading.Thread(target=cycle, daemon=True)
+        self.link_thread.start()
+        return {"delay": delay, "seconds": seconds}
+
+    def link_state(self) -> dict[str, Any]:
+        """What the last `down` did, once it is over, and rxh's counters."""
+        if self.link_thread:
+            self.link_thread.join(60)
+        return {**self.link, "counters": rxe_counters()}
+
+    def counters(self) -> dict[str, Any]:
+        return rxe_counters()
+
+
+def serve() -> dict[str, Any]:
+    """Serve the driver's commands until it says done; what was handled."""
+    srv = Server()
+    addr = os.environ["GUEST_LINK_ADDR"].split("/")[0]
+    _link_if()
+    with socket.create_server((addr, CTL_PORT)) as lsock:
+        lsock.settimeout(240)           # the other guest boots at the same time
+        conn, peer = lsock.accept()
+    conn.settimeout(None)
+    with conn, conn.makefile("rw") as f:
+        for line in f:
+            req = json.loads(line)
+            cmd = req.pop("cmd")
+            srv.handled.append(cmd)
+            t_reply: list[float] = []
+            try:
+                if cmd == "done":
+                    rep: dict[str, Any] = {}
+                elif cmd == "down":
+                    rep = srv.down(t_reply=t_reply, **req)
+                elif cmd == "link":
+                    rep = srv.link_state()
+                else:
+                    rep = getattr(srv, cmd)(**req)
+            except Exception:   # noqa: BLE001 - the driver reports it with its check
+                rep = {"error": traceback.format_exc()}
+            f.write(json.dumps(rep) + "\n")
+            f.flush()
+            t_reply.append(time.monotonic())
+            if cmd == "done":
+                break
+    for p in srv.procs.values():    # a check that failed half way may leave one behind
+        p.kill()
+    return {"driver": peer[0], "commands": srv.handled}
+
+
+# ---- the drive side (guest B): the sender and the checks ----
+
+class Control:
+    """The driver's end of the control port."""
+
+    def __init__(self, host: str, timeout: float = 240) -> None:
+        end = time.monotonic() + timeout
+        while True:     # A may still be booting
+            try:
+                self.sock = socket.create_connection((host, CTL_PORT), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.5)
+        self.sock.settimeout(180)
+        self.f = self.sock.makefile("rw")
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        self.f.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.f.flush()
+        line = self.f.readline()
+        assert line, f"the serve side closed the control connection ({cmd})"
+        rep = json.loads(line)
+        assert "error" not in rep, f"{cmd} failed in guest A:\n{rep['error']}"
+        return rep
+
+
+PEER = "10.6.6.1"
+CTL: Control
+
+
+def _start(name: str, n: int, port: int, last: int, **kw: Any) -> tuple[Any, RdmaSender]:
+    """A receiver in A on `port` (ring of 1024, so credits flow), and a sender here over rxh with
+    n frames (seqs 0..n-1) queued on its ring."""
+    assert CTL.call("recv", name=name, port=port, ring=1024, last=last)["listening"]
+    a = make_arena(f"tx-{name}", 4096)
+    fill(a, 0, n)
+    return a, RdmaSender(a, host=PEER, port=port, device=DEVICE, **kw)
+
+
+def _until_error(tx: RdmaSender, timeout: float = 60) -> float:
+    """Keep writing until the sender drops its link; seconds it took."""
+    t = time.monotonic()
+    while tx.link is not None:
+        tx.poll()
+        assert time.monotonic() - t < timeout, f"no error within {timeout} s: {tx.stats()}"
+    return round(time.monotonic() - t, 3)
+
+
+def _wc_status(err: str) -> str:
+    """The WC status name in a sender error, or "" for an error that is not a completion's."""
+    m = re.search(r"work completion error status (\d+)", err)
+    if not m:
+        return ""
+    import pyverbs.enums as e
+    return e.ibv_wc_status(int(m.group(1))).name
+
+
+def _seqs_wrong(seqs: list[int], first: int, last: int, *more: Any) -> str:
+    """Where a ring's seqs part from first..last, for the failure message."""
+    want = list(range(first, last + 1))
+    i = next((k for k, (x, y) in enumerate(zip(seqs, want, strict=False)) if x != y),
+             min(len(seqs), len(want)))
+    return (f"{len(seqs)} seqs for {len(want)} ({first}..{last}); from index {i}: got "
+            f"{seqs[max(0, i - 2):i + 6]}, wanted {want[max(0, i - 2):i + 6]}; "
+            f"{len(seqs) - len(set(seqs))} repeated; {more}")
+
+
+def pair_end_to_end() -> dict[str, Any]:
+    n = 4000
+    a, tx = _start("a", n, 18711, n - 1)
+    t = time.monotonic()
+    run_sender(tx, lambda: a.rings[0].occupancy() == 0)
+    took = time.monotonic() - t
+    got = CTL.call("wait", name="a")
+    s = tx.stats()
+    tx.close()
+    r = got["stats"]
+    assert got["rc"] == 0 and not got["bad"], (got["rc"], got["bad"][:3])
+    assert in_order(got["seqs"], 0, n - 1), _seqs_wrong(got["seqs"], 0, n - 1, s, r)
+    assert s["packets"] == r["packets"] == n and s["bytes"] == r["bytes"] == n * FRAME, (s, r)
+    assert s["batches"] == r["batches"], (s, r)
+    assert s["wc_errors"] == s["peer_errors"] == s["reconnects"] == 0, s
+    assert r["wc_errors"] == r["peer_errors"] == r["bad_batches"] == 0 and r["connects"] == 1, r
+    return {"frames": n, "seconds": round(took, 2), "sender": s, "receiver": r}
+
+
+def pair_peer_killed() -> dict[str, Any]:
+    """SIGKILL the receiver mid-stream; the sender counts the error, reconnects to a restarted
+    one, which gets every seq from the first the sender had not seen completed, in order."""
+    n, port = 3000, 18712
+    a, tx = _start("b1", n, port, 10 ** 9)
+    run_sender(tx, lambda: tx.stats()["packets"] >= 1000)
+    CTL.call("kill", name="b1", after=0.3)
+    detect = _until_error(tx)
+    err, before = tx.last_error, tx.stats()
+    acked = n - a.rings[0].occupancy()      # released = completed; the rest is sent again
+    killed = CTL.call("wait", name="b1")
+    CTL.call("recv", name="b2", port=port, ring=1024, last=n - 1)
+    run_sender(tx, lambda: a.rings[0].occupancy() == 0)
+    got = CTL.call("wait", name="b2")
+    s = tx.stats()
+    tx.close()
+    seqs, r = got["seqs"], got["stats"]
+    assert killed["rc"] == -signal.SIGKILL and killed["kill"]["alive_until_kill"], killed
+    assert got["rc"] == 0 and not got["bad"], (got["rc"], got["bad"][:3])
+    assert in_order(seqs, acked, n - 1), _seqs_wrong(seqs, acked, n - 1, before, s, r)
+    assert before["wc_errors"] + before["peer_errors"] == 1 and err, before
+    assert before["packets"] == acked > 1000, (before, acked)
+    assert s["reconnects"] == 1 and s["packets"] == n, s
+    assert r["packets"] == n - acked and r["connects"] == 1 and r["bad_batches"] == 0, r
+    return {"error": err, "wc_status": _wc_status(err), "detect_seconds": detect,
+            "after_kill": before, "acked": acked, "restarted_first_seq": seqs[0],
+            "restarted_frames": len(seqs), "sender": s, "receiver": r}
+
+
+def pair_link_down() -> dict[str, Any]:
+    """A's link goes down for a few seconds mid-stream: no RST, no FIN, the sender's writes just
+    vanish until its QP gives up; the link comes back, the sender reconnects, the same receiver
+    (still running) gets every seq exactly once.
+
+    The sender pauses (no batch in flight) while the link goes down: a batch whose WRITEs landed
+    but whose ACK was lost would be sent again after the reconnect (rdma.py delivers at least
+    once), and this check is about nothing being lost, with exact counts."""
+    n, port, down, pause = 3000, 18713, 4.0, 1.0
+    a, tx = _start("c", n, port, n - 1, cq_timeout=5.0)
+    run_sender(tx, lambda: tx.stats()["packets"] >= 1000)
+    CTL.call("down", seconds=down, delay=0.2)
+    time.sleep(pause)
+    detect = _until_error(tx)
+    err, before = tx.last_error, tx.stats()
+    acked = n - a.rings[0].occupancy()
+    t = time.monotonic()
+    run_sender(tx, lambda: a.rings[0].occupancy() == 0)
+    resumed = round(time.monotonic() - t, 2)
+    got = CTL.call("wait", name="c")
+    link = CTL.call("link")
+    s = tx.stats()
+    tx.close()
+    r = got["stats"]
+    status = _wc_status(err)
+    assert link["down_after_reply"] < pause, link    # it was down when the sender went on
+    assert got["rc"] == 0 and not got["bad"], (got["rc"], got["bad"][:3])
+    assert in_order(got["seqs"], 0, n - 1), _seqs_wrong(got["seqs"], 0, n - 1, before, s, r)
+    assert before["packets"] == acked, (before, acked)
+    # the sender's QP gives up after its retries (timeout 12: 16.8 ms, retry_cnt 3), well
+    # before the 5 s completion timeout: a WC error, not a timeout nor a TCP error
+    assert status == "IBV_WC_RETRY_EXC_ERR", err
+    assert before["wc_errors"] == 1 and before["peer_errors"] == 0, before
+    assert s["reconnects"] == 1 and s["packets"] == n and s["bytes"] == n * FRAME, s
+    # the receiver learns of the old connection by its FIN once the link is back
+    assert r["packets"] == n and r["connects"] == 2 and r["bad_batches"] == 0, r
+    return {"error": err, "wc_status": status, "detect_seconds": detect,
+            "resume_seconds": resumed, "link": link, "after_error": before, "acked": acked,
+            "sender": s, "receiver": r}
+
+
+def drive(out: Path) -> None:
+    global CTL
+    _link_if()
+    t = time.monotonic()
+    CTL = Control(PEER)
+    print(f"rdma-pair: control connected after {time.monotonic() - t:.1f} s", flush=True)
+    for step in (pair_end_to_end, pair_peer_killed, pair_link_down):
+        before = {"sender": rxe_counters(), "receiver": CTL.call("counters")}
+        check(step, out)
+        # what rxh did on both ends meanwhile (retransmits, duplicates, retry errors): the
+        # transport's own counters cannot tell a slow ACK from a lost packet
+        after = {"sender": rxe_counters(), "receiver": CTL.call("counters")}
+        RESULTS[step.__name__]["rxe"] = rxe = {
+            side: {k: v - before[side][k] for k, v in c.items() if v != before[side][k]}
+            for side, c in after.items()}
+        print(f"rdma-pair {step.__name__} rxh counters: {rxe}", flush=True)
+        out.write_text(json.dumps(RESULTS, indent=1))
+    CTL.call("done")
+
+
+if __name__ == "__main__":
+    role = sys.argv[1]
+    if role == "serve":
+        OUT = Path(sys.argv[2])
+        check(serve, OUT)
+    else:
+        PEER, OUT = sys.argv[2], Path(sys.argv[3])
+        drive(OUT)
+    sys.exit(0 if all(r["ok"] for r in RESULTS.values()) else 1)
