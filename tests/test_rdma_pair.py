@@ -8,9 +8,10 @@ order, the counters exact.
   - peer killed: the receiver process in A is SIGKILLed mid-stream and started again; the sender
     counts one error, reconnects once, and the new receiver gets every seq from the first the
     sender had not seen completed;
-  - link down: A's link interface goes down for 4 s mid-stream (nothing tells TCP); the sender's
-    QP gives up with a retry-exceeded completion, it reconnects when the link is back, and the
-    receiver, which kept running, gets every seq once.
+  - link down: A's link drops everything both ways for 4 s mid-stream (tc, as a pulled cable:
+    nothing tells TCP); the sender's QP gives up with a retry-exceeded completion, it reconnects
+    when the link is back, and the receiver, which kept running, gets every seq once.
+The rxh counters of both ends (retransmits, duplicates) are in each check's entry, as "rxe".
 """
 
 from __future__ import annotations
