@@ -8,7 +8,8 @@ script, role `recv`) on rxe0, and writes the results to the lab share:
   - credit exhaustion: a receiver ring of 64 whose consumer holds it full for 1.5 s: the sender
     waits at zero credits, nothing held is overwritten, it resumes when the consumer drains;
   - peer killed: SIGKILL the receiver mid-stream, the sender reports and counts the error, then
-    reconnects to a restarted receiver, which gets every batch after the last acknowledged one;
+    reconnects to a restarted receiver, which gets every batch after the last acknowledged one
+    (completed: batches in flight at the kill may still complete);
   - a work completion error (wrong rkey: both QPs in error state) with short frames (one WR per
     frame): counted in wc_errors, reconnected to the same receiver, every seq once.
 """
@@ -26,6 +27,21 @@ def test_imports_without_pyverbs() -> None:
     """The module loads on a host without RDMA (pyverbs is imported when a transport starts)."""
     from dataplane import rdma
     assert rdma.CREDIT.size == 8 and rdma.MAX_BATCH >= 1
+
+
+def test_qp_budget_refuses_past_max_qp() -> None:
+    """A QP past the device's max_qp is refused with the device, the limit and the count."""
+    from dataplane.rdma_link import RdmaError, give_qp, qps_held, take_qp
+    dev = "fake-max-qp"
+    take_qp(dev, 2)
+    take_qp(dev, 2)
+    with pytest.raises(RdmaError, match=r"fake-max-qp: max_qp is 2 and this process holds 2"):
+        take_qp(dev, 2)
+    give_qp(dev)
+    take_qp(dev, 2)
+    give_qp(dev)
+    give_qp(dev)
+    assert qps_held(dev) == 0
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +71,7 @@ def test_rxe_peer_killed_then_reconnect(guest):
     print(d)
     assert d["after_kill"]["wc_errors"] + d["after_kill"]["peer_errors"] >= 1 and d["error"]
     assert d["sender"]["reconnects"] == 1
-    assert d["restarted_first_seq"] <= d["killed_at"]
+    assert d["restarted_first_seq"] == d["after_kill"]["packets"] >= d["killed_at"]
     assert d["restarted_first_seq"] + d["restarted_frames"] == 1200
 
 

@@ -1,0 +1,143 @@
+"""What both ends of the RDMA transport (dataplane/rdma.py, dataplane/rdma_send.py) share: the
+errors, the RC queue pair and its completion queue, the QP budget of a device, and the JSON
+lines of the TCP exchange.  The protocol itself is described in dataplane/rdma.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+from typing import Any
+
+CREDIT = struct.Struct("<Q")
+MAX_BATCH = 64
+
+
+class RdmaError(Exception):
+    """A broken connection: WC error, failed post, peer gone, timeout; or no QP left."""
+
+
+class WCError(RdmaError):
+    """A work completion with an error status (the QP is in the error state now)."""
+
+
+def verbs() -> Any:
+    """pyverbs.enums, imported only when a transport starts: the module loads without RDMA."""
+    import pyverbs.enums as e
+    return e
+
+
+def gid_index(ctx: Any) -> int:
+    """The first IPv4-mapped GID (RoCEv2), else 0."""
+    port = ctx.query_port(1)
+    for i in range(port.gid_tbl_len):
+        try:
+            g = str(ctx.query_gid(1, i))
+        except Exception:   # noqa: BLE001,S112 - holes in the table
+            continue
+        if g == "0000:0000:0000:0000:0000:0000:0000:0000":
+            break
+        if g.startswith("0000:0000:0000:0000:0000:ffff"):
+            return i
+    return 0
+
+
+# QPs this process holds per device.  The device's max_qp bounds the whole device; verbs does
+# not tell how many QPs other processes hold, so this counts ours (as the MR cache counts its
+# own MRs against max_mr) and refuses the one past the limit with a message instead of
+# whatever ibv_create_qp would fail with.
+_qps: dict[str, int] = {}
+_qps_lock = threading.Lock()
+
+
+def take_qp(device: str, max_qp: int) -> None:
+    with _qps_lock:
+        n = _qps.get(device, 0)
+        if n >= max_qp:
+            raise RdmaError(f"{device}: max_qp is {max_qp} and this process holds {n} QPs on "
+                            f"it: refusing to create QP number {n + 1}")
+        _qps[device] = n + 1
+
+
+def give_qp(device: str) -> None:
+    with _qps_lock:
+        _qps[device] -= 1
+
+
+def qps_held(device: str) -> int:
+    return _qps.get(device, 0)
+
+
+class Link:
+    """One RC QP and its CQ in a device context (sq_depth send WRs, rq_depth receive WRs)."""
+
+    def __init__(self, ctx: Any, pd: Any, device: str, sq_depth: int, rq_depth: int) -> None:
+        from pyverbs.cq import CQ
+        from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
+        e = verbs()
+        self.e = e
+        self.device = device
+        take_qp(device, int(ctx.query_device().max_qp))
+        self._held = True
+        self.cq = self.qp = None
+        try:
+            self.gidx = gid_index(ctx)
+            self.gid = ctx.query_gid(1, self.gidx)
+            # one CQ for both queues: every send WR may be signaled, every receive completes
+            self.cq = CQ(ctx, sq_depth + rq_depth)
+            cap = QPCap(max_send_wr=sq_depth, max_recv_wr=rq_depth, max_send_sge=1,
+                        max_recv_sge=1)
+            # sq_sig_all=0 (pyverbs' default is 1): only the WRs that ask for it complete
+            self.qp = QP(pd, QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq,
+                                        cap=cap, sq_sig_all=0))
+            a = QPAttr(qp_state=e.IBV_QPS_INIT)
+            a.qp_access_flags = (e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE)
+            a.port_num, a.pkey_index = 1, 0
+            self.qp.to_init(a)
+        except BaseException:
+            self.close()
+            raise
+
+    def info(self) -> dict[str, Any]:
+        return {"qpn": self.qp.qp_num, "gid": str(self.gid)}
+
+    def connect(self, remote: dict[str, Any]) -> None:
+        from pyverbs.addr import GID, AHAttr, GlobalRoute
+        from pyverbs.qp import QPAttr
+        e = self.e
+        a = QPAttr(qp_state=e.IBV_QPS_RTR)
+        a.path_mtu, a.dest_qp_num, a.rq_psn = e.IBV_MTU_1024, remote["qpn"], 0
+        a.max_dest_rd_atomic, a.min_rnr_timer = 1, 12
+        a.ah_attr = AHAttr(gr=GlobalRoute(dgid=GID(remote["gid"]), sgid_index=self.gidx),
+                           is_global=1, port_num=1)
+        self.qp.to_rtr(a)
+        a.qp_state, a.sq_psn, a.timeout, a.retry_cnt, a.rnr_retry = e.IBV_QPS_RTS, 0, 12, 3, 7
+        a.max_rd_atomic = 1
+        self.qp.to_rts(a)
+
+    def close(self) -> None:
+        for x in (self.qp, self.cq):
+            try:
+                if x is not None:
+                    x.close()
+            except Exception:   # noqa: BLE001,S110 - best effort on a broken link
+                pass
+        if self._held:
+            self._held = False
+            give_qp(self.device)
+
+
+def send_json(sock: socket.socket, obj: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(obj).encode() + b"\n")
+
+
+def recv_json(sock: socket.socket, timeout: float) -> dict[str, Any]:
+    sock.settimeout(timeout)
+    buf = b""
+    while not buf.endswith(b"\n"):
+        c = sock.recv(1)
+        if not c:
+            raise RdmaError("peer closed the connection during the exchange")
+        buf += c
+    return json.loads(buf)

@@ -1,0 +1,278 @@
+"""RDMA transport throughput (dataplane/rdma.py) against perftest's `ib_write_bw`, on the same
+rxe0 device in the same run, at 4 KB and 64 KB messages.
+
+    .venv/bin/python perf/rdma_bench.py [--seconds 5] [--warmup 1] [--profile] [--sizes 4KB]
+
+rxe0 exists only in the project's QEMU guest: run from the host, the script runs itself there
+(scripts/guest --rdma --mem 2G) and prints the guest's output.
+
+Ours: two arenas whose slot_size is one message, frames of that size; the sender and the
+receiver are this script again in two processes (roles `send`, `recv`), like
+tests/guest/rdma_checks.py.  The sender's ring is kept full (descriptors written once, prod set
+to cons + ring size after every poll: no producer cost in the figure); the receiver's consumer
+releases everything published after every poll (no consumer cost either).  Both loops nap
+IDLE_SLEEP_S when a poll moved nothing, as dataplane/rdma_run.py (the transport process of a
+run) does: a spinning end would take a vCPU, and a host core, from the kernel's rxe work.
+Bytes/s is counted at the receiver (its stats()["bytes"], frames published) over --seconds
+after --warmup.
+ib_write_bw: server and client on rxe0 with -s MSG -D SECONDS and its defaults otherwise (one
+QP, tx depth 128, one message per WR); its "BW average" is the figure.  Each is run --repeat
+times, alternating; ratio = median ours / median theirs.
+--profile runs both ends under cProfile and prints where their time went.
+
+A benchmark, not a test: the last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rdma_lab import DEVICE, finish, in_rdma_lab, machine, rerun_in_guest
+
+HOST = "10.9.9.1"
+# message bytes: a descriptor's len is 16 bits, so the "64 KB" frame is 65535 B (in a 64 KB
+# slot), and ib_write_bw sends the same 65535 B
+SIZES = {"4KB": 4 << 10, "64KB": (64 << 10) - 1}
+SLOT = {"4KB": 4 << 10, "64KB": 64 << 10}
+RING = {"4KB": 1024, "64KB": 256}          # 4 MB and 16 MB of slots per arena
+TARGET_RATIO = 0.9
+SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def make_arena(name: str, ring_size: int, slot: int) -> Any:
+    from dataplane.arena import Arena, ArenaGeometry
+    p = SHM / f"rdma-bench-{name}-{os.getpid()}"
+    p.unlink(missing_ok=True)
+    a = Arena.create(p, ArenaGeometry(n_ports=1, rings=((0, 0),), ring_size=ring_size,
+                                      slot_size=slot, pool_bytes=0))
+    a.unlink()
+    return a
+
+
+def profiled(fn: Any, enabled: bool, title: str) -> Any:
+    if not enabled:
+        return fn()
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(fn)
+    finally:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+        print(f"---- cProfile {title} (by own time) ----\n{s.getvalue()}", flush=True)
+
+
+# ---- the two ends, each in its own process ----
+
+def recv_role(port: int, slot: int, ring: int, warmup: float, seconds: float, out: Path,
+              profile: bool) -> None:
+    from dataplane.rdma import RdmaReceiver
+    from dataplane.rdma_run import IDLE_SLEEP_S
+    a = make_arena("rx", ring, slot)
+    rx = RdmaReceiver(a, port=port, device=DEVICE)
+    r = a.rings[0]
+
+    def loop() -> dict[str, Any]:
+        t_first = None
+        b0 = t0 = 0.0
+        end = time.monotonic() + warmup + seconds + 60
+        while time.monotonic() < end:
+            moved = rx.poll()
+            n = r.occupancy()
+            if n:
+                r.release(n)
+            elif not moved:
+                time.sleep(IDLE_SLEEP_S)
+            now = time.monotonic()
+            if t_first is None:
+                if rx.s["bytes"]:
+                    t_first = now
+                continue
+            if not t0 and now - t_first >= warmup:
+                b0, t0 = rx.s["bytes"], now
+            elif t0 and now - t0 >= seconds:
+                return {"bytes_per_s": (rx.s["bytes"] - b0) / (now - t0),
+                        "seconds": now - t0, "stats": rx.stats()}
+        raise SystemExit(f"recv: no traffic for the measurement: {rx.stats()}")
+
+    res = profiled(loop, profile, f"receiver {slot} B")
+    out.write_text(json.dumps(res))
+    rx.close()
+
+
+def send_role(port: int, slot: int, ring: int, msg: int, until: float, out: Path,
+              profile: bool) -> None:
+    from dataplane._native import ffi, lib
+
+    from dataplane.rdma import RdmaSender
+    from dataplane.rdma_run import IDLE_SLEEP_S
+    a = make_arena("tx", ring, slot)
+    r = a.rings[0]
+    d = r.desc
+    d["addr"] = a.header.slots_off + np.arange(ring, dtype=np.uint64) * slot
+    d["len"] = msg
+    ring_c = lib.dp_arena_ring(ffi.cast("void *", a.header), 0)
+    ring_c.prod = ring                          # full: every slot holds a frame to send
+    tx = RdmaSender(a, host=HOST, port=port, device=DEVICE)
+    tx.connect()
+
+    def loop() -> None:
+        while time.monotonic() < until:
+            if not tx.poll():
+                time.sleep(IDLE_SLEEP_S)
+            ring_c.prod = int(ring_c.cons) + ring    # refill what was released: always full
+            if tx.link is None:                       # the receiver has measured and gone
+                return
+
+    profiled(loop, profile, f"sender {slot} B")
+    out.write_text(json.dumps(tx.stats()))
+    tx.close()
+
+
+# ---- the orchestration (the first process) ----
+
+def ours(name: str, port: int, warmup: float, seconds: float, profile: bool) -> dict[str, Any]:
+    slot, ring, msg = SLOT[name], RING[name], SIZES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        rout, sout = Path(tmp) / "recv.json", Path(tmp) / "send.json"
+        me = [sys.executable, __file__, "--role"]
+        common = [str(port), str(slot), str(ring), str(msg)]
+        flag = ["--profile"] if profile else []
+        rp = subprocess.Popen([*me, "recv", *common, str(warmup), str(seconds), str(rout),
+                               *flag])
+        until = time.time() + warmup + seconds + 60
+        sp = subprocess.Popen([*me, "send", *common, str(until), str(sout), *flag])
+        try:
+            end = time.monotonic() + warmup + seconds + 120
+            while rp.poll() is None and sp.poll() is None and time.monotonic() < end:
+                time.sleep(0.2)
+            rp.wait(max(1.0, end - time.monotonic()))   # one end failed: the other gives up
+            sp.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            rp.kill()
+            sp.kill()
+        if not rout.exists():
+            raise RuntimeError(f"our transport at {name}: the receiver wrote no result")
+        res = json.loads(rout.read_text())
+        res["sender"] = json.loads(sout.read_text()) if sout.exists() else None
+    return res
+
+
+def listening(port: int) -> bool:
+    """A TCP socket in LISTEN (state 0A) on the port, from /proc (connecting would take the
+    server's one accept)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def ib_write_bw(size: int, port: int, seconds: float) -> dict[str, Any]:
+    from pyverbs.device import Context
+
+    from dataplane.rdma import gid_index
+    with Context(name=DEVICE) as ctx:
+        gidx = gid_index(ctx)
+    args = ["ib_write_bw", "-d", DEVICE, "-x", str(gidx), "-s", str(size), "-D", str(int(seconds)),
+            "-p", str(port), "-F", "--report_gbits"]
+    srv = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # a client that comes before the server listens fails, and leaves the server waiting
+        end = time.monotonic() + 30
+        while not listening(port) and srv.poll() is None and time.monotonic() < end:
+            time.sleep(0.1)
+        cli = subprocess.run([*args, HOST], capture_output=True, text=True,
+                             timeout=seconds + 120)
+        srv_out = srv.communicate(timeout=30)[0]
+    finally:
+        srv.kill()
+    # the result row: "#bytes #iterations BW peak[Gb/sec] BW average[Gb/sec] MsgRate[Mpps]"
+    rows = [ln.split() for ln in cli.stdout.splitlines()
+            if ln.split() and ln.split()[0] == str(size)]
+    if cli.returncode or not rows:
+        raise RuntimeError(f"ib_write_bw failed ({cli.returncode}):\n{cli.stdout}{cli.stderr}"
+                           f"\nserver:\n{srv_out}")
+    _, iters, _, avg_gbit, mpps = rows[-1][:5]
+    return {"bytes_per_s": float(avg_gbit) * 1e9 / 8, "iterations": int(iters),
+            "mpps": float(mpps), "command": " ".join([*args, HOST]), "gid_index": gidx}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=int, default=4, help="measured, per run (ib_write_bw -D)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each, alternating")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--profile", action="store_true", help="cProfile both ends of ours")
+    ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    ap.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--json-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    # root in the guest: the arenas (up to 16 MB) are registered whole, over the default limit
+    if in_rdma_lab():
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY,) * 2)
+    if args.role:
+        role, *rest = args.role
+        port, slot, ring, msg = (int(x) for x in rest[:4])
+        if role == "recv":
+            recv_role(port, slot, ring, float(rest[4]), float(rest[5]), Path(rest[6]),
+                      args.profile)
+        else:
+            send_role(port, slot, ring, msg, float(rest[4]), Path(rest[5]), args.profile)
+        return 0
+    if not in_rdma_lab():
+        return rerun_in_guest(__file__, sys.argv[1:], mem="2G")
+    results: dict[str, Any] = {}
+    port = 18700
+    for name in args.sizes:
+        size = SIZES[name]
+        runs: dict[str, list[dict[str, Any]]] = {"ib_write_bw": [], "ours": []}
+        # alternating, medians: the host's other load moves both by +-30% from run to run
+        for _ in range(args.repeat):
+            port += 2
+            theirs = ib_write_bw(size, port, args.seconds)
+            print(f"{name:>5} ib_write_bw   {theirs['bytes_per_s'] / 1e6:9.1f} MB/s "
+                  f"({theirs['mpps'] * 1e6:.0f} msg/s)", flush=True)
+            mine = ours(name, port + 1, args.warmup, args.seconds, args.profile)
+            print(f"{name:>5} dataplane     {mine['bytes_per_s'] / 1e6:9.1f} MB/s "
+                  f"({mine['bytes_per_s'] / size:.0f} msg/s)", flush=True)
+            runs["ib_write_bw"].append(theirs)
+            runs["ours"].append(mine)
+        med = {k: statistics.median(r["bytes_per_s"] for r in v) for k, v in runs.items()}
+        ratio = med["ours"] / med["ib_write_bw"]
+        print(f"{name:>5} medians: dataplane {med['ours'] / 1e6:.1f} MB/s, ib_write_bw "
+              f"{med['ib_write_bw'] / 1e6:.1f} MB/s, ratio {ratio:.2f}x", flush=True)
+        results[name] = {"message_bytes": size, "slot_size": SLOT[name], "ring_size": RING[name],
+                         "ours_bytes_per_s": round(med["ours"]),
+                         "ib_write_bw_bytes_per_s": round(med["ib_write_bw"]),
+                         "ratio": round(ratio, 3),
+                         "ours_runs": [round(r["bytes_per_s"]) for r in runs["ours"]],
+                         "ib_write_bw_runs": [round(r["bytes_per_s"]) for r in runs["ib_write_bw"]],
+                         "ib_write_bw_command": theirs["command"],
+                         "ours_last": {k: mine[k] for k in ("seconds", "stats", "sender")}}
+    finish({"machine": machine(), "seconds": args.seconds, "warmup": args.warmup,
+            "repeat": args.repeat,
+            "results": results, "target_ratio": TARGET_RATIO,
+            "target_met": all(r["ratio"] >= TARGET_RATIO for r in results.values())},
+           args.json_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
