@@ -14,11 +14,12 @@ ib_write_bw's client in B (10.6.6.2), which measures and writes the JSON.
 
 Ours: two arenas whose slot_size is one message, frames of that size; the sender and the
 receiver are this script again in two processes (roles `send`, `recv`, each printing its JSON
-as its last line), like tests/guest/rdma_checks.py.  The sender's ring is kept full (descriptors written once, prod set
-to cons + ring size after every poll: no producer cost in the figure); the receiver's consumer
-releases everything published after every poll (no consumer cost either).  Both loops nap
-IDLE_SLEEP_S when a poll moved nothing, as dataplane/rdma_run.py (the transport process of a
-run) does: a spinning end would take a vCPU, and a host core, from the kernel's rxe work.
+as its last line), like tests/guest/rdma_checks.py.  The sender's ring is kept full
+(descriptors written once, prod set to cons + ring size after every poll: no producer cost in
+the figure); the receiver's consumer releases everything published after every poll (no
+consumer cost either).  Both loops nap IDLE_SLEEP_S when a poll moved nothing, as
+dataplane/rdma_run.py (the transport process of a run) does: a spinning end would take a vCPU,
+and a host core, from the kernel's rxe work.
 Bytes/s is counted at the receiver (its stats()["bytes"], frames published) over --seconds
 after --warmup.
 ib_write_bw: server and client on rxe0 (rxh) with -s MSG -D SECONDS and its defaults otherwise
