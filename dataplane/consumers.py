@@ -289,6 +289,15 @@ class TrafficStats:
                 self._fold(rs)
 
     def _fold(self, rs: RingStats) -> None:
+        # staged descriptors are folded once, even when folding fails part-way: folding them
+        # again would count every sequence number in them again, as duplicates
+        try:
+            self._fold_staged(rs)
+        finally:
+            rs.staged = 0
+            self.folds += 1
+
+    def _fold_staged(self, rs: RingStats) -> None:
         d = rs.desc[:rs.staged].view(DESC_DTYPE)
         tr = rs.trailer[:rs.staged].view(TRAILER_DTYPE)
         length = d["len"]
@@ -304,8 +313,6 @@ class TrafficStats:
             self._generated(d if n_gen == len(d) else d[gen], tr if n_gen == len(d) else tr[gen],
                             rs)
         self.flows.update(d)
-        self.folds += 1
-        rs.staged = 0
 
     def _generated(self, g: np.ndarray, tr: np.ndarray, rs: RingStats) -> None:
         """Latency and sequence numbers of generated frames with a valid trailer."""

@@ -39,10 +39,12 @@ chain of work requests:
     did not complete are not released: after a reconnect they are sent again (at least once;
     the new receiver's ring continues from its own prod).  A completion means the bytes are in
     the receiver's memory, not that it published them: a receiver that dies just after loses
-    those batches (up to `window` of them), as with any RDMA WRITE.
-Publishing prod from Python is a plain store through cffi after the descriptors were written by
-the HCA: on x86 (TSO) stores are not reordered with earlier stores, which is what the C
-producer's release store guarantees elsewhere.
+    those batches (up to `window` of them), as with any RDMA WRITE.  They are counted: the
+    receiver names its ring (`ring_id`: the arena file's device and inode, the ring), and a
+    sender reconnecting to the same ring (a restarted receiver process on the same arena)
+    counts the positions it saw completed past the receiver's prod in lost_batches and
+    lost_packets, so the books stay exact: published + lost = completed.
+Publishing prod is a release store (dp_ring_store_prod), as the C producers do.
 
 Credits: the sender may write positions [tail, cons + ring_size) only, where cons is the
 receiver's consumer index: it never overwrites a slot the receiver's consumer has not given
@@ -55,12 +57,16 @@ Errors: a work completion with an error status (wc_errors), a post that fails, t
 gone or no completion within cq_timeout while batches are in flight (peer_errors): the error is
 kept in `last_error`, the QP and CQ are destroyed and the sender reconnects (new QPs through a
 new TCP exchange; `reconnects`), retrying until the peer is back.  The receiver drops a broken
-connection and accepts the next one.
+connection and accepts the next one; a new connection while one is up replaces it (the sender
+reconnected after a failure this side has not seen).
 """
 
 from __future__ import annotations
 
+import os
+import select
 import socket
+import uuid
 from typing import Any
 
 import numpy as np
@@ -85,6 +91,16 @@ __all__ = ["CREDIT", "MAX_BATCH", "RdmaError", "RdmaReceiver", "RdmaSender", "WC
            "gid_index"]
 
 
+def _ring_id(arena: Arena, ring: int) -> str:
+    """Names the ring across receiver processes: a new arena file is another ring.  An unlinked
+    arena cannot be opened by another process: a name of this process's own will do."""
+    try:
+        st = os.stat(arena.path)
+    except OSError:
+        return f"{os.getpid()}:{uuid.uuid4()}:{ring}"
+    return f"{st.st_dev}:{st.st_ino}:{ring}"
+
+
 class RdmaReceiver:
     """Registers one ring's descriptors and slots of `arena` once; accepts senders one at a time,
     publishes what they write and returns credits as the ring's consumer releases."""
@@ -105,6 +121,7 @@ class RdmaReceiver:
         self.desc_off = h.rings_off + ring * h.ring_stride + ffi.sizeof("struct dp_ring")
         self.slots_off = h.slots_off + ring * self.size * self.slot_size
         self.desc = arena.rings[ring].desc
+        self.ring_id = _ring_id(arena, ring)
         # what a valid descriptor's addr is at each position: compared by slices, per batch
         self._want = (np.uint64(self.slots_off)
                       + np.arange(self.size, dtype=np.uint64) * np.uint64(self.slot_size))
@@ -148,7 +165,7 @@ class RdmaReceiver:
                              "slot_addr": self.reg.addr + self.slots_off - self.desc_off,
                              "slots_off": self.slots_off, "ring_size": self.size,
                              "slot_size": self.slot_size, "prod": int(self._ring.prod),
-                             "cons": cons})
+                             "cons": cons, "ring_id": self.ring_id})
             link.connect(recv_json(conn, 10.0))
             send_json(conn, {"ready": True})
         except Exception as err:   # noqa: BLE001 - OSError, RdmaError, pyverbs errors
@@ -194,7 +211,15 @@ class RdmaReceiver:
                 self.link.qp.post_recv(self._rwrs[wc.wr_id])
         if n == 0:
             # a sender that is gone shows as EOF here; looked at only when nothing completed,
-            # since a syscall per pass is most of an idle pass's cost
+            # since a syscall per pass is most of an idle pass's cost.  A sender whose link
+            # failed reconnects before this side's TCP notices anything (after a link outage
+            # the old connection's FIN may come seconds later, or never): one sender per ring,
+            # so a new connection replaces the old one
+            if select.select([self.lsock], [], [], 0)[0]:
+                self._drop("the sender connected again: its old connection is dropped",
+                           "peer_errors")
+                self._accept()
+                return published
             try:
                 if self.conn.recv(64) == b"":
                     self._drop("sender closed the connection", "peer_errors")
@@ -237,7 +262,7 @@ class RdmaReceiver:
                 self._drop("descriptors outside their slots", "peer_errors")
                 return 0
             nbytes += int(lens.sum())
-        self._ring.prod = prod + n      # x86 TSO: a plain store publishes (see the docstring)
+        lib.dp_ring_store_prod(self._ring, prod + n)
         self.s["batches"] += 1
         self.s["packets"] += n
         self.s["bytes"] += nbytes

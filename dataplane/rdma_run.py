@@ -76,7 +76,8 @@ class _Books:
         c = {"batches": s.get("batches", 0), "packets": s.get("packets", 0),
              "bytes": s.get("bytes", 0), "bad_frames": s.get("bad_batches", 0),
              "reconnects": max(s.get("connects", 0) - 1, 0), "disconnects": errors,
-             "acks": s.get("credits_sent", 0)}
+             "acks": s.get("credits_sent", 0), "lost_batches": s.get("lost_batches", 0),
+             "lost_packets": s.get("lost_packets", 0)}
         cur = np.zeros_like(self.c0)
         for k, v in c.items():
             cur[COUNTERS.index(k)] = v
@@ -254,7 +255,8 @@ def status_line(role: str, device: str, ctl: Control) -> str:
     mr = r["mr_hits"] + r["mr_misses"]
     return (f"  rdma {device}: QPs {r['qps']}/{r['max_qp']}, {credits}; "
             f"batches {c['batches']}, packets {c['packets']}; wc errors {r['wc_errors']}, "
-            f"peer errors {r['peer_errors']}, reconnects {c['reconnects']}; MR cache "
+            f"peer errors {r['peer_errors']}, reconnects {c['reconnects']}, lost "
+            f"{c['lost_packets']}; MR cache "
             f"{r['mr_hits']}/{mr} hits, {r['mr_registered_bytes'] >> 20} MiB registered of "
             f"{r['mr_budget_bytes'] >> 20} MiB, {r['mr_evictions']} evictions")
 

@@ -49,6 +49,7 @@ class _Batch(NamedTuple):
     seq: int        # the signaled WR's wr_id
     n: int          # descriptors (local ring positions released on completion)
     nbytes: int
+    end: int        # remote ring position after it
 
 
 class _WRs:
@@ -114,8 +115,12 @@ class RdmaSender:
         self._rxbuf = b""
         self._waiting = False
         self.last_error = ""
+        # remote ring end of each batch seen completed, for the loss count after a reconnect
+        self._ring_id = ""
+        self._completed: deque[tuple[int, int]] = deque()
         self.s = {"batches": 0, "packets": 0, "bytes": 0, "credits_wait": 0, "wc_errors": 0,
-                  "peer_errors": 0, "reconnects": 0, "connects": 0}
+                  "peer_errors": 0, "reconnects": 0, "connects": 0, "lost_batches": 0,
+                  "lost_packets": 0}
 
     # ---- connection ----
 
@@ -150,9 +155,10 @@ class RdmaSender:
             raise RdmaError("the receiver did not confirm the connection")
         sock.setblocking(False)
         self.peer = peer
+        self._settle(peer)
         self.tail, self.remote_cons = peer["prod"], peer["cons"]
         # the receiver's ring continues from its own prod; ours from the oldest unreleased
-        # position: whatever was in flight on the old QP is sent again (at least once)
+        # position: what was in flight on the old QP and not published is sent again
         self.sent = self._prod = self.reader.cons
         self.inflight.clear()
         self._raddr = (np.uint64(peer["slots_off"])
@@ -160,13 +166,33 @@ class RdmaSender:
                            peer["slot_size"]))
         self._rxbuf = b""
 
+    def _settle(self, peer: dict[str, Any]) -> None:
+        """Back on the same ring (a receiver process restarted on its arena, or the same one
+        after a link failure), its prod says exactly what it published: batches in flight that
+        it published are released now, not sent twice; batches seen completed that it did not
+        publish (it died between the write and its poll) are counted lost.  On another ring
+        nothing is known: everything in flight is sent again."""
+        prod = peer["prod"]
+        if peer.get("ring_id") == self._ring_id:
+            lost = [(end, n) for end, n in self._completed if end > prod]
+            self.s["lost_batches"] += len(lost)
+            self.s["lost_packets"] += sum(min(n, end - prod) for end, n in lost)
+            while self.inflight and self.inflight[0].end <= prod:
+                b = self.inflight.popleft()
+                self.reader.release(b.n)
+                self.s["batches"] += 1
+                self.s["packets"] += b.n
+                self.s["bytes"] += b.nbytes
+        self._ring_id = peer.get("ring_id", "")
+        # unpublished positions are fewer than a ring: so many batches are enough to remember
+        self._completed = deque(maxlen=peer["ring_size"])
+
     def _teardown(self) -> None:
         if self.link:
             self.link.close()
         if self.sock:
             self.sock.close()
         self.link = self.sock = None
-        self.inflight.clear()
 
     def _fail(self, why: str, counter: str) -> None:
         self.last_error = why
@@ -237,6 +263,7 @@ class RdmaSender:
                 raise RdmaError(f"completion of batch {wc.wr_id} out of order (expected "
                                 f"{b.seq if b else 'none'})")
             self.reader.release(b.n)
+            self._completed.append((b.end, b.n))
             done += b.n
             self.s["batches"] += 1
             self.s["packets"] += b.n
@@ -327,9 +354,9 @@ class RdmaSender:
         if not self.inflight:
             self._progress = time.monotonic()
         self.link.qp.post_send(chain[0])
-        self.inflight.append(_Batch(seq, n, int(lens.sum())))
         self.sent += n
         self.tail += n
+        self.inflight.append(_Batch(seq, n, int(lens.sum()), self.tail))
 
     def stats(self) -> dict[str, Any]:
         return {**self.s, "credits": self.credits(), "connected": self.link is not None,

@@ -3,6 +3,7 @@ plays the C worker: frame bytes into the ring's slots, descriptors, then prod)."
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 import uuid
@@ -267,3 +268,26 @@ def test_loop_thread_drains_across_wrap_and_survives_a_bad_consumer():
     finally:
         arena.close()
         arena.unlink()
+
+
+def test_a_fold_that_fails_does_not_count_its_sequence_numbers_twice(arena):
+    """A failure while folding staged descriptors (here: the flow table raising once) loses
+    that fold's flow figures, never turns its packets into duplicates at the next fold."""
+    stats = TrafficStats()
+    update, calls = stats.flows.update, []
+
+    def fails_once(d):
+        calls.append(len(d))
+        if len(calls) == 1:
+            raise ValueError("flow table")
+        update(d)
+
+    stats.flows.update = fails_once
+    filler = RingFiller(arena)
+    for i in range(0, 64, 16):
+        filler.put([frame(IP() / UDP(), 80, seq=s, stream=3) for s in range(i, i + 16)])
+        with pytest.raises(ValueError) if i == 0 else contextlib.nullcontext():
+            drain(ring_sources([arena]), [stats], max_batch=16)
+            stats.flush()
+    s = stats.streams.streams[3]
+    assert (s.received, s.unique, s.duplicates) == (64, 64, 0) and len(calls) == 4

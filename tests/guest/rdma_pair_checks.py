@@ -216,11 +216,14 @@ def _start(name: str, n: int, port: int, last: int, **kw: Any) -> tuple[Any, Rdm
     return a, RdmaSender(a, host=PEER, port=port, device=DEVICE, **kw)
 
 
-def _until_error(tx: RdmaSender, timeout: float = 60) -> float:
-    """Keep writing until the sender drops its link; seconds it took."""
+def _until_error(tx: RdmaSender, timeout: float = 60, pace: float = 0.0) -> float:
+    """Keep writing until the sender drops its link; seconds it took.  `pace`: a nap between
+    polls, so the stream is still going when the peer goes (a free-running sender may finish
+    first)."""
     t = time.monotonic()
     while tx.link is not None:
         tx.poll()
+        time.sleep(pace)
         assert time.monotonic() - t < timeout, f"no error within {timeout} s: {tx.stats()}"
     return round(time.monotonic() - t, 3)
 
@@ -276,10 +279,12 @@ def pair_peer_killed() -> dict[str, Any]:
     """SIGKILL the receiver mid-stream; the sender counts the error, reconnects to a restarted
     one, which gets every seq from the first the sender had not seen completed, in order."""
     n, port = 3000, 18712
-    a, tx = _start("b1", n, port, 10 ** 9)
+    # one batch of 16 in flight, a poll every 5 ms: at most 3200 frames/s, so the 2000 after
+    # the first 1000 take longer than the 0.3 s before the kill
+    a, tx = _start("b1", n, port, 10 ** 9, max_batch=16, window=1)
     run_sender(tx, lambda: tx.stats()["packets"] >= 1000)
     CTL.call("kill", name="b1", after=0.3)
-    detect = _until_error(tx)
+    detect = _until_error(tx, pace=0.005)
     err, before = tx.last_error, tx.stats()
     acked = n - a.rings[0].occupancy()      # released = completed; the rest is sent again
     killed = CTL.call("wait", name="b1", timeout=30)
