@@ -262,6 +262,10 @@ class RdmaReceiver:
                 self._drop("descriptors outside their slots", "peer_errors")
                 return 0
             nbytes += int(lens.sum())
+        c = self._ring.c            # the ring's own counters, as a worker keeps them: the
+        c.rx_packets += n           # scrape shows these packets like local ones
+        c.rx_bytes += nbytes
+        c.bursts += 1
         lib.dp_ring_store_prod(self._ring, prod + n)
         self.s["batches"] += 1
         self.s["packets"] += n

@@ -100,7 +100,7 @@ def check_run_with_rdma_transport() -> dict[str, Any]:
     number arrives or is counted lost, and the run exits 0."""
     cfg = write_config(Path("/lab/rdma-run.toml"), count=0, rate=300)
     log = open("/lab/run.out", "w")     # noqa: SIM115 - the run's output, read at the end
-    run = subprocess.Popen([*DATAPLANE, "run", "--config", str(cfg), "--duration", "25"],
+    run = subprocess.Popen([*DATAPLANE, "run", "--config", str(cfg), "--duration", "300"],
                            stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         return _watch(cfg, run)
@@ -134,11 +134,15 @@ def _watch(cfg: Path, run: subprocess.Popen) -> dict[str, Any]:
              lambda: control_pid("col") not in (0, victim) and
              metric(scrape(), "dataplane_transport_reconnects_total",
                     transport="ship") >= 1, 60)
+    time.sleep(3)                       # the stream flows again through the new receiver
     after_kill = status(cfg)
+    run.send_signal(signal.SIGINT)      # an operator's Ctrl-C: the run stops and settles
     rc = run.wait(120)
-    out = Path("/lab/run.out").read_text()
+    # the run's log and books, without its once-a-second summary lines
+    out = "".join(ln for ln in Path("/lab/run.out").read_text().splitlines(keepends=True)
+                  if "] rx " not in ln)
     return {"rc": rc, "status": seen, "status_after_kill": after_kill, "metrics": before,
-        "output": out[-3000:]}
+            "output": out[-6000:]}
 
 
 def check_missing_device_is_a_clear_error() -> dict[str, Any]:
