@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from dataplane import cli
+from tests import unprivileged
 
 ROOT = Path(__file__).resolve().parent.parent
 DATAPLANE = [sys.executable, "-m", "dataplane.cli"]
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 TAG = f"{os.getpid() % 100000}"
 
 
@@ -97,7 +97,7 @@ def test_root_commands_refuse_non_root(args: list[str], tmp_path: Path) -> None:
                    '[[worker.port]]\nname = "p"\ndriver = "af_packet"\niface = "x0"\n')
     # tmp_path is 0700 root: nobody cannot even read the config, so this also shows that the
     # privilege check comes before the config is read.
-    r = run(*args, "--config", str(cfg), prefix=NOBODY)
+    r = run(*args, "--config", str(cfg), prefix=unprivileged.prefix())
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "needs CAP_NET_ADMIN and CAP_SYS_ADMIN" in r.stderr
     assert f"run as root: sudo dataplane {args[0]}" in r.stderr

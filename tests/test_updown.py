@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import unprivileged
 from tests.test_run import DEFAULT, free_port
 
 pytestmark = [pytest.mark.root,
@@ -166,8 +167,8 @@ def test_non_root_refused_before_any_change(setup) -> None:
     os.chmod(cfg.parent, 0o755)
     os.chmod(cfg, 0o644)
     for cmd in ("up", "down"):
-        p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            DP, cmd, "--config", str(cfg)], capture_output=True, text=True)
+        p = subprocess.run([*unprivileged.prefix(), DP, cmd, "--config", str(cfg)],
+                           capture_output=True, text=True)
         assert p.returncode == 2, p.stdout + p.stderr
         assert "CAP_SYS_ADMIN" in p.stderr and "sudo dataplane" in p.stderr, p.stderr
     assert snapshot(dummy) == before and not journal.exists()
