@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from dataplane._check import Table
 
 if TYPE_CHECKING:
-    from dataplane.config import Worker
+    from dataplane.worker_cfg import Worker
 
 log = logging.getLogger("dataplane.config")
 

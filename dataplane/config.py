@@ -1,16 +1,16 @@
 """The TOML config: load and validate it, then plan() it into the WorkerSpecs the workers run.
 
-Validation reads every table through `_Table`, which records each key it is asked for, so an
-unknown key (a typo) is reported rather than silently ignored.  Every problem names its key path,
-the bad value and what is allowed, and all of them are raised together in one ConfigError so a
-user fixes a file in one pass.  plan() is the only place that turns a config into worker specs;
-it is also the only place that looks at the host (hugetlbfs mounts, free hugepages), and it only
-looks: it never changes the host's hugepage reservation.
+Validation reads every table through `dataplane._check.Table` (the [[worker]] tables in
+worker_cfg.py, the [[transport]] tables in transport_cfg.py), which records each key it is asked
+for, so an unknown key (a typo) is reported rather than silently ignored.  Every problem names
+its key path, the bad value and what is allowed, and all of them are raised together in one
+ConfigError so a user fixes a file in one pass.  plan() is the only place that turns a config
+into worker specs; it is also the only place that looks at the host (hugetlbfs mounts, free
+hugepages), and it only looks: it never changes the host's hugepage reservation.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import tomllib
@@ -18,19 +18,16 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from dataplane import template, transport_cfg
+from dataplane import template, transport_cfg, worker_cfg
 from dataplane._check import ConfigError, Problems, Table, checks
-from dataplane.backend import BACKENDS, resolve
+from dataplane.backend import BACKENDS
 from dataplane.host import settings as host_settings
 from dataplane.host.settings import Host
 from dataplane.spec import GenSpec, PortSpec, WorkerSpec
+from dataplane.worker_cfg import RUN_DIR, Port, Worker
 
 log = logging.getLogger(__name__)
 
-DRIVERS = ("af_packet", "af_xdp", "memif", "pci", "udp")
-DRIVER_KEYS = {"af_packet": ("iface",), "af_xdp": ("iface",), "memif": ("role", "socket", "id"),
-               "pci": ("pci",), "udp": ("udp_port",)}
-RUN_DIR = Path("/run/dataplane")        # 0700: memif sockets live here unless a config says not
 MBUF_FOOTPRINT = 2560   # bytes per mbuf in the pool: 2048 data + headroom + rte_mbuf + mempool
 
 
@@ -71,56 +68,6 @@ class ArenaCfg:
 
 
 @dataclass
-class Port:
-    name: str
-    driver: str
-    queues: int = 1
-    iface: str | None = None
-    pci: str | None = None
-    role: str = "server"
-    socket: str | None = None
-    id: int = 0
-    udp_port: int | None = None
-
-
-@dataclass
-class Generate:
-    port: str
-    rate_pps: int = 0
-    burst: int = 32
-    count: int = 0
-    stream: int | None = None
-    checksum: bool = True
-    src_mac: str = "02:00:00:00:00:01"
-    dst_mac: str = "02:00:00:00:00:02"
-    src: str = "10.77.0.1"
-    dst: str = "10.77.0.2"
-    proto: str = "udp"
-    sport: int = 1024
-    dport: int = 9
-    vlan: list[int] = field(default_factory=list)
-    size: int = 128
-    vary: str = "none"
-    vary_range: tuple[int, int] = (1024, 65535)
-
-
-@dataclass
-class Worker:
-    name: str
-    ports: list[Port]
-    core: int | None = None
-    netns: str | None = None
-    poll: str = "busy"
-    idle_sleep_us: int = 0
-    zero_copy: bool = True
-    copybreak: int = 256
-    burst: int = 32
-    generate: Generate | None = None
-    backend: str = "auto"         # as configured; plan() resolves "auto" (see _backend)
-    backend_reason: str = ""
-
-
-@dataclass
 class Config:
     source: str
     metrics: Metrics
@@ -158,7 +105,8 @@ def loads(text: str, source: str = "<string>") -> Config:
     arena = _arena(top.table("arena"))
     host = host_settings.parse(top.table("host"))
     # a config may only prepare the host ([host] and no workers); otherwise it runs workers
-    workers = [_worker(t, backend) for t in top.tables("worker", required="host" not in data)]
+    workers = [worker_cfg.parse(t, backend)
+               for t in top.tables("worker", required="host" not in data)]
     transports = [transport_cfg.parse(t) for t in top.tables("transport")]
     transport_cfg.cross_check(transports, workers, p)
     top.close()
@@ -216,88 +164,6 @@ def _arena(t: Table) -> ArenaCfg:
                 f"pool_mb = {a.pool_mb}; raise pool_mb or lower mbufs")
     t.close()
     return a
-
-
-def _port(t: Table) -> Port:
-    p = Port(
-        name=t.get("name", str, check=checks.label),
-        driver=t.get("driver", str, choices=DRIVERS),
-        queues=t.get("queues", int, 1, check=checks.between(1, 16)),
-        iface=t.get("iface", str, None, check=checks.ifname),
-        pci=t.get("pci", str, None, check=checks.pci),
-        role=t.get("role", str, "server", choices=("server", "client")),
-        socket=t.get("socket", str, None, check=checks.socket_path),
-        id=t.get("id", int, 0, check=checks.between(0, 255)),
-        udp_port=t.get("udp_port", int, None, check=checks.between(1, 65535)))
-    # Each driver takes some keys and refuses the others, so a misplaced key is not ignored.
-    wants = DRIVER_KEYS.get(p.driver or "", ())
-    for key in ("iface", "pci", "udp_port"):
-        if key in wants and key not in t.data:
-            t.error(key, None, f'missing; driver = "{p.driver}" needs it')
-    for key in ("iface", "pci", "role", "socket", "id", "udp_port"):
-        if p.driver and key in t.data and key not in wants:
-            owners = [d for d, keys in DRIVER_KEYS.items() if key in keys]
-            t.error(key, t.data[key], f"only for driver = {' or '.join(owners)}, not {p.driver}")
-    if p.pci and len(p.pci) == 7:
-        p.pci = "0000:" + p.pci                 # DPDK names a PCI port with its domain
-    p.pci = p.pci.lower() if p.pci else p.pci
-    if p.driver == "memif" and p.socket is None:
-        p.socket = str(RUN_DIR / "memif.sock")
-    t.close()
-    return p
-
-
-def _generate(t: Table) -> Generate:
-    g = Generate(
-        port=t.get("port", str),
-        rate_pps=t.get("rate_pps", int, 0, check=checks.between(0, 100_000_000)),
-        burst=t.get("burst", int, 32, check=checks.between(1, 1024)),
-        count=t.get("count", int, 0, check=checks.between(0, 1 << 62)),
-        stream=t.get("stream", int, None, check=checks.between(1, 0xFFFFFFFF)),
-        checksum=t.get("checksum", bool, True),
-        src_mac=t.get("src_mac", str, Generate.src_mac, check=checks.mac),
-        dst_mac=t.get("dst_mac", str, Generate.dst_mac, check=checks.mac),
-        src=t.get("src", str, Generate.src, check=checks.ip_address),
-        dst=t.get("dst", str, Generate.dst, check=checks.ip_address),
-        proto=t.get("proto", str, "udp", choices=("udp", "tcp")),
-        sport=t.get("sport", int, Generate.sport, check=checks.between(0, 65535)),
-        dport=t.get("dport", int, Generate.dport, check=checks.between(0, 65535)),
-        vlan=t.get("vlan", list, [], check=checks.vlan_ids),
-        size=t.get("size", int, 128, check=checks.between(60, template.TMPL_MAX)),
-        vary=t.get("vary", str, "none", choices=("none", "sport", "dport")),
-        vary_range=tuple(t.get("vary_range", list, [1024, 65535], check=checks.port_range)))
-    versions = {ipaddress.ip_address(a).version for a in (g.src, g.dst)}
-    if len(versions) > 1:
-        t.error("dst", g.dst, f"must be the same IP version as src = \"{g.src}\"")
-    need = template.min_size(versions.pop(), g.proto, len(g.vlan))
-    if g.size < need:
-        t.error("size", g.size, f"expected at least {need}: headers plus the "
-                f"{template.TRAILER_LEN}-byte generator trailer")
-    t.close()
-    return g
-
-
-def _worker(t: Table, backend: str = "auto") -> Worker:
-    w = Worker(
-        name=t.get("name", str, check=checks.label),
-        backend=t.get("backend", str, backend, choices=BACKENDS),
-        core=t.get("core", int, None, check=checks.cpu),
-        netns=t.get("netns", str, None, check=checks.name),
-        poll=t.get("poll", str, "busy", choices=("busy", "adaptive")),
-        zero_copy=t.get("zero_copy", bool, True),
-        copybreak=t.get("copybreak", int, 256, check=checks.between(0, 9000)),
-        burst=t.get("burst", int, 32, check=checks.between(1, 1024)),
-        ports=[_port(p) for p in t.tables("port", required=True)])
-    if w.poll == "adaptive":
-        w.idle_sleep_us = t.get("idle_sleep_us", int, 50, check=checks.between(1, 100_000))
-    else:
-        t.refuse("idle_sleep_us", 'only with poll = "adaptive"; busy polling never sleeps')
-    gen = t.table("generate")
-    if "generate" in t.data:
-        w.generate = _generate(gen)
-    resolve(t, w)
-    t.close()
-    return w
 
 
 def _cross_check(cfg: Config, p: Problems) -> None:
