@@ -64,7 +64,7 @@ PAIR_DEVICE, PAIR_PEER = "rxh", "10.6.6.1"      # two guests: the link's rxe, gu
 # slot), and ib_write_bw sends the same 65535 B
 SIZES = {"4KB": 4 << 10, "64KB": (64 << 10) - 1}
 SLOT = {"4KB": 4 << 10, "64KB": 64 << 10}
-RING = {"4KB": 1024, "64KB": 256}          # 4 MB and 16 MB of slots per arena
+RING = {"4KB": 1024, "64KB": 1024}         # 4 MB and 64 MB of slots per arena
 TARGET_RATIO = 0.9
 SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
