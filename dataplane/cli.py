@@ -317,10 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     lb.set_defaults(func=cmd_lab)
 
     st = sub.add_parser("status", parents=[common, with_config], formatter_class=fmt,
-                        help="lab state and each worker's arena, state, pid and heartbeat",
-                        description="Read-only: the lab's namespaces and links, and for each "
-                        "worker its arena file (hugetlbfs or /dev/shm) with state, pid and "
-                        "heartbeat age.", epilog="examples:\n  dataplane status\n  "
+                        help="host changes, lab, workers and transports of a run",
+                        description="Read-only: the host changes applied (journal), hugepage "
+                        "pools, the lab's namespaces and links, each worker's arena file "
+                        "(hugetlbfs or /dev/shm) with state, pid and heartbeat age, and each "
+                        "[[transport]]: state, connection, batches; for RDMA its queue pairs "
+                        "against the device's max_qp, credits, errors, reconnects, lost packets "
+                        "and the memory-registration cache.",
+                        epilog="examples:\n  dataplane status\n  "
                         "dataplane status --config config/appliance.toml")
     st.set_defaults(func=cmd_status)
 
