@@ -66,8 +66,8 @@ def check_device(name: str) -> str:
 class _Books:
     """Writes an end's stats() into the control file, on top of what the file held at start."""
 
-    def __init__(self, ctl: Control, role: str) -> None:
-        self.ctl, self.role = ctl, role
+    def __init__(self, ctl: Control) -> None:
+        self.ctl = ctl
         self.c0 = ctl.counters.copy()
         self.r0 = ctl.rdma.copy()
 
@@ -142,20 +142,22 @@ def run(spec: TransportSpec) -> int:
         if end is not None:
             end.close()
         return EXIT_SETUP_FAILED
-    books = _Books(ctl, spec.role)
+    books = _Books(ctl)
+    sending = spec.role == "send"
     hdr.state = lib.DP_W_RUNNING
     last_error, next_publish, drain_until = "", 0.0, None
     try:
         while True:
             now = time.monotonic()
-            if hdr.stop and drain_until is None:
-                drain_until = now + (DRAIN_S if spec.role == "send" else 0.0)
-            if drain_until is not None and (now >= drain_until or spec.role == "recv"
-                                            or len(end.reader.peek(1)) == 0
-                                            or not end.stats()["connected"]):
-                break
+            if hdr.stop:
+                # a receiver stops at once; a sender first finishes what its ring holds, while
+                # it has a receiver and for at most DRAIN_S
+                drain_until = drain_until or now + DRAIN_S
+                if not sending or now >= drain_until or end.link is None or \
+                        end.reader.occupancy() == 0:
+                    break
             try:
-                if spec.role == "send" and not end.stats()["connected"]:
+                if sending and end.link is None:
                     end.connect(timeout=0.5)       # short: the stop flag is seen between tries
                 n = end.poll()
             except RdmaError as err:

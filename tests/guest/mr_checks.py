@@ -30,6 +30,7 @@ from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
 from pyverbs.wr import SGE, SendWR
 
 from dataplane.mr_cache import MemlockError, MRCache
+from dataplane.rdma_link import gid_index
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/lab/results.json")
 RESULTS: dict[str, dict[str, Any]] = {}
@@ -191,18 +192,7 @@ class Peer:
     """Two RC QPs on rxe0 connected to each other (recipes/rc_test.py) and a peer MR."""
 
     def __init__(self) -> None:
-        port = CTX.query_port(1)
-        self.gidx = 0
-        for i in range(port.gid_tbl_len):
-            try:
-                g = str(CTX.query_gid(1, i))
-            except Exception:   # noqa: BLE001,S112 - holes in the table
-                continue
-            if g == "0000:0000:0000:0000:0000:0000:0000:0000":
-                break
-            if g.startswith("0000:0000:0000:0000:0000:ffff"):
-                self.gidx = i
-                break
+        self.gidx = gid_index(CTX)
         self.gid = CTX.query_gid(1, self.gidx)
         self.cq = CQ(CTX, 16)
         cap = QPCap(max_send_wr=8, max_recv_wr=8, max_send_sge=1, max_recv_sge=1)

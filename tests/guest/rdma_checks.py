@@ -150,6 +150,17 @@ def in_order(seqs: list[int], first: int, last: int) -> bool:
     return seqs == list(range(first, last + 1))
 
 
+def collect(tx: RdmaSender, out: Path, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The receiver's report and the sender's last stats (the sender is closed): every seq
+    0..n-1 arrived once, in order, and no descriptor was bad."""
+    got = json.loads(out.read_text())
+    s = tx.stats()
+    tx.close()
+    assert not got["bad"], got["bad"][:3]
+    assert in_order(got["seqs"], 0, n - 1), (len(got["seqs"]), got["seqs"][:5])
+    return got, s
+
+
 def end_to_end() -> dict[str, Any]:
     n = 2000
     out = Path(tempfile.mktemp(prefix="rx1-"))
@@ -164,11 +175,7 @@ def end_to_end() -> dict[str, Any]:
         assert p.wait(120) == 0
     finally:
         p.kill()
-    got = json.loads(out.read_text())
-    s = tx.stats()
-    tx.close()
-    assert not got["bad"], got["bad"][:3]
-    assert in_order(got["seqs"], 0, n - 1), (len(got["seqs"]), got["seqs"][:5])
+    got, s = collect(tx, out, n)
     assert s["packets"] == n and s["bytes"] == n * FRAME, s
     return {"frames": n, "seconds": round(took, 2), "sender": s, "receiver": got["stats"]}
 
@@ -185,11 +192,7 @@ def credit_exhaustion() -> dict[str, Any]:
         assert p.wait(120) == 0
     finally:
         p.kill()
-    got = json.loads(out.read_text())
-    s = tx.stats()
-    tx.close()
-    assert not got["bad"], got["bad"][:3]
-    assert in_order(got["seqs"], 0, n - 1), (len(got["seqs"]), got["seqs"][:5])
+    got, s = collect(tx, out, n)
     st = got["stall"]
     assert st["held"] == ring and st["occupancy_after"] == ring and st["unchanged"], st
     assert s["credits_wait"] >= 1, s
@@ -260,11 +263,7 @@ def wc_error_reconnect() -> dict[str, Any]:
         assert p.wait(120) == 0
     finally:
         p.kill()
-    got = json.loads(out.read_text())
-    s = tx.stats()
-    tx.close()
-    assert not got["bad"], got["bad"][:3]
-    assert in_order(got["seqs"], 0, n - 1), (len(got["seqs"]), got["seqs"][:5])
+    got, s = collect(tx, out, n)
     assert before["wc_errors"] == 1 and "status" in err, before
     assert s["reconnects"] == 1 and s["bytes"] == n * short, s
     return {"error": err, "after_error": before, "sender": s, "receiver": got["stats"]}
