@@ -53,6 +53,13 @@ sends its cons (8 bytes, '<Q') on the TCP socket whenever it moved; at zero cred
 reaps what is in flight, or with nothing in flight waits for such a message (counted once per
 stall in credits_wait).
 
+End of stream: an explicit, acknowledged step.  The sender's finish() posts what its ring holds,
+waits for every batch's completion, then sends END with the remote ring position after its last
+batch; the receiver, once it has published up to there (the last completions may still be on
+their way into its CQ), answers END_ACK with its prod and both close the connection.  Neither
+counts it as an error (`ends` in both stats); a receiver that stops on its own, or a sender that
+closes without END, is a peer error on the other side, as before.
+
 Errors: a work completion with an error status (wc_errors), a post that fails, the TCP peer
 gone or no completion within cq_timeout while batches are in flight (peer_errors): the error is
 kept in `last_error`, the QP and CQ are destroyed and the sender reconnects (new QPs through a
@@ -66,6 +73,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -76,18 +84,24 @@ from dataplane.arena import Arena
 from dataplane.mr_cache import MRCache
 from dataplane.rdma_link import (
     CREDIT,
+    END,
+    END_ACK,
     MAX_BATCH,
+    MSG,
     Link,
     RdmaError,
     WCError,
     gid_index,
     recv_json,
     send_json,
+    split_msgs,
     verbs,
 )
 from dataplane.rdma_send import RdmaSender
 
-__all__ = ["CREDIT", "MAX_BATCH", "RdmaError", "RdmaReceiver", "RdmaSender", "WCError",
+END_WAIT_S = 5.0    # after END, how long the receiver waits for the batches END says are there
+
+__all__ = ["MAX_BATCH", "MSG", "RdmaError", "RdmaReceiver", "RdmaSender", "WCError",
            "gid_index"]
 
 
@@ -141,8 +155,11 @@ class RdmaReceiver:
         self.link: Link | None = None
         self.last_credit = -1
         self.last_error = ""
+        self._rxbuf = b""
+        self._end_at: int | None = None     # END's ring position, until it is acknowledged
+        self._end_by = 0.0
         self.s = {"batches": 0, "packets": 0, "bytes": 0, "bad_batches": 0, "wc_errors": 0,
-                  "peer_errors": 0, "connects": 0, "credits_sent": 0}
+                  "peer_errors": 0, "connects": 0, "credits_sent": 0, "ends": 0}
 
     def _accept(self) -> None:
         try:
@@ -176,11 +193,14 @@ class RdmaReceiver:
         conn.setblocking(False)
         self.conn, self.link = conn, link
         self.last_credit = cons
+        self._rxbuf, self._end_at = b"", None
         self.s["connects"] += 1
 
-    def _drop(self, why: str, counter: str) -> None:
-        self.last_error = why
-        self.s[counter] += 1
+    def _drop(self, why: str, counter: str | None) -> None:
+        """Close the connection: an error (`counter` counts it) or, with None, a clean end."""
+        if counter:
+            self.last_error = why
+            self.s[counter] += 1
         if self.link:
             self.link.close()
         if self.conn:
@@ -220,19 +240,12 @@ class RdmaReceiver:
                            "peer_errors")
                 self._accept()
                 return published
-            try:
-                if self.conn.recv(64) == b"":
-                    self._drop("sender closed the connection", "peer_errors")
-                    return published
-            except BlockingIOError:
-                pass
-            except OSError as err:
-                self._drop(f"sender connection: {err}", "peer_errors")
+            if not self._read_msgs() or (self._end_at is not None and self._end()):
                 return published
         cons = int(self._ring.cons)
         if cons != self.last_credit:
             try:
-                self.conn.send(CREDIT.pack(cons))
+                self.conn.send(MSG.pack(CREDIT, cons))
                 self.last_credit = cons
                 self.s["credits_sent"] += 1
             except BlockingIOError:
@@ -240,6 +253,48 @@ class RdmaReceiver:
             except OSError as err:
                 self._drop(f"sender connection: {err}", "peer_errors")
         return published
+
+    def _read_msgs(self) -> bool:
+        """What the sender said (END only); False when the connection was dropped."""
+        try:
+            data = self.conn.recv(4096)
+        except BlockingIOError:
+            return True
+        except OSError as err:
+            self._drop(f"sender connection: {err}", "peer_errors")
+            return False
+        if data == b"":
+            self._drop("sender closed the connection", "peer_errors")
+            return False
+        msgs, self._rxbuf = split_msgs(self._rxbuf + data)
+        for kind, value in msgs:
+            if kind != END or self._end_at is not None:
+                self._drop(f"unexpected message {kind} from the sender", "peer_errors")
+                return False
+            self._end_at, self._end_by = value, time.monotonic() + END_WAIT_S
+        return True
+
+    def _end(self) -> bool:
+        """The sender ended its stream: once everything up to END's position is published (its
+        completions may still be on their way into this CQ), acknowledge and close.  True when
+        the connection is gone."""
+        prod = int(self._ring.prod)
+        if prod < self._end_at:
+            if time.monotonic() < self._end_by:
+                return False
+            self._drop(f"the sender ended its stream at {self._end_at} but only {prod} "
+                       f"arrived within {END_WAIT_S:g} s", "peer_errors")
+            return True
+        try:
+            self.conn.setblocking(True)
+            self.conn.settimeout(1.0)
+            self.conn.sendall(MSG.pack(END_ACK, prod))
+        except OSError as err:
+            self._drop(f"acknowledging the end of stream: {err}", "peer_errors")
+            return True
+        self.s["ends"] += 1
+        self._drop("", None)
+        return True
 
     def _publish(self, n: int) -> int:
         prod = int(self._ring.prod)

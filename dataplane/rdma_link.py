@@ -10,7 +10,17 @@ import struct
 import threading
 from typing import Any
 
-CREDIT = struct.Struct("<Q")
+# After the JSON exchange, the TCP socket carries fixed-size messages (kind, value):
+#   CREDIT   receiver -> sender: the receiver's consumer index (the sender may write below
+#            cons + ring_size);
+#   END      sender -> receiver: the stream ends; value is the remote ring position after the
+#            sender's last batch, every batch of which it has seen completed;
+#   END_ACK  receiver -> sender: value is the receiver's prod once it has published up to END's
+#            position; both then close the connection, which neither counts as an error.
+# Without END, a receiver that stops once it has the last packet closes the socket while the
+# sender may still be waiting for its last completion, and the sender counts a peer error.
+MSG = struct.Struct("<B7xQ")
+CREDIT, END, END_ACK = 1, 2, 3
 MAX_BATCH = 64
 
 
@@ -130,6 +140,12 @@ class Link:
         if self._held:
             self._held = False
             give_qp(self.device)
+
+
+def split_msgs(buf: bytes) -> tuple[list[tuple[int, int]], bytes]:
+    """The whole messages at the start of `buf` as (kind, value), and the bytes left over."""
+    k = len(buf) // MSG.size * MSG.size
+    return [m for m in MSG.iter_unpack(buf[:k])], buf[k:]
 
 
 def send_json(sock: socket.socket, obj: dict[str, Any]) -> None:

@@ -145,17 +145,16 @@ def run(spec: TransportSpec) -> int:
     books = _Books(ctl)
     sending = spec.role == "send"
     hdr.state = lib.DP_W_RUNNING
-    last_error, next_publish, drain_until = "", 0.0, None
+    last_error, next_publish = "", 0.0
     try:
         while True:
             now = time.monotonic()
             if hdr.stop:
-                # a receiver stops at once; a sender first finishes what its ring holds, while
-                # it has a receiver and for at most DRAIN_S
-                drain_until = drain_until or now + DRAIN_S
-                if not sending or now >= drain_until or end.link is None or \
-                        end.reader.occupancy() == 0:
-                    break
+                # a receiver stops at once; a sender with a receiver first ends its stream
+                # (sends what its ring holds, END, acknowledged) for at most DRAIN_S
+                if sending and end.link is not None:
+                    end.finish(DRAIN_S)
+                break
             try:
                 if sending and end.link is None:
                     end.connect(timeout=0.5)       # short: the stop flag is seen between tries

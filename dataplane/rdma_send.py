@@ -30,12 +30,16 @@ from dataplane.arena import DESC_DTYPE, Arena
 from dataplane.mr_cache import MRCache
 from dataplane.rdma_link import (
     CREDIT,
+    END,
+    END_ACK,
     MAX_BATCH,
+    MSG,
     Link,
     RdmaError,
     WCError,
     recv_json,
     send_json,
+    split_msgs,
     verbs,
 )
 
@@ -113,6 +117,7 @@ class RdmaSender:
         self._progress = 0.0        # when the oldest batch in flight last had a chance to move
         self._raddr = np.zeros(0, np.uint64)
         self._rxbuf = b""
+        self._end_ack: int | None = None
         self._waiting = False
         self.last_error = ""
         # remote ring end of each batch seen completed, for the loss count after a reconnect
@@ -120,7 +125,7 @@ class RdmaSender:
         self._completed: deque[tuple[int, int]] = deque()
         self.s = {"batches": 0, "packets": 0, "bytes": 0, "credits_wait": 0, "wc_errors": 0,
                   "peer_errors": 0, "reconnects": 0, "connects": 0, "lost_batches": 0,
-                  "lost_packets": 0}
+                  "lost_packets": 0, "ends": 0}
 
     # ---- connection ----
 
@@ -164,7 +169,7 @@ class RdmaSender:
         self._raddr = (np.uint64(peer["slots_off"])
                        + np.arange(peer["ring_size"], dtype=np.uint64) * np.uint64(
                            peer["slot_size"]))
-        self._rxbuf = b""
+        self._rxbuf, self._end_ack = b"", None
 
     def _settle(self, peer: dict[str, Any]) -> None:
         """Back on the same ring (a receiver process restarted on its arena, or the same one
@@ -201,7 +206,7 @@ class RdmaSender:
 
     # ---- credits ----
 
-    def _read_credits(self, wait: float) -> None:
+    def _read_msgs(self, wait: float) -> None:
         if wait > 0:
             select.select([self.sock], [], [], wait)
         try:
@@ -212,28 +217,33 @@ class RdmaSender:
             raise RdmaError(f"receiver connection: {err}") from err
         if not data:
             raise RdmaError("receiver closed the connection")
-        self._rxbuf += data
-        k = len(self._rxbuf) // CREDIT.size * CREDIT.size
-        if k:
-            self.remote_cons = CREDIT.unpack_from(self._rxbuf, k - CREDIT.size)[0]
-            self._rxbuf = self._rxbuf[k:]
+        msgs, self._rxbuf = split_msgs(self._rxbuf + data)
+        for kind, value in msgs:
+            if kind == CREDIT:
+                self.remote_cons = value
+            elif kind == END_ACK and self._end_ack is None:
+                self._end_ack = value
+            else:
+                raise RdmaError(f"unexpected message {kind} from the receiver")
 
     def credits(self) -> int:
         return self.peer["ring_size"] - (self.tail - self.remote_cons) if self.peer else 0
 
     # ---- data ----
 
-    def poll(self, wait: float = 0.05) -> int:
+    def poll(self, wait: float = 0.05, post: bool = True) -> int:
         """Reap completions (releasing what they acknowledge) and post as many batches as the
         window and the credits allow, reconnecting first when needed.  Returns descriptors
         moved (posted + acknowledged): 0 means there was nothing to do right now.  `wait`: how
-        long to wait for a credit when out of credits with nothing in flight."""
+        long to wait for a credit when out of credits with nothing in flight; `post`: False
+        only reaps and reads (finish, once what it must send is posted)."""
         if self.link is None:
             self.connect()
         try:
             moved = self._reap()
-            self._read_credits(0)
-            moved += self._post(wait)
+            self._read_msgs(0)
+            if post:
+                moved += self._post(wait)
         except WCError as err:
             self._fail(str(err), "wc_errors")
             return 0
@@ -291,7 +301,7 @@ class RdmaSender:
                         self._waiting = True
                     if self.inflight:
                         break           # reaping comes first; credits arrive meanwhile
-                    self._read_credits(wait)
+                    self._read_msgs(wait)
                     if self.credits() <= 0:
                         break
                 else:
@@ -357,6 +367,47 @@ class RdmaSender:
         self.sent += n
         self.tail += n
         self.inflight.append(_Batch(seq, n, int(lens.sum()), self.tail))
+
+    def finish(self, timeout: float = 10.0) -> bool:
+        """End the stream on the current connection, explicitly: send what the ring holds now, wait
+        until every batch completed, send END with the remote position after the last one, and
+        wait for the receiver's END_ACK saying it published up to there; then close.  True when
+        the receiver confirmed everything; False, with last_error set and counted, when it did
+        not within `timeout` or the connection failed meanwhile (it is not reconnected: what
+        the ring still holds is the caller's to count)."""
+        deadline = time.monotonic() + timeout
+        target = lib.dp_ring_load_prod(self._ring)     # what a producer adds meanwhile stays
+        while self.link is not None and (self.inflight or self.sent < target):
+            self.poll(wait=0.01, post=self.sent < target)
+            if time.monotonic() > deadline:
+                self._fail(f"end of stream: not everything completed within {timeout:g} s",
+                           "peer_errors")
+                return False
+        if self.link is None:
+            return False
+        try:
+            self.sock.setblocking(True)
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            self.sock.sendall(MSG.pack(END, self.tail))
+            self.sock.setblocking(False)
+            while self._end_ack is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RdmaError(f"end of stream: no acknowledgement within {timeout:g} s")
+                self._read_msgs(min(left, 0.1))
+        except OSError as err:
+            self._fail(f"end of stream: {err}", "peer_errors")
+            return False
+        except RdmaError as err:
+            self._fail(str(err), "peer_errors")
+            return False
+        if self._end_ack != self.tail:
+            self._fail(f"end of stream: the receiver published up to {self._end_ack}, the "
+                       f"sender wrote up to {self.tail}", "peer_errors")
+            return False
+        self.s["ends"] += 1
+        self._teardown()
+        return True
 
     def stats(self) -> dict[str, Any]:
         return {**self.s, "credits": self.credits(), "connected": self.link is not None,

@@ -23,10 +23,15 @@ import pytest
 from tests.guest_run import ok, run_checks
 
 
-def test_imports_without_pyverbs() -> None:
-    """The module loads on a host without RDMA (pyverbs is imported when a transport starts)."""
-    from dataplane import rdma
-    assert rdma.CREDIT.size == 8 and rdma.MAX_BATCH >= 1
+def test_messages_split_whole_and_keep_the_rest() -> None:
+    """The control socket's messages (credits, END, END_ACK) are cut from a byte stream at any
+    boundary; this loads without pyverbs (imported only when a transport starts)."""
+    from dataplane.rdma_link import CREDIT, END_ACK, MSG, split_msgs
+    stream = MSG.pack(CREDIT, 7) + MSG.pack(CREDIT, 2 ** 64 - 1) + MSG.pack(END_ACK, 9)
+    got, rest = split_msgs(stream[:40])
+    assert got == [(CREDIT, 7), (CREDIT, 2 ** 64 - 1)] and rest == stream[32:40]
+    got, rest = split_msgs(rest + stream[40:])
+    assert got == [(END_ACK, 9)] and rest == b""
 
 
 def test_qp_budget_refuses_past_max_qp() -> None:
@@ -56,6 +61,7 @@ def test_rxe_end_to_end(guest):
     assert d["frames"] == 2000 and s["packets"] == 2000 and s["bytes"] == 2000 * 256
     assert s["wc_errors"] == s["peer_errors"] == s["reconnects"] == 0
     assert d["receiver"]["packets"] == 2000 and d["receiver"]["bad_batches"] == 0
+    assert s["ends"] == d["receiver"]["ends"] == 1 and d["receiver"]["peer_errors"] == 0
 
 
 def test_rxe_credit_exhaustion(guest):

@@ -42,6 +42,7 @@ def test_pair_end_to_end(pair):
     assert s["bytes"] == r["bytes"] == 4000 * 256 and s["batches"] == r["batches"]
     assert s["wc_errors"] == s["peer_errors"] == s["reconnects"] == 0
     assert r["bad_batches"] == r["wc_errors"] == r["peer_errors"] == 0
+    assert s["ends"] == r["ends"] == 1
 
 
 def test_pair_peer_killed_then_reconnect(pair):

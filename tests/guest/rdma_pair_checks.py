@@ -40,6 +40,7 @@ from tests.guest.rdma_checks import (  # noqa: E402
     in_order,
     make_arena,
     run_sender,
+    send_all,
 )
 
 CTL_PORT = 18700
@@ -260,7 +261,7 @@ def pair_end_to_end() -> dict[str, Any]:
     n = 4000
     a, tx = _start("a", n, 18711, n - 1)
     t = time.monotonic()
-    run_sender(tx, lambda: a.rings[0].occupancy() == 0)
+    send_all(tx, a)
     took = time.monotonic() - t
     got = _wait("a", tx)
     s = tx.stats()
@@ -272,6 +273,7 @@ def pair_end_to_end() -> dict[str, Any]:
     assert s["batches"] == r["batches"], (s, r)
     assert s["wc_errors"] == s["peer_errors"] == s["reconnects"] == 0, s
     assert r["wc_errors"] == r["peer_errors"] == r["bad_batches"] == 0 and r["connects"] == 1, r
+    assert s["ends"] == r["ends"] == 1, (s, r)     # the end of stream, acknowledged
     return {"frames": n, "seconds": round(took, 2), "sender": s, "receiver": r}
 
 
@@ -289,7 +291,7 @@ def pair_peer_killed() -> dict[str, Any]:
     acked = n - a.rings[0].occupancy()      # released = completed; the rest is sent again
     killed = CTL.call("wait", name="b1", timeout=30)
     CTL.call("recv", name="b2", port=port, ring=1024, last=n - 1)
-    run_sender(tx, lambda: a.rings[0].occupancy() == 0)
+    send_all(tx, a)
     got = _wait("b2", tx)
     s = tx.stats()
     tx.close()
@@ -324,7 +326,7 @@ def pair_link_down() -> dict[str, Any]:
     err, before = tx.last_error, tx.stats()
     acked = n - a.rings[0].occupancy()
     t = time.monotonic()
-    run_sender(tx, lambda: a.rings[0].occupancy() == 0)
+    send_all(tx, a)
     resumed = round(time.monotonic() - t, 2)
     got = _wait("c", tx)
     link = CTL.call("link")
