@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from dataplane import config
-from dataplane._check import checks
+from dataplane.config.tables import checks
 
 log = logging.getLogger("dataplane")
 OK, FAILED, USAGE = 0, 1, 2
@@ -57,13 +57,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.metrics = config.Metrics(args.metrics, host.strip("[]"), int(port))
     if args.duration is not None and args.duration <= 0:
         raise Usage(f"--duration {args.duration:g}: expected seconds > 0")
-    from dataplane import runner  # here, not at the top: --help stays fast
+    from dataplane.run import runner  # here, not at the top: --help stays fast
     rc = runner.run(cfg, duration=args.duration)
     return int(rc or 0)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from dataplane import lab
+    from dataplane.run import lab
     if args.action in ("up", "down"):
         need_root(f"dataplane lab {args.action}", f"dataplane lab {args.action}")
     cfg = config.load(args.config)
@@ -121,7 +121,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     need_caps("dataplane up", "dataplane up", HOST_CAPS)
-    from dataplane import updown
+    from dataplane.run import updown
     cfg = config.load(args.config)
     try:
         lines = updown.up(cfg, args.config)
@@ -134,7 +134,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     need_caps("dataplane down", "dataplane down", HOST_CAPS)
-    from dataplane import updown
+    from dataplane.run import updown
     cfg = config.load(args.config)
     if args.forget_journal:   # not loaded: the journal may be the damaged thing
         path = Path(cfg.host.journal_dir) / "journal.json"
@@ -148,16 +148,16 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
-    from dataplane import updown
     from dataplane.host import hugepages
+    from dataplane.run import updown
     for ln in updown.status_lines(cfg):
         print(ln)
     print(hugepages.show())     # what `dpdk-hugepages.py -s` shows: pools per node, mounts
     if cfg.lab is not None:
-        from dataplane import lab
+        from dataplane.run import lab
         print(f"lab: {'up' if lab.exists(cfg) else 'down'}")
         _print_lab(lab.status(cfg))
-    from dataplane.arena import Arena, LayoutError, hugetlbfs_mounts
+    from dataplane.shm.arena import Arena, LayoutError, hugetlbfs_mounts
     for w in cfg.workers:
         found = find_arenas(w.name, [*hugetlbfs_mounts(), Path("/dev/shm")])
         if not found:
@@ -181,9 +181,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _transport_status(cfg) -> list[str]:
     """Each [[transport]] of the config, from its control file when a run has one."""
-    from dataplane.arena import LayoutError
-    from dataplane.rdma_run import status_line
-    from dataplane.transport import Control, control_path
+    from dataplane.shm.arena import LayoutError
+    from dataplane.transport.rdma.process import status_line
+    from dataplane.transport.tcp import Control, control_path
     out = []
     for x in cfg.transports:
         path = Path(control_path(x.name))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from dataplane._native import ffi, lib
 
-from dataplane.arena import Arena, ArenaGeometry, RingReader
+from dataplane.shm.arena import Arena, ArenaGeometry, RingReader
 
 FOREVER = 1 << 62
 TARGET_MDESC_S = 20.0   # the target for the Python consumer

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from consumer_ceiling import machine  # perf/ is sys.path[0] when this script is run
 
-from dataplane import template
-from dataplane.arena import Arena
-from dataplane.spec import GenSpec, PortSpec, WorkerSpec
+from dataplane.config import templates as template
+from dataplane.shm.arena import Arena
+from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "perf" / "out"
@@ -53,7 +53,8 @@ def build() -> None:
 
 def start_worker(spec: WorkerSpec, ns: str) -> tuple[subprocess.Popen, Arena]:
     arena = Arena.create(Path(spec.arena_path), spec.geometry())
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "dataplane.worker",
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m",
+    "dataplane.workers.process",
                              spec.to_json()], cwd=REPO)
     deadline = time.monotonic() + 20
     while arena.worker_state() != "running":

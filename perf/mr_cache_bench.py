@@ -52,7 +52,7 @@ def bench(seconds: float) -> dict[str, object]:
     from pyverbs.mr import MR
     from pyverbs.pd import PD
 
-    from dataplane.mr_cache import MRCache
+    from dataplane.transport.rdma.mr_cache import MRCache
 
     # root in the guest: lift RLIMIT_MEMLOCK so the cache's budget (min(budget, limit)) admits
     # 64 MB; the kernel does not count it for CAP_IPC_LOCK anyway

@@ -1,5 +1,5 @@
-"""RDMA transport throughput (dataplane/rdma.py) against perftest's `ib_write_bw`, on the same
-rxe0 device in the same run, at 4 KB and 64 KB messages.
+"""RDMA transport throughput (dataplane/transport/rdma/receiver.py) against perftest's
+`ib_write_bw`, on the same rxe0 device in the same run, at 4 KB and 64 KB messages.
 
     .venv/bin/python perf/rdma_bench.py [--seconds 5] [--warmup 1] [--profile] [--sizes 4KB]
     .venv/bin/python perf/rdma_bench.py --two-guests [--seconds 5] ...
@@ -18,8 +18,8 @@ as its last line), like tests/guest/rdma_checks.py.  The sender's ring is kept f
 (descriptors written once, prod set to cons + ring size after every poll: no producer cost in
 the figure); the receiver's consumer releases everything published after every poll (no
 consumer cost either).  Both loops nap IDLE_SLEEP_S when a poll moved nothing, as
-dataplane/rdma_run.py (the transport process of a run) does: a spinning end would take a vCPU,
-and a host core, from the kernel's rxe work.
+dataplane/transport/rdma/process.py (the transport process of a run) does: a spinning end would
+take a vCPU, and a host core, from the kernel's rxe work.
 Bytes/s is counted at the receiver (its stats()["bytes"], frames published) over --seconds
 after --warmup.
 ib_write_bw: server and client on rxe0 (rxh) with -s MSG -D SECONDS and its defaults otherwise
@@ -70,7 +70,7 @@ SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdi
 
 
 def make_arena(name: str, ring_size: int, slot: int) -> Any:
-    from dataplane.arena import Arena, ArenaGeometry
+    from dataplane.shm.arena import Arena, ArenaGeometry
     p = SHM / f"rdma-bench-{name}-{os.getpid()}"
     p.unlink(missing_ok=True)
     a = Arena.create(p, ArenaGeometry(n_ports=1, rings=((0, 0),), ring_size=ring_size,
@@ -95,8 +95,8 @@ def profiled(fn: Any, enabled: bool, title: str) -> Any:
 
 def recv_role(device: str, port: int, slot: int, ring: int, warmup: float, seconds: float,
               profile: bool) -> None:
-    from dataplane.rdma import RdmaReceiver
-    from dataplane.rdma_run import IDLE_SLEEP_S
+    from dataplane.transport.rdma import RdmaReceiver
+    from dataplane.transport.rdma.process import IDLE_SLEEP_S
     a = make_arena("rx", ring, slot)
     rx = RdmaReceiver(a, port=port, device=device)
     r = a.rings[0]
@@ -133,8 +133,8 @@ def send_role(device: str, host: str, port: int, slot: int, ring: int, msg: int,
               profile: bool) -> None:
     from dataplane._native import ffi, lib
 
-    from dataplane.rdma import RdmaSender
-    from dataplane.rdma_run import IDLE_SLEEP_S
+    from dataplane.transport.rdma import RdmaSender
+    from dataplane.transport.rdma.process import IDLE_SLEEP_S
     a = make_arena("tx", ring, slot)
     r = a.rings[0]
     d = r.desc
@@ -253,7 +253,7 @@ def ib_args(device: str, size: int, port: int, seconds: float) -> list[str]:
     this host's IPv4-mapped GID."""
     from pyverbs.device import Context
 
-    from dataplane.rdma import gid_index
+    from dataplane.transport.rdma import gid_index
     with Context(name=device) as ctx:
         gidx = gid_index(ctx)
     return ["ib_write_bw", "-d", device, "-x", str(gidx), "-s", str(size), "-D",

@@ -18,7 +18,8 @@ Sections:
 Receivers, alternated A, B, A, B (--rounds pairs) so drift hits both; medians are reported:
   testpmd    rxonly, --record-core-cycles: rate from its per-second Rx-pps, and its CPU cycles
              per packet, counted over non-empty bursts only.
-  dataplane  `python -m dataplane.worker` (busy poll, burst 32, zero copy into the arena) and a
+  dataplane  `python -m dataplane.workers.process` (busy poll, burst 32, zero copy into the arena)
+  and a
              Python ConsumerLoop thread of this process draining the ring.  Rate from the
              arena's rx_packets (delivered into the ring); cycles per packet = busy_cycles
              (loop iterations that moved packets) / rx_packets, the closest match to testpmd's.
@@ -49,9 +50,9 @@ from pathlib import Path
 
 from consumer_ceiling import machine  # perf/ is sys.path[0] when this script is run
 
-from dataplane.arena import PORT_COUNTERS, Arena, ArenaGeometry
-from dataplane.consumers import ConsumerLoop, TrafficStats, ring_sources
-from dataplane.spec import PortSpec, WorkerSpec
+from dataplane.consumers.loop import ConsumerLoop, TrafficStats, ring_sources
+from dataplane.shm.arena import PORT_COUNTERS, Arena, ArenaGeometry
+from dataplane.workers.spec import PortSpec, WorkerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 TESTPMD = "/usr/bin/dpdk-testpmd"
@@ -201,7 +202,7 @@ def dataplane_phase(lab: Lab, args: argparse.Namespace, port: PortSpec, netns: s
     thread = threading.Thread(target=consume, name="dp-consumer", daemon=True)
     thread.start()
     lab.on_close(loop.stop_event.set)
-    proc = subprocess.Popen([*in_ns(netns), sys.executable, "-m", "dataplane.worker",
+    proc = subprocess.Popen([*in_ns(netns), sys.executable, "-m", "dataplane.workers.process",
                              spec.to_json()], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     # the worker removes its EAL directory on a clean stop; this covers a killed one

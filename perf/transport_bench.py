@@ -26,8 +26,8 @@ from pathlib import Path
 
 from dataplane._native import ffi, lib
 
-from dataplane.arena import Arena, ArenaGeometry
-from dataplane.transport import TransportProcess, TransportSpec
+from dataplane.shm.arena import Arena, ArenaGeometry
+from dataplane.transport.tcp import TransportProcess, TransportSpec
 
 TAG = f"tb{os.getpid() % 100000}"
 NS_S, NS_R = f"dpt-{TAG}-s", f"dpt-{TAG}-r"

@@ -63,7 +63,7 @@ def test_config_show_default_and_json() -> None:
 
 
 def test_status_reads_an_arena(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from dataplane.arena import Arena, ArenaGeometry
+    from dataplane.shm.arena import Arena, ArenaGeometry
     name = f"dpt{TAG}st"
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[[worker]]\nname = "{name}"\n[[worker.port]]\nname = "p"\n'

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from dataplane import arena, config, template
-from dataplane.config import ConfigError
-from dataplane.spec import WorkerSpec
+from dataplane import config
+from dataplane.config import templates as template
+from dataplane.config.loader import ConfigError
+from dataplane.shm import arena
+from dataplane.workers.spec import WorkerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,8 +19,8 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
-from dataplane.arena import Arena, ArenaGeometry
-from dataplane.consumers import (
+from dataplane.consumers.flows import SeqTracker
+from dataplane.consumers.loop import (
     ETHERTYPES,
     L4PROTOS,
     ConsumerLoop,
@@ -28,7 +28,7 @@ from dataplane.consumers import (
     drain,
     ring_sources,
 )
-from dataplane.flows import SeqTracker
+from dataplane.shm.arena import Arena, ArenaGeometry
 
 TRAILER = struct.Struct("<QQII")   # struct dp_gen_trailer: seq, tx_ns, stream, magic
 

@@ -1,8 +1,8 @@
 """The DPDK worker against real PMDs: memif between two workers, af_packet and af_xdp on a veth
 pair across two network namespaces, copy mode, and counters across a restart.
 
-Each test starts `python -m dataplane.worker SPEC_JSON` processes, reads the receiver's rings
-with RingReader (whole batches, numpy gathers) and accounts for every generated sequence
+Each test starts `python -m dataplane.workers.process SPEC_JSON` processes, reads the receiver's
+rings with RingReader (whole batches, numpy gathers) and accounts for every generated sequence
 number: received exactly once, or counted as dropped.  Rates are modest: these check
 correctness, not speed.
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataplane.arena import Arena, ArenaGeometry
-from dataplane.spec import GenSpec, PortSpec, WorkerSpec
+from dataplane.shm.arena import Arena, ArenaGeometry
+from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
 
 pytestmark = [
     pytest.mark.root, pytest.mark.dpdk,
@@ -110,7 +110,7 @@ class Worker:
         return sum(r.counter(name) for r in self.arena.rings)
 
     def port_counter(self, name: str) -> int:
-        from dataplane.arena import PORT_COUNTERS
+        from dataplane.shm.arena import PORT_COUNTERS
         return int(self.arena.port_counters[0][PORT_COUNTERS.index(name)])
 
 
@@ -123,7 +123,7 @@ def workers() -> Iterator[Callable[..., Worker]]:
             geo = ArenaGeometry(len(spec.ports), spec.rings(), spec.ring_size, spec.slot_size,
                                 spec.pool_mb << 20)
             arena = Arena.create(Path(spec.arena_path), geo)
-        cmd = [sys.executable, "-m", "dataplane.worker", spec.to_json()]
+        cmd = [sys.executable, "-m", "dataplane.workers.process", spec.to_json()]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dataplane.arena import free_hugepages_2m
-from dataplane.runner import Run
+from dataplane.run.runner import Run
+from dataplane.shm.arena import free_hugepages_2m
 from tests.test_run import lab_config
 
 NR = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")

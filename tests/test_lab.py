@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from dataplane import config, lab
+from dataplane import config
+from dataplane.run import lab
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces and veth")]

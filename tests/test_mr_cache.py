@@ -1,4 +1,4 @@
-"""The MR cache (dataplane/mr_cache.py).
+"""The MR cache (dataplane/transport/rdma/mr_cache.py).
 
 On the host (no RDMA in this kernel): the cache's bookkeeping with a stand-in for ibv_reg_mr.
 On rxe0: one guest booted for the module (scripts/guest --rdma) runs one Python process,
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dataplane.mr_cache import MRCache, MRCacheError
+from dataplane.transport.rdma.mr_cache import MRCache, MRCacheError
 from tests.guest_run import ok, run_checks
 
 P = mmap.PAGESIZE

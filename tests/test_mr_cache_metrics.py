@@ -9,7 +9,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from dataplane.exporter import MRCacheCollector, serve
+from dataplane.metrics.exporter import MRCacheCollector, serve
 from tests.test_mr_cache import fake_cache
 
 

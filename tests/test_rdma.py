@@ -1,4 +1,4 @@
-"""The RDMA RC transport (dataplane/rdma.py).
+"""The RDMA RC transport (dataplane/transport/rdma/receiver.py).
 
 This kernel has no RDMA: one guest booted for the module (scripts/guest --rdma) runs
 tests/guest/rdma_checks.py, the sender, which starts each receiver as a second process (the same
@@ -26,7 +26,7 @@ from tests.guest_run import ok, run_checks
 def test_messages_split_whole_and_keep_the_rest() -> None:
     """The control socket's messages (credits, END, END_ACK) are cut from a byte stream at any
     boundary; this loads without pyverbs (imported only when a transport starts)."""
-    from dataplane.rdma_link import CREDIT, END_ACK, MSG, split_msgs
+    from dataplane.transport.rdma.link import CREDIT, END_ACK, MSG, split_msgs
     stream = MSG.pack(CREDIT, 7) + MSG.pack(CREDIT, 2 ** 64 - 1) + MSG.pack(END_ACK, 9)
     got, rest = split_msgs(stream[:40])
     assert got == [(CREDIT, 7), (CREDIT, 2 ** 64 - 1)] and rest == stream[32:40]
@@ -36,7 +36,7 @@ def test_messages_split_whole_and_keep_the_rest() -> None:
 
 def test_qp_budget_refuses_past_max_qp() -> None:
     """A QP past the device's max_qp is refused with the device, the limit and the count."""
-    from dataplane.rdma_link import RdmaError, give_qp, qps_held, take_qp
+    from dataplane.transport.rdma.link import RdmaError, give_qp, qps_held, take_qp
     dev = "fake-max-qp"
     take_qp(dev, 2)
     take_qp(dev, 2)

@@ -1,4 +1,5 @@
-"""The RDMA RC transport (dataplane/rdma.py) between two hosts: two guests joined by a QEMU
+"""The RDMA RC transport (dataplane/transport/rdma/receiver.py) between two hosts: two guests
+joined by a QEMU
 socket link (tests/guest_run.run_pair: scripts/guest --rdma --link, one emulated CPU each), soft-
 RoCE device rxh on the link in each.  Guest A (10.6.6.1) runs the receivers and a control port;
 guest B runs the sender and the checks (tests/guest/rdma_pair_checks.py), all in one pair of

@@ -1,5 +1,6 @@
 """RDMA transports in a run: the [[transport]] kind = "rdma" tables, the process that runs each
-end (dataplane/rdma_run.py), its counters in the control file, the scrape and `dataplane status`.
+end (dataplane/transport/rdma/process.py), its counters in the control file, the scrape and
+`dataplane status`.
 
 The config checks run here; the rest needs RDMA, so one guest (scripts/guest --rdma) runs
 tests/guest/rdma_run_checks.py: `dataplane run` of the default lab on the uring backend with
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from dataplane import config
-from dataplane.config import ConfigError
+from dataplane.config.loader import ConfigError
 from tests.guest_run import REPO, ok, run_checks
 
 DEFAULT = REPO / "config" / "default.toml"

@@ -22,7 +22,7 @@ from dataplane._native import ffi, lib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane.arena import Arena, ArenaGeometry, LayoutError, RingReader, check_layout
+from dataplane.shm.arena import Arena, ArenaGeometry, LayoutError, RingReader, check_layout
 
 SLOT = 64
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dataplane import config, lab
-from dataplane.runner import Run
+from dataplane import config
+from dataplane.run import lab
+from dataplane.run.runner import Run
 
 pytestmark = [pytest.mark.root, pytest.mark.dpdk,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, veth, DPDK")]
@@ -251,7 +252,7 @@ def test_sigterm_stops_cleanly_and_leaves_nothing() -> None:
             lines.append(line)
             if sum(ln.startswith("[") for ln in lines) >= 2:
                 break
-        workers = subprocess.run(["pgrep", "-f", f"dataplane.worker.*(gen|rx){tag}"],
+        workers = subprocess.run(["pgrep", "-f", f"dataplane.workers.process.*(gen|rx){tag}"],
                                  capture_output=True, text=True).stdout.split()
         assert len(workers) == 2, lines
         p.send_signal(signal.SIGTERM)
@@ -280,7 +281,7 @@ def test_lab_with_transport_ships_the_receivers_ring_across_the_veth() -> None:
     tport = 7000 + os.getpid() % 1000
     # the transport gets a network of its own (as it would in a deployment): over the captured
     # veth, the receiver's AF_PACKET socket would capture the transport's own TCP segments
-    from dataplane.config import Veth
+    from dataplane.config.loader import Veth
     cfg.lab.veths.append(Veth(name=f"dpt{tag}g", netns=f"dpe-{tag}-g", peer=f"dpt{tag}r",
                               peer_netns=f"dpe-{tag}-r", address="10.78.0.1/24",
                               peer_address="10.78.0.2/24"))

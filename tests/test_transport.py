@@ -19,8 +19,8 @@ import pytest
 from dataplane._native import ffi, lib
 from prometheus_client.registry import CollectorRegistry
 
-from dataplane.arena import Arena, ArenaGeometry
-from dataplane.transport import Control, TransportCollector, TransportProcess, TransportSpec
+from dataplane.shm.arena import Arena, ArenaGeometry
+from dataplane.transport.tcp import Control, TransportCollector, TransportProcess, TransportSpec
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, veth")]

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from dataplane import config
-from dataplane.arena import URING_COUNTERS
-from dataplane.spec import GenSpec, PortSpec
+from dataplane.shm.arena import URING_COUNTERS
+from dataplane.workers.spec import GenSpec, PortSpec
 from tests import test_dpdk_worker as dw
 from tests.test_dpdk_worker import (
     COUNT,
@@ -223,10 +223,10 @@ def test_udp_port_refused_on_dpdk_backend():
 
 
 def test_default_lab_end_to_end_on_uring():
-    """The embedded default lab with both workers on io_uring, through dataplane.runner.Run:
+    """The embedded default lab with both workers on io_uring, through dataplane.run.runner.Run:
     every generated seq received once or counted; uring metrics exported."""
-    from dataplane import lab
-    from dataplane.runner import Run
+    from dataplane.run import lab
+    from dataplane.run.runner import Run
     from tests.test_run import lab_config, metric, scrape
 
     tag = f"{os.getpid() % 10000}u"
@@ -268,7 +268,7 @@ def test_config_show_says_backend_and_reason(tmp_path, capsys):
 
 def test_auto_falls_back_to_uring_without_dpdk_pmds(monkeypatch, tmp_path):
     """af_packet runs on both: auto takes DPDK only when its PMD plugin is really there."""
-    from dataplane import backend
+    from dataplane.config import backends as backend
 
     monkeypatch.setattr(backend, "PMD_DIRS", str(tmp_path / "pmds-*"))
     cfg = config.loads(AUTO_UDP.replace('driver = "udp"\n  udp_port = 5555',

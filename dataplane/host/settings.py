@@ -1,4 +1,4 @@
-"""What the `[host]` table of a config asks of the machine, validated by dataplane.config.
+"""What the `[host]` table of a config asks of the machine, validated by dataplane.config.loader.
 
     [host]
     journal_dir = "/var/lib/dataplane"     # where the state journal lives (0700 dir, 0600 file)
@@ -61,8 +61,8 @@ def normalise_pci(addr: str) -> str:
 
 
 def parse(t) -> Host:
-    """Read the [host] table (a dataplane._check.Table); problems go to t's problem list."""
-    from dataplane._check import checks
+    """Read the [host] table (a dataplane.config.tables.Table); problems go to t's problem list."""
+    from dataplane.config.tables import checks
 
     h = Host(
         journal_dir=Path(t.get("journal_dir", str, str(DEFAULT_DIR), check=_abs_path)),
@@ -97,7 +97,7 @@ def parse(t) -> Host:
 
 def _profile(v: str) -> str | None:
     """A profile name (config/profiles/NAME.toml) or an absolute path to a .toml file."""
-    from dataplane._check import checks
+    from dataplane.config.tables import checks
     if v.startswith("/"):
         return None if v.endswith(".toml") else "expected a profile name or a path to a .toml"
     return checks.name(v)

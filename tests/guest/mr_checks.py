@@ -29,8 +29,8 @@ from pyverbs.pd import PD
 from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
 from pyverbs.wr import SGE, SendWR
 
-from dataplane.mr_cache import MemlockError, MRCache
-from dataplane.rdma_link import gid_index
+from dataplane.transport.rdma.link import gid_index
+from dataplane.transport.rdma.mr_cache import MemlockError, MRCache
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/lab/results.json")
 RESULTS: dict[str, dict[str, Any]] = {}

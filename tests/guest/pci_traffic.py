@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dataplane.arena import PORT_COUNTERS, Arena
-from dataplane.spec import GenSpec, PortSpec, WorkerSpec
+from dataplane.shm.arena import PORT_COUNTERS, Arena
+from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
 
 REPO = Path(__file__).resolve().parents[2]
 F_GENERATED = 0x0080
@@ -52,7 +52,8 @@ class Worker:
     def __init__(self, s: WorkerSpec):
         self.spec = s
         self.arena = Arena.create(Path(s.arena_path), s.geometry())
-        self.proc = subprocess.Popen([sys.executable, "-m", "dataplane.worker", s.to_json()],
+        self.proc = subprocess.Popen([sys.executable, "-m", "dataplane.workers.process",
+        s.to_json()],
                                      cwd=REPO, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
 

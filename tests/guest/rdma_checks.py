@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dataplane._native import ffi, lib  # noqa: E402
 
-from dataplane.arena import Arena, ArenaGeometry  # noqa: E402
-from dataplane.rdma import RdmaReceiver, RdmaSender  # noqa: E402
+from dataplane.shm.arena import Arena, ArenaGeometry  # noqa: E402
+from dataplane.transport.rdma import RdmaReceiver, RdmaSender  # noqa: E402
 
 TRAILER = np.dtype([("seq", "<u8"), ("tx_ns", "<u8"), ("stream", "<u4"), ("magic", "<u4")])
 MAGIC = 0x31475044

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dataplane.rdma import RdmaSender  # noqa: E402
+from dataplane.transport.rdma import RdmaSender  # noqa: E402
 from tests.guest import rdma_checks  # noqa: E402
 from tests.guest.rdma_checks import (  # noqa: E402
     FRAME,

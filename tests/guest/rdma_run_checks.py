@@ -86,7 +86,7 @@ def wait_for(what: str, cond: Callable[[], Any], timeout: float) -> Any:
 
 
 def control_pid(name: str) -> int:
-    from dataplane.transport import Control, control_path
+    from dataplane.transport.tcp import Control, control_path
     c = Control(Path(control_path(name)))
     try:
         return int(c.hdr.pid)

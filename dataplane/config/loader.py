@@ -1,6 +1,6 @@
 """The TOML config: load and validate it, then plan() it into the WorkerSpecs the workers run.
 
-Validation reads every table through `dataplane._check.Table` (the [[worker]] tables in
+Validation reads every table through `dataplane.config.tables.Table` (the [[worker]] tables in
 worker_cfg.py, the [[transport]] tables in transport_cfg.py), which records each key it is asked
 for, so an unknown key (a typo) is reported rather than silently ignored.  Every problem names
 its key path, the bad value and what is allowed, and all of them are raised together in one
@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from dataplane import template, transport_cfg, worker_cfg
-from dataplane._check import ConfigError, Problems, Table, checks
-from dataplane.backend import BACKENDS
+from dataplane.config import templates as template
+from dataplane.config import transports as transport_cfg
+from dataplane.config import workers as worker_cfg
+from dataplane.config.backends import BACKENDS
+from dataplane.config.tables import ConfigError, Problems, Table, checks
+from dataplane.config.workers import RUN_DIR, Port, Worker
 from dataplane.host import settings as host_settings
 from dataplane.host.settings import Host
-from dataplane.spec import GenSpec, PortSpec, WorkerSpec
-from dataplane.worker_cfg import RUN_DIR, Port, Worker
+from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +285,7 @@ def _gen_spec(w: Worker, wid: int) -> GenSpec | None:
 
 
 def _arena_bytes(s: WorkerSpec) -> int:
-    from dataplane.arena import Arena
+    from dataplane.shm.arena import Arena
     try:
         return int(Arena.layout(s.geometry()).arena_size)
     except ValueError as e:
@@ -292,7 +294,7 @@ def _arena_bytes(s: WorkerSpec) -> int:
 
 def _huge_dir(cfg: Config, specs: list[WorkerSpec]) -> str:
     """The hugetlbfs directory the arenas go in, or "" for /dev/shm.  Looks, never reserves."""
-    from dataplane.arena import free_hugepages_2m, hugetlbfs_mounts
+    from dataplane.shm.arena import free_hugepages_2m, hugetlbfs_mounts
     mode = cfg.arena.hugepages
     if mode == "no":
         return ""

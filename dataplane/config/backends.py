@@ -13,12 +13,12 @@ from glob import glob
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dataplane._check import Table
+from dataplane.config.tables import Table
 
 if TYPE_CHECKING:
-    from dataplane.worker_cfg import Worker
+    from dataplane.config.workers import Worker
 
-log = logging.getLogger("dataplane.config")
+log = logging.getLogger("dataplane.config.loader")
 
 BACKENDS = ("auto", "dpdk", "uring")
 # What each driver runs on: af_packet on both; a UDP socket only on io_uring (DPDK has no

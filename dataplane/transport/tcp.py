@@ -1,5 +1,5 @@
-"""The TCP transport from Python: `python -m dataplane.transport send|recv SPEC_JSON`, a class to
-run one such process, and a Prometheus collector for the dataplane_transport_* families.
+"""The TCP transport from Python: `python -m dataplane.transport.tcp send|recv SPEC_JSON`, a class
+to run one such process, and a Prometheus collector for the dataplane_transport_* families.
 
 A sender consumes one ring of a local arena (some worker's) and ships its batches to a receiver
 in another namespace or host; the receiver writes them into its own arena's ring 0, as packets
@@ -35,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dataplane._native import ffi, lib
-from dataplane.arena import Arena, ArenaGeometry, LayoutError, check_layout
+from dataplane.shm.arena import Arena, ArenaGeometry, LayoutError, check_layout
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ class Control:
                               "transport control file")
         self.counters = np.ndarray((len(COUNTERS),), dtype="<u8", buffer=self._mm,
                                    offset=ffi.offsetof("struct dp_transport", "c"))
-        # RDMA_COUNTERS then the registration-time buckets (written by dataplane/rdma_run.py)
+        # RDMA_COUNTERS then the registration-time buckets (written by
+        # dataplane/transport/rdma/process.py)
         self.rdma = np.ndarray((len(RDMA_COUNTERS) + lib.DP_MR_BUCKETS,), dtype="<u8",
                                buffer=self._mm, offset=ffi.offsetof("struct dp_transport", "r"))
 
@@ -212,7 +213,8 @@ class TransportProcess:
                                       ArenaGeometry(1, ((0, 0),), ring_size, slot_size, 0))
 
     def start(self, stderr=None) -> None:
-        module = "dataplane.rdma_run" if self.spec.mode == "rdma" else "dataplane.transport"
+        module = ("dataplane.transport.rdma.process" if self.spec.mode == "rdma"
+                  else "dataplane.transport.tcp")
         argv = [sys.executable, "-m", module, self.spec.to_json()]
         if self.spec.netns:
             argv = ["ip", "netns", "exec", self.spec.netns, *argv]
@@ -345,7 +347,8 @@ class TransportCollector(Collector):
 
 
 def parse_spec(argv: list[str] | None, prog: str, rdma: bool, stop: str = "") -> TransportSpec:
-    """The command line of a transport process (this module's or dataplane.rdma_run's)."""
+    """The command line of a transport process (this module's or
+    dataplane.transport.rdma.process's)."""
     ap = argparse.ArgumentParser(
         prog=prog,
         description="Run one transport end (send or recv, per the spec's role) on files "
@@ -367,7 +370,7 @@ def parse_spec(argv: list[str] | None, prog: str, rdma: bool, stop: str = "") ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_spec(argv, "python -m dataplane.transport", rdma=False))
+    return run(parse_spec(argv, "python -m dataplane.transport.tcp", rdma=False))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dataplane.config import Config, Lab, Veth
+from dataplane.config.loader import Config, Lab, Veth
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -22,8 +22,8 @@ from typing import Protocol
 import numpy as np
 
 from dataplane._native import lib
-from dataplane.arena import DESC_DTYPE, Arena, RingReader
-from dataplane.flows import SeqTracker, TopFlows
+from dataplane.consumers.flows import SeqTracker, TopFlows
+from dataplane.shm.arena import DESC_DTYPE, Arena, RingReader
 
 log = logging.getLogger(__name__)
 

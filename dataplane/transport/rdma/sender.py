@@ -1,5 +1,5 @@
 """The sending end of the RDMA transport: the protocol, credits and error semantics are in
-dataplane/rdma.py; this is how the sender keeps the link busy from Python.
+dataplane/transport/rdma/receiver.py; this is how the sender keeps the link busy from Python.
 
 Pipelined: up to `window` batches are posted and not yet completed.  Each batch is ONE
 ibv_post_send of a chain of work requests (frames, then descriptors, the last WR signaled);
@@ -26,9 +26,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dataplane._native import lib
-from dataplane.arena import DESC_DTYPE, Arena
-from dataplane.mr_cache import MRCache
-from dataplane.rdma_link import (
+from dataplane.shm.arena import DESC_DTYPE, Arena
+from dataplane.transport.rdma.link import (
     CREDIT,
     END,
     END_ACK,
@@ -42,6 +41,7 @@ from dataplane.rdma_link import (
     split_msgs,
     verbs,
 )
+from dataplane.transport.rdma.mr_cache import MRCache
 
 WINDOW = 8      # batches in flight: enough that the HCA (rxe: the kernel) never waits for us
 # a run of frames is split into WRs of at most this: rxe (measured in the guest, 64 KB frames)

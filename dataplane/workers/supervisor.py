@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataplane.arena import Arena, choose_backing
-from dataplane.spec import WorkerSpec
+from dataplane.shm.arena import Arena, choose_backing
+from dataplane.workers.spec import WorkerSpec
 
-log = logging.getLogger("dataplane.supervisor")
+log = logging.getLogger("dataplane.workers.supervisor")
 
 DPDK_RUN_DIR = Path("/var/run/dpdk")
 
@@ -43,7 +43,7 @@ class Worker:
         return None if hb == 0 else (time.monotonic_ns() - hb) / 1e9
 
     def file_prefix(self) -> str:
-        # dataplane.worker names its EAL prefix after itself; `ip netns exec` execs, so the
+        # dataplane.workers.process names its EAL prefix after itself; `ip netns exec` execs, so the
         # child's pid is the worker's
         return f"dp-{self.spec.name}-{self.proc.pid if self.proc else 0}"
 
@@ -96,7 +96,7 @@ class Supervisor:
             self._spawn(w)
 
     def _spawn(self, w: Worker) -> None:
-        argv = [sys.executable, "-m", "dataplane.worker", w.spec.to_json()]
+        argv = [sys.executable, "-m", "dataplane.workers.process", w.spec.to_json()]
         if w.spec.netns:
             argv = ["ip", "netns", "exec", w.spec.netns, *argv]
         h = w.arena.header

@@ -26,8 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from dataplane.arena import PORT_COUNTERS, RING_COUNTERS, URING_COUNTERS, WORKER_STATES, Arena
-from dataplane.consumers import (
+from dataplane.consumers.loop import (
     ETHERTYPES,
     FLAGS,
     L4PROTOS,
@@ -36,6 +35,7 @@ from dataplane.consumers import (
     ConsumerLoop,
     TrafficStats,
 )
+from dataplane.shm.arena import PORT_COUNTERS, RING_COUNTERS, URING_COUNTERS, WORKER_STATES, Arena
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class MRCacheCollector(Collector):
     """The RDMA memory-registration caches' counters, read from cache.stats() at scrape time."""
 
     def __init__(self, caches: dict[str, Any]):
-        self.caches = caches          # name -> dataplane.mr_cache.MRCache
+        self.caches = caches          # name -> dataplane.transport.rdma.mr_cache.MRCache
 
     def describe(self) -> list[Metric]:
         return []

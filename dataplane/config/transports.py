@@ -16,8 +16,8 @@
     label = "from-rx"              # the port name its packets carry in metrics
     netns = "dp-gen"
 
-The same over RDMA (RC queue pairs, dataplane/rdma.py): `kind = "rdma"` on both ends, the
-RDMA device that reaches the peer, no `mode` (the NIC writes into the receiver's slots):
+The same over RDMA (RC queue pairs, dataplane/transport/rdma/receiver.py): `kind = "rdma"` on both
+ends, the RDMA device that reaches the peer, no `mode` (the NIC writes into the receiver's slots):
 
     [[transport]]
     name = "to-collector"
@@ -60,8 +60,8 @@ def _addr(v: str) -> str | None:
 
 
 def parse(t) -> TransportCfg:
-    """One [[transport]] table (a dataplane._check.Table)."""
-    from dataplane._check import checks
+    """One [[transport]] table (a dataplane.config.tables.Table)."""
+    from dataplane.config.tables import checks
 
     name = t.get("name", str, check=checks.label)
     role = t.get("role", str, choices=("send", "recv"))

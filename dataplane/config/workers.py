@@ -1,5 +1,5 @@
 """The [[worker]] tables of a config: a worker's ports (one PMD or socket each) and its
-generator, validated key by key (dataplane/config.py loads the file and plans the result).
+generator, validated key by key (dataplane/config/loader.py loads the file and plans the result).
 
     [[worker]]
     name = "rx"
@@ -19,9 +19,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataplane import template
-from dataplane._check import Table, checks
-from dataplane.backend import BACKENDS, resolve
+from dataplane.config import templates as template
+from dataplane.config.backends import BACKENDS, resolve
+from dataplane.config.tables import Table, checks
 
 DRIVERS = ("af_packet", "af_xdp", "memif", "pci", "udp")
 DRIVER_KEYS = {"af_packet": ("iface",), "af_xdp": ("iface",), "memif": ("role", "socket", "id"),

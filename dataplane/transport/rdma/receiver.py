@@ -7,8 +7,9 @@ carried into a ring of another (the receiver's), frames and descriptors written 
     while ...: tx.poll()                                # reap, post batches, release in order
     tx.stats()   # batches, packets, bytes, credits_wait, wc_errors, peer_errors, reconnects
 
-The receiver is here; the sender is in dataplane/rdma_send.py (how it pipelines), what both
-share (QP, errors, the QP budget) in dataplane/rdma_link.py; all are importable from here.
+The receiver is here; the sender is in dataplane/transport/rdma/sender.py (how it pipelines), what
+both
+share (QP, errors, the QP budget) in dataplane/transport/rdma/link.py; all are importable from here.
 
 Connection set-up: a small TCP exchange, not rdma_cm.  The receiver listens; per connection it
 makes a new RC QP and sends one JSON line (QPN, GID, rkey, virtual addresses of its ring's
@@ -80,9 +81,8 @@ from typing import Any
 import numpy as np
 
 from dataplane._native import ffi, lib
-from dataplane.arena import Arena
-from dataplane.mr_cache import MRCache
-from dataplane.rdma_link import (
+from dataplane.shm.arena import Arena
+from dataplane.transport.rdma.link import (
     CREDIT,
     END,
     END_ACK,
@@ -90,19 +90,14 @@ from dataplane.rdma_link import (
     MSG,
     Link,
     RdmaError,
-    WCError,
-    gid_index,
     recv_json,
     send_json,
     split_msgs,
     verbs,
 )
-from dataplane.rdma_send import RdmaSender
+from dataplane.transport.rdma.mr_cache import MRCache
 
 END_WAIT_S = 5.0    # after END, how long the receiver waits for the batches END says are there
-
-__all__ = ["MAX_BATCH", "MSG", "RdmaError", "RdmaReceiver", "RdmaSender", "WCError",
-           "gid_index"]
 
 
 def _ring_id(arena: Arena, ring: int) -> str:

@@ -1,9 +1,10 @@
 """What one native worker is told to do: the contract between the plan, the supervisor and the
 worker process.  Plain dataclasses that travel to the worker process as JSON on its argv.
 
-`dataplane.config` validates a TOML config and turns it into a list of WorkerSpec (the one place
-that does so); `dataplane.supervisor` creates each worker's arena and starts
-`python -m dataplane.worker SPEC_JSON`; `dataplane.worker` fills struct dp_worker_config from it.
+`dataplane.config.loader` validates a TOML config and turns it into a list of WorkerSpec (the one
+place that does so); `dataplane.workers.supervisor` creates each worker's arena and starts
+`python -m dataplane.workers.process SPEC_JSON`; `dataplane.workers.process` fills struct
+dp_worker_config from it.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ class WorkerSpec:
         return tuple((p, q) for p, ps in enumerate(self.ports) for q in range(ps.rxq))
 
     def geometry(self):
-        """The arena this worker needs (dataplane.arena.ArenaGeometry)."""
-        from dataplane.arena import ArenaGeometry  # here: spec.py stays importable without cffi
+        """The arena this worker needs (dataplane.shm.arena.ArenaGeometry)."""
+        from dataplane.shm.arena import ArenaGeometry  # here: spec.py stays importable without cffi
         return ArenaGeometry(len(self.ports), self.rings(), self.ring_size, self.slot_size,
                              self.pool_mb << 20)
 

@@ -134,7 +134,7 @@ def _start_run(cfg, config_path: str | None, journal: Journal) -> str:
     assert rp.proc is not None
     journal.entries[-1].update(pid=rp.proc.pid, start_time=_start_time(rp.proc.pid))
     journal.record(journal.entries.pop())
-    from dataplane.config import plan
+    from dataplane.config.loader import plan
 
     end = time.monotonic() + 90
     paths = [Path(s.arena_path) for s in plan(cfg)]
@@ -149,7 +149,7 @@ def _start_run(cfg, config_path: str | None, journal: Journal) -> str:
 
 
 def _worker_running(path: Path) -> bool:
-    from dataplane.arena import Arena
+    from dataplane.shm.arena import Arena
     try:
         with Arena.open(path) as a:
             return a.worker_state() == "running"

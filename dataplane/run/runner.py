@@ -18,12 +18,18 @@ from typing import TextIO
 
 import numpy as np
 
-from dataplane import config, lab
-from dataplane.consumers import LATENCY_EDGES, ConsumerLoop, TrafficStats, ring_sources
-from dataplane.exporter import DataplaneCollector, MRCacheCollector, serve
-from dataplane.rdma_run import RdmaCollector, mr_caches
-from dataplane.supervisor import Supervisor
-from dataplane.transport import TransportCollector, TransportProcess, TransportSpec, control_path
+from dataplane import config
+from dataplane.consumers.loop import LATENCY_EDGES, ConsumerLoop, TrafficStats, ring_sources
+from dataplane.metrics.exporter import DataplaneCollector, MRCacheCollector, serve
+from dataplane.run import lab
+from dataplane.transport.rdma.process import RdmaCollector, mr_caches
+from dataplane.transport.tcp import (
+    TransportCollector,
+    TransportProcess,
+    TransportSpec,
+    control_path,
+)
+from dataplane.workers.supervisor import Supervisor
 
 log = logging.getLogger("dataplane.run")
 

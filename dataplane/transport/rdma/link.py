@@ -1,6 +1,8 @@
-"""What both ends of the RDMA transport (dataplane/rdma.py, dataplane/rdma_send.py) share: the
+"""What both ends of the RDMA transport (dataplane/transport/rdma/receiver.py,
+dataplane/transport/rdma/sender.py) share: the
 errors, the RC queue pair and its completion queue, the QP budget of a device, and the JSON
-lines of the TCP exchange.  The protocol itself is described in dataplane/rdma.py."""
+lines of the TCP exchange.  The protocol itself is described in
+dataplane/transport/rdma/receiver.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Validation helpers for dataplane.config: tables that know their key path, value checks.
+"""Validation helpers for dataplane.config.loader: tables that know their key path, value checks.
 
 A check returns None when a value is fine, else a phrase saying what is allowed; `Table.get`
 puts the key path and the value in front of it, so every message reads

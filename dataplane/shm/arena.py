@@ -56,12 +56,12 @@ def check_layout(expected: dict | None = None) -> None:
         real = ffi.sizeof(struct)
         if real != size:
             raise LayoutError(f"{struct}: Python assumes {size} bytes, compiled layout has {real}; "
-                              "rebuild (pip install -e .) and update dataplane/arena.py")
+                              "rebuild (pip install -e .) and update dataplane/shm/arena.py")
         for field, off in fields.items():
             real_off = ffi.offsetof(struct, field)
             if real_off != off:
                 raise LayoutError(f"{struct}.{field}: Python assumes offset {off}, compiled "
-                                  f"layout has {real_off}; update dataplane/arena.py")
+                                  f"layout has {real_off}; update dataplane/shm/arena.py")
 
 
 @dataclass(frozen=True)

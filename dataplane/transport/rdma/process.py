@@ -1,8 +1,8 @@
-"""An RDMA transport end as a process of a run: `python -m dataplane.rdma_run SPEC_JSON`, and
-what the scrape and `dataplane status` read of it.
+"""An RDMA transport end as a process of a run: `python -m dataplane.transport.rdma.process
+SPEC_JSON`, and what the scrape and `dataplane status` read of it.
 
 A [[transport]] table with kind = "rdma" becomes a TransportSpec with mode "rdma" and a
-TransportProcess (dataplane/transport.py) that runs this module instead of the C TCP loop: the
+TransportProcess (dataplane/transport/tcp.py) that runs this module instead of the C TCP loop: the
 same control file (struct dp_transport: state, heartbeat, stop, error, counters that outlive
 the process), the same order in a run (receivers before workers, senders after), the same
 receiver arena, consumed and exported under the remote's label.  What RDMA adds (QPs, credits,
@@ -29,8 +29,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dataplane._native import lib
-from dataplane.arena import Arena
-from dataplane.transport import (
+from dataplane.shm.arena import Arena
+from dataplane.transport.tcp import (
     COUNTERS,
     EXIT_SETUP_FAILED,
     RDMA_COUNTERS,
@@ -111,7 +111,7 @@ def _error(ctl: Control, msg: str) -> None:
 
 def run(spec: TransportSpec) -> int:
     """Open the end, poll it until told to stop: the exit code."""
-    from dataplane.rdma import RdmaError, RdmaReceiver, RdmaSender
+    from dataplane.transport.rdma import RdmaError, RdmaReceiver, RdmaSender
     ctl = Control(Path(spec.control_path))
     hdr = ctl.hdr
     hdr.pid, hdr.state = os.getpid(), lib.DP_W_STARTING
@@ -210,14 +210,14 @@ LABELS = ["transport", "role", "peer", "device"]
 
 
 class _ControlCache:
-    """An MR cache's stats() as dataplane.exporter.MRCacheCollector wants it, read from a
+    """An MR cache's stats() as dataplane.metrics.exporter.MRCacheCollector wants it, read from a
     transport process's control file."""
 
     def __init__(self, ctl: Control) -> None:
         self.ctl = ctl
 
     def stats(self) -> dict[str, Any]:
-        from dataplane.mr_cache import SECONDS_BUCKETS
+        from dataplane.transport.rdma.mr_cache import SECONDS_BUCKETS
         r = self.ctl.rdma_snapshot()
         counts = r["mr_reg_buckets"][:len(SECONDS_BUCKETS)]
         return {"hits": r["mr_hits"], "misses": r["mr_misses"], "evictions": r["mr_evictions"],
@@ -272,7 +272,7 @@ def status_line(role: str, device: str, ctl: Control) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_spec(argv, "python -m dataplane.rdma_run", rdma=True,
+    return run(parse_spec(argv, "python -m dataplane.transport.rdma.process", rdma=True,
                           stop=f" (a sender first sends what its ring holds, for up to "
                                f"{DRAIN_S:g} s)"))
 

@@ -1,4 +1,4 @@
-"""One native worker process: `python -m dataplane.worker SPEC_JSON`.
+"""One native worker process: `python -m dataplane.workers.process SPEC_JSON`.
 
 The supervisor has already created the arena at spec.arena_path.  This process maps it, pins
 itself, fills struct dp_worker_config and hands over to C, which polls until arena->stop is set:
@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from dataplane._native import ffi, lib
-from dataplane.spec import PortSpec, WorkerSpec
+from dataplane.workers.spec import PortSpec, WorkerSpec
 
 EXIT_SETUP_FAILED = 2
 
@@ -152,12 +152,13 @@ def run(spec: WorkerSpec) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m dataplane.worker",
+        prog="python -m dataplane.workers.process",
         description="Run one poll-mode worker (DPDK or io_uring) on an arena the supervisor "
                     "created. "
                     "SIGTERM/SIGINT (or arena->stop) stop it cleanly. Exit 0 after a clean "
                     "stop, 2 when set-up failed (the reason is printed and left in the arena).")
-    ap.add_argument("spec_json", help="a WorkerSpec as JSON (dataplane.spec.WorkerSpec.to_json)")
+    ap.add_argument("spec_json",
+                    help="a WorkerSpec as JSON (dataplane.workers.spec.WorkerSpec.to_json)")
     args = ap.parse_args(argv)
     try:
         spec = WorkerSpec.from_json(args.spec_json)

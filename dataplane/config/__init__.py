@@ -1,0 +1,17 @@
+"""The config room: a TOML file becomes a checked Config (loader.py, with the table helpers in
+tables.py and the [[worker]] / [[transport]] tables in workers.py and transports.py), and a
+Config becomes the specs of the processes to start (specs.py: `plan`)."""
+
+from dataplane.config.loader import (
+    Config,
+    ConfigError,
+    Metrics,
+    arena_filename,
+    ensure_run_dir,
+    load,
+    loads,
+    plan,
+)
+
+__all__ = ["Config", "ConfigError", "Metrics", "arena_filename", "ensure_run_dir", "load",
+           "loads", "plan"]
