@@ -10,7 +10,8 @@
  *
  * A full ring WAITS (counted in ring_waits): the sender is a ring consumer, not a NIC, so the
  * wait becomes TCP backpressure, the sender's ring fills, and the worker feeding it drops and
- * counts (invariant 2) where the loss is visible.  Dropping here would lose batches the
+ * counts (docs/design.md, invariant 2) where the loss is visible.  Dropping here would lose
+ * batches the
  * sender has already been told nothing about.
  *
  * A bad header or bad descriptors: log (with the peer), count bad_frames, close, keep

@@ -12,7 +12,8 @@ as fast as the port takes them) in one namespace; each receiver in turn in the o
 alternating A, B, C, A, B, C so drift hits all; medians reported.  pps = packets the receiver
 got / seconds; cpu_ns_per_pkt = the receiver process's user+system CPU time / packets
 (/proc/PID/stat for the worker, getrusage for the C programs).  The veth's kernel work happens
-mostly on the sender's core (DESIGN.md): the offered rate is the sender's, and a receiver that
+mostly on the sender's core (docs/design.md, known limits): the offered rate is the sender's,
+and a receiver that
 keeps up reads the same pps as the others; the CPU per packet is then what tells them apart.
 """
 

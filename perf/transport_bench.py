@@ -8,7 +8,8 @@ it drains, the sender ships batches of that size, a C consumer empties the recei
 GB/s counts frame bytes published by the receiver; sender CPU is the sender process's
 utime+stime.  iperf3 runs with -l of the same size (its own buffer: no arena, no framing).
 The kernel's "copied" flag is reported as it was counted: on veth the kernel copies zero-copy
-sends anyway (DESIGN.md), so zero copy is not expected to win here.  A benchmark, not a test:
+sends anyway (docs/design.md, known limits), so zero copy is not expected to win here.
+A benchmark, not a test:
 the last line printed is one JSON object.
 """
 

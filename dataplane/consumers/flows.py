@@ -1,6 +1,7 @@
 """Batch-wise flow accounting for the consumers: top flows by bytes and sequence tracking.
 
-Both work on whole batches with numpy (invariant 1) and keep bounded memory: the flow table has
+Both work on whole batches with numpy (docs/design.md, invariant 1) and keep bounded memory:
+the flow table has
 a fixed number of entries (space-saving: a new flow evicts the smallest one and inherits its
 count as its error bound), and each stream's sequence bitmap is a fixed window that slides.
 Their state is plain numpy arrays and ints, written by the consumer thread only; readers

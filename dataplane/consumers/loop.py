@@ -2,7 +2,8 @@
 
 A consumer sees a batch as the numpy structured view RingReader.peek() returns (no copy) and
 must be done with it when consume() returns: the batch is released right after, and the worker
-reuses the slots.  No per-packet Python anywhere (invariant 1): TrafficStats folds a batch into
+reuses the slots.  No per-packet Python anywhere (docs/design.md, invariant 1): TrafficStats
+folds a batch into
 its counters with a handful of numpy calls whatever the batch size.
 
 All state is plain numpy arrays and ints written by the consumer thread only.  Readers (the

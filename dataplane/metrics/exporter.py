@@ -1,9 +1,10 @@
 """Prometheus exporter: one custom collector reading the arenas and the consumers at scrape time.
 
-Nothing is mirrored into Counter objects per event (STYLE.md, client_python's custom-collector
+Nothing is mirrored into Counter objects per event (prometheus_client's custom-collector
 model): collect() builds fresh metric families from the workers' shared-memory u64s and the
 consumer's numpy arrays, and holds nothing the workers or the consumer thread wait on
-(invariant 7).  A missing, closed or foreign arena gives a partial scrape, counted in
+(docs/design.md, invariant 7).  A missing, closed or foreign arena gives a partial scrape,
+counted in
 dataplane_exporter_source_errors_total, never a failed one.
 """
 

@@ -2,7 +2,8 @@
 heartbeat, restart it when it dies, and stop everything cleanly.
 
 Counters live in the arena, which the supervisor owns: a restarted worker maps the same file and
-adds to the same counters, so nothing Prometheus has seen goes backwards (DESIGN.md, inv. 3).
+adds to the same counters, so nothing Prometheus has seen goes backwards (docs/design.md,
+invariant 3).
 """
 
 from __future__ import annotations

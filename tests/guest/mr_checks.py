@@ -189,7 +189,8 @@ def low_memlock_child() -> dict[str, Any]:
 
 
 class Peer:
-    """Two RC QPs on rxe0 connected to each other (recipes/rc_test.py) and a peer MR."""
+    """Two RC QPs on rxe0 connected to each other and a peer MR (the loopback pattern of
+    rdma-core's pyverbs tests)."""
 
     def __init__(self) -> None:
         self.gidx = gid_index(CTX)
