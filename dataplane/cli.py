@@ -10,36 +10,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import re
 import sys
-import time
 from pathlib import Path
 
 from dataplane import config
+from dataplane.config.specs import describe
 from dataplane.config.tables import checks
+from dataplane.host.proc import missing_caps
 
 log = logging.getLogger("dataplane")
 OK, FAILED, USAGE = 0, 1, 2
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 12, 21, 24   # bits of CapEff
 
 
 class Usage(Exception):
     """A problem the user fixes (flags, config, privileges): exit 2, nothing changed."""
 
 
-def effective_caps() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
 def need_root(what: str, example: str) -> None:
     """Refuse, before changing anything, when CAP_NET_ADMIN or CAP_SYS_ADMIN is missing."""
-    caps = effective_caps()
-    missing = [n for n, bit in (("CAP_NET_ADMIN", CAP_NET_ADMIN), ("CAP_SYS_ADMIN", CAP_SYS_ADMIN))
-               if not caps >> bit & 1]
+    missing = missing_caps(["CAP_NET_ADMIN", "CAP_SYS_ADMIN"])
     if missing:
         raise Usage(f"{what} needs CAP_NET_ADMIN and CAP_SYS_ADMIN (missing: "
                     f"{', '.join(missing)}) to create and enter network namespaces; "
@@ -72,24 +61,15 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.action in ("up", "down"):
         (lab.up if args.action == "up" else lab.down)(cfg)
         log.info("lab %s: %s", args.action, ", ".join(cfg.lab.namespaces))
-    _print_lab(lab.status(cfg))
+    from dataplane.run.status import lab_lines
+    for ln in lab_lines(lab.status(cfg)):
+        print(ln)
     return OK
-
-
-def _print_lab(st: dict) -> None:
-    for ns, present in st["namespaces"].items():
-        print(f"netns {ns}: {'present' if present else 'absent'}")
-    for lk in st["links"]:
-        print(f"  {lk['netns']}/{lk['name']}: {lk['state']} {lk['mac']} "
-              f"{' '.join(lk['addresses'])}".rstrip())
 
 
 def need_caps(what: str, example: str, why: dict[str, str]) -> None:
     """Refuse, before changing anything, naming each missing capability and what needs it."""
-    caps = effective_caps()
-    bits = {"CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMIN": CAP_SYS_ADMIN,
-            "CAP_SYS_RESOURCE": CAP_SYS_RESOURCE}
-    missing = [f"{n} ({why[n]})" for n in why if not caps >> bits[n] & 1]
+    missing = [f"{n} ({why[n]})" for n in missing_caps(list(why))]
     if missing:
         raise Usage(f"{what} needs {', '.join(missing)}; nothing was changed; run as root: "
                     f"sudo {example}")
@@ -147,88 +127,10 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config)
-    from dataplane.host import hugepages
-    from dataplane.run import updown
-    for ln in updown.status_lines(cfg):
-        print(ln)
-    print(hugepages.show())     # what `dpdk-hugepages.py -s` shows: pools per node, mounts
-    if cfg.lab is not None:
-        from dataplane.run import lab
-        print(f"lab: {'up' if lab.exists(cfg) else 'down'}")
-        _print_lab(lab.status(cfg))
-    from dataplane.shm.arena import Arena, LayoutError, hugetlbfs_mounts
-    for w in cfg.workers:
-        found = find_arenas(w.name, [*hugetlbfs_mounts(), Path("/dev/shm")])
-        if not found:
-            print(f"worker {w.name}: no arena (not running)")
-            continue
-        try:
-            with Arena.open(found[0]) as a:
-                h = a.header
-                age = (time.monotonic_ns() - h.heartbeat_ns) / 1e9 if h.heartbeat_ns else None
-                pid, state, err = h.pid, a.worker_state(), a.worker_error()
-        except (OSError, LayoutError) as e:
-            print(f"worker {w.name}: arena {found[0]} unreadable: {e}")
-            continue
-        beat = f"heartbeat {age:.2f} s ago" if age is not None else "no heartbeat yet"
-        print(f"worker {w.name}: arena {found[0]} state={state} pid={pid} "
-              f"({'alive' if _alive(pid) else 'gone'}) {beat}" + (f" error: {err}" if err else ""))
-    for ln in _transport_status(cfg):
+    from dataplane.run import status
+    for ln in status.lines(config.load(args.config)):
         print(ln)
     return OK
-
-
-def _transport_status(cfg) -> list[str]:
-    """Each [[transport]] of the config, from its control file when a run has one."""
-    from dataplane.shm.arena import LayoutError
-    from dataplane.transport.rdma.process import status_line
-    from dataplane.transport.tcp import Control, control_path
-    out = []
-    for x in cfg.transports:
-        path = Path(control_path(x.name))
-        where = f"{x.host}:{x.tcp_port}"
-        head = f"transport {x.name} ({x.kind} {x.role} {'to' if x.role == 'send' else 'on'} " \
-            f"{where})"
-        if not path.exists():
-            out.append(f"{head}: not running (no {path})")
-            continue
-        try:
-            ctl = Control(path)
-        except (OSError, LayoutError) as e:
-            out.append(f"{head}: control file {path} unreadable: {e}")
-            continue
-        h, c = ctl.hdr, ctl.snapshot()
-        err = ctl.error()
-        out.append(f"{head}: state={ctl.state()} pid={h.pid} "
-                   f"({'alive' if _alive(h.pid) else 'gone'}) "
-                   f"{'connected' if h.connected else 'not connected'}, batches {c['batches']}, "
-                   f"packets {c['packets']}, restarts {h.restarts}"
-                   + (f" error: {err}" if err else ""))
-        if x.kind == "rdma":
-            out.append(status_line(x.role, x.device, ctl))
-        ctl.close()
-    return out
-
-
-def find_arenas(worker: str, dirs: list[Path]) -> list[Path]:
-    """The worker's arena files, newest first: plan() names them dataplane-NAME, the supervisor
-    dataplane-RUNID-NAME (a run id without dashes)."""
-    pattern = re.compile(rf"{re.escape(config.arena_filename(''))}([^-]+-)?{re.escape(worker)}")
-    found = [f for d in dirs if d.is_dir() for f in d.iterdir() if pattern.fullmatch(f.name)]
-    return sorted(found, key=lambda f: f.stat().st_mtime, reverse=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -243,25 +145,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         print("[" + ",\n ".join(s.to_json() for s in specs) + "]")
         return OK
     print(f"config {cfg.source}; metrics on {cfg.metrics.listen}")
-    for s in specs:
-        poll = f"adaptive, idle_sleep_us {s.idle_sleep_us}" if s.idle_sleep_us else "busy"
-        print(f"worker {s.worker_id} {s.name}: core {s.core}, netns {s.netns or '-'}, "
-              f"poll {poll}, zero_copy {s.zero_copy}")
-        print(f"  backend {s.backend}" + (f" ({s.backend_reason})" if s.backend_reason else ""))
-        print(f"  arena {s.arena_path} (hugepages {'yes' if s.hugepages else 'no'}): rings "
-              f"{len(s.rings())} x {s.ring_size}, slots {s.slot_size} B, pool {s.pool_mb} MB, "
-              f"{s.n_mbufs} mbufs")
-        for i, p in enumerate(s.ports):
-            dev = (f"--vdev {p.devargs}" if p.devargs else f"-a {p.pci}" if p.pci else
-                   f"udp port {p.udp_port}" if p.udp_port else f"AF_PACKET on {p.iface}")
-            print(f"  port {i} {p.label}: {p.name}  {dev}  rxq {p.rxq} txq {p.txq}")
-        if s.gen:
-            g = s.gen
-            vary = (f", vary u16 at byte {g.vary_off} over {g.vary_min}..{g.vary_max}"
-                    if g.vary_off else "")
-            print(f"  generate on port {g.port}: {g.rate_pps or 'max'} pps, burst {g.burst}, "
-                  f"{len(g.template) // 2} B frames, count {g.count or 'unlimited'}, stream "
-                  f"{g.stream}{vary}")
+    for ln in describe(specs):
+        print(ln)
     return OK
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dataplane import cli
+from dataplane.run.status import find_arenas
 from tests import unprivileged
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,10 +79,10 @@ def test_status_reads_an_arena(capsys: pytest.CaptureFixture[str], tmp_path: Pat
         a.close()
         a.unlink()
     out = capsys.readouterr().out
-    assert cli.find_arenas(name, [tmp_path]) == []
+    assert find_arenas(name, [tmp_path]) == []
     for f in (f"dataplane-123-{name}", f"dataplane-{name}", f"dataplane-1-x-{name}"):
         (tmp_path / f).touch()
-    assert {f.name for f in cli.find_arenas(name, [tmp_path])} == {
+    assert {f.name for f in find_arenas(name, [tmp_path])} == {
         f"dataplane-123-{name}", f"dataplane-{name}"}
     assert f"worker {name}: arena {path} state=empty pid={os.getpid()} (alive)" in out
     assert cli.main(["status", "--config", str(cfg)]) == 0

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from dataplane import config
+from dataplane.config import specs
 from dataplane.config import templates as template
 from dataplane.config.loader import ConfigError
-from dataplane.shm import arena
 from dataplane.workers.spec import WorkerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,12 +225,12 @@ def test_plan_vdev_names_and_devargs() -> None:
 
 def test_plan_hugepages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cfg = config.loads(cfg_text())
-    monkeypatch.setattr(arena, "hugetlbfs_mounts", lambda: [tmp_path])
-    monkeypatch.setattr(arena, "free_hugepages_2m", lambda: 1000)
+    monkeypatch.setattr(specs, "hugetlbfs_mounts", lambda: [tmp_path])
+    monkeypatch.setattr(specs, "free_hugepages_2m", lambda: 1000)
     (s,) = config.plan(cfg)
     assert s.hugepages and s.huge_dir == str(tmp_path)
     assert s.arena_path == str(tmp_path / "dataplane-w")
-    monkeypatch.setattr(arena, "free_hugepages_2m", lambda: 3)       # not enough: /dev/shm
+    monkeypatch.setattr(specs, "free_hugepages_2m", lambda: 3)       # not enough: /dev/shm
     (s,) = config.plan(cfg)
     assert not s.hugepages and s.arena_path == "/dev/shm/dataplane-w"
     cfg.arena.hugepages = "yes"

@@ -21,12 +21,11 @@ from pathlib import Path
 import pytest
 
 from dataplane.host import Journal, apply, undo
+from dataplane.host.proc import CAP_SYS_RESOURCE, has_cap
 from dataplane.host.profile import (
-    CAP_SYS_RESOURCE,
     PROFILE_DIR,
     Memlock,
     ProfileError,
-    has_cap,
     load_profile,
     profile_changes,
 )

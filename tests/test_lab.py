@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from dataplane import config
+from dataplane.host.proc import poll
 from dataplane.run import lab
 
 pytestmark = [pytest.mark.root,
@@ -120,9 +121,9 @@ def test_ip_error_names_command_and_stderr() -> None:
 
 def test_poll() -> None:
     seen = iter([0, 0, 3])
-    assert lab.poll(lambda: next(seen), timeout=1, interval=0) == 3
+    assert poll(lambda: next(seen), timeout=1, interval=0) == 3
     with pytest.raises(TimeoutError, match="waiting for nothing"):
-        lab.poll(lambda: False, timeout=0.05, what="nothing")
+        poll(lambda: False, timeout=0.05, what="nothing")
 
 
 def test_no_lab_table() -> None:

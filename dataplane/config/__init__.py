@@ -2,16 +2,8 @@
 tables.py and the [[worker]] / [[transport]] tables in workers.py and transports.py), and a
 Config becomes the specs of the processes to start (specs.py: `plan`)."""
 
-from dataplane.config.loader import (
-    Config,
-    ConfigError,
-    Metrics,
-    arena_filename,
-    ensure_run_dir,
-    load,
-    loads,
-    plan,
-)
+from dataplane.config.loader import Config, ConfigError, Metrics, load, loads
+from dataplane.config.specs import arena_filename, ensure_run_dir, plan
 
 __all__ = ["Config", "ConfigError", "Metrics", "arena_filename", "ensure_run_dir", "load",
            "loads", "plan"]

@@ -11,12 +11,8 @@ from __future__ import annotations
 import logging
 from glob import glob
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dataplane.config.tables import Table
-
-if TYPE_CHECKING:
-    from dataplane.config.workers import Worker
 
 log = logging.getLogger("dataplane.config.loader")
 
@@ -38,45 +34,43 @@ def dpdk_pmds_missing(drivers: list[str], pmd_dirs: str = PMD_DIRS) -> list[str]
             not any((x / PMD_FILES[d]).exists() for x in dirs)]
 
 
-def resolve(t: Table, w: Worker) -> None:
-    """Resolve w.backend ("auto" -> dpdk or uring) and say why; refuse drivers it cannot run."""
-    only = {b: [p for p in w.ports if p.driver and DRIVER_BACKENDS[p.driver] == (b,)]
+def resolve(t: Table, worker: str, backend: str, ports: list[tuple[str, str | None]],
+            gen_port: str | None) -> tuple[str, str]:
+    """The backend of a worker (name, configured backend, its ports as (name, driver), the port
+    it generates on) and why: resolves "auto" to dpdk or uring, refuses drivers it cannot run.
+    Plain values in, so this module needs nothing from the [[worker]] table's module."""
+    only = {b: [(n, d) for n, d in ports if d and DRIVER_BACKENDS[d] == (b,)]
             for b in ("dpdk", "uring")}
     if only["dpdk"] and only["uring"]:
-        t.error("port", None, f'driver {only["uring"][0].driver} (port "{only["uring"][0].name}") '
-                f'needs backend "uring" and driver {only["dpdk"][0].driver} (port '
-                f'"{only["dpdk"][0].name}") needs "dpdk": put them in separate workers')
-        return
-    if w.backend != "auto":
-        other = "uring" if w.backend == "dpdk" else "dpdk"
+        (un, ud), (dn, dd) = only["uring"][0], only["dpdk"][0]
+        t.error("port", None, f'driver {ud} (port "{un}") needs backend "uring" and driver '
+                f'{dd} (port "{dn}") needs "dpdk": put them in separate workers')
+        return backend, ""
+    if backend != "auto":
+        other = "uring" if backend == "dpdk" else "dpdk"
         if only[other]:
-            pt = only[other][0]
-            why = " (DPDK has no UDP-socket PMD)" if pt.driver == "udp" else ""
-            t.error("backend", w.backend, f'port "{pt.name}" has driver = "{pt.driver}", which '
+            name, driver = only[other][0]
+            why = " (DPDK has no UDP-socket PMD)" if driver == "udp" else ""
+            t.error("backend", backend, f'port "{name}" has driver = "{driver}", which '
                     f'needs backend = "{other}"{why}')
-        w.backend_reason = "set in the config"
-        return
+        return backend, "set in the config"
     if only["uring"]:
-        w.backend = "uring"
-        w.backend_reason = (f'port "{only["uring"][0].name}" is driver = "udp": DPDK has no '
-                            "UDP-socket PMD")
+        backend, reason = "uring", (f'port "{only["uring"][0][0]}" is driver = "udp": DPDK has '
+                                    "no UDP-socket PMD")
     elif only["dpdk"]:
-        w.backend = "dpdk"
-        w.backend_reason = f'port "{only["dpdk"][0].name}" is driver = "{only["dpdk"][0].driver}"'
+        backend, reason = "dpdk", f'port "{only["dpdk"][0][0]}" is driver = "{only["dpdk"][0][1]}"'
     else:
-        missing = dpdk_pmds_missing([p.driver for p in w.ports], PMD_DIRS)
+        missing = dpdk_pmds_missing([d for _, d in ports if d], PMD_DIRS)
         if missing:
-            w.backend = "uring"
-            w.backend_reason = (f"DPDK PMD {', '.join(missing)} not found in {PMD_DIRS} "
-                                "(libdpdk not installed?)")
+            backend, reason = "uring", (f"DPDK PMD {', '.join(missing)} not found in {PMD_DIRS} "
+                                        "(libdpdk not installed?)")
         else:
-            w.backend = "dpdk"
-            w.backend_reason = "DPDK and its af_packet PMD are installed"
-    g = w.generate
-    gp = next((p for p in w.ports if g is not None and p.name == g.port), None)
-    if w.backend == "uring" and gp is not None and gp.driver != "af_packet":
-        t.error("generate.port", gp.name, 'backend "uring" generates on an af_packet port only')
-    if w.backend == "uring":
-        log.warning('worker "%s": backend auto -> uring: %s', w.name, w.backend_reason)
+            backend, reason = "dpdk", "DPDK and its af_packet PMD are installed"
+    gen = [d for n, d in ports if gen_port is not None and n == gen_port][:1]
+    if backend == "uring" and gen and gen[0] != "af_packet":
+        t.error("generate.port", gen_port, 'backend "uring" generates on an af_packet port only')
+    if backend == "uring":
+        log.warning('worker "%s": backend auto -> uring: %s', worker, reason)
     else:
-        log.info('worker "%s": backend auto -> dpdk: %s', w.name, w.backend_reason)
+        log.info('worker "%s": backend auto -> dpdk: %s', worker, reason)
+    return backend, reason

@@ -1,12 +1,10 @@
-"""The TOML config: load and validate it, then plan() it into the WorkerSpecs the workers run.
+"""The TOML config: load and validate it (dataplane.config.specs plans the result).
 
 Validation reads every table through `dataplane.config.tables.Table` (the [[worker]] tables in
-worker_cfg.py, the [[transport]] tables in transport_cfg.py), which records each key it is asked
+workers.py, the [[transport]] tables in transports.py), which records each key it is asked
 for, so an unknown key (a typo) is reported rather than silently ignored.  Every problem names
 its key path, the bad value and what is allowed, and all of them are raised together in one
-ConfigError so a user fixes a file in one pass.  plan() is the only place that turns a config
-into worker specs; it is also the only place that looks at the host (hugetlbfs mounts, free
-hugepages), and it only looks: it never changes the host's hugepage reservation.
+ConfigError so a user fixes a file in one pass.
 """
 
 from __future__ import annotations
@@ -18,15 +16,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from dataplane.config import templates as template
 from dataplane.config import transports as transport_cfg
 from dataplane.config import workers as worker_cfg
 from dataplane.config.backends import BACKENDS
 from dataplane.config.tables import ConfigError, Problems, Table, checks
-from dataplane.config.workers import RUN_DIR, Port, Worker
+from dataplane.config.workers import WorkerTable
 from dataplane.host import settings as host_settings
 from dataplane.host.settings import Host
-from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +70,7 @@ class Config:
     source: str
     metrics: Metrics
     arena: ArenaCfg
-    workers: list[Worker]
+    workers: list[WorkerTable]
     lab: Lab | None = None
     host: Host = field(default_factory=Host)
     warnings: list[str] = field(default_factory=list)
@@ -206,109 +202,3 @@ def _cross_check(cfg: Config, p: Problems) -> None:
             if g.size > cfg.arena.slot_size:
                 p.warning(f"{where}.generate.size = {g.size}: larger than arena.slot_size = "
                           f"{cfg.arena.slot_size}; receivers in copy mode will truncate")
-
-
-def ensure_run_dir(path: Path = RUN_DIR) -> Path:
-    """Create the run directory 0700 (memif sockets live there; no other user may connect)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
-
-
-def arena_filename(worker: str) -> str:
-    """The arena's file name, in the hugetlbfs mount or /dev/shm (status looks in both)."""
-    return f"dataplane-{worker}"
-
-
-def plan(cfg: Config) -> list[WorkerSpec]:
-    """What each worker does: the one place a config becomes WorkerSpecs."""
-    specs = []
-    # vdev numbers count across all workers, so no two ports anywhere share an ethdev name
-    # (each worker is its own EAL process; unique names keep logs and metrics unambiguous too).
-    seen: dict[str, int] = {}
-    for wid, w in enumerate(cfg.workers):
-        ports: list[PortSpec] = []
-        uring = w.backend == "uring"
-        for pt in w.ports:
-            n = seen[pt.driver] = seen.get(pt.driver, -1) + 1
-            ports.append(_uring_port_spec(pt) if uring else _port_spec(pt, n))
-        a = cfg.arena
-        specs.append(WorkerSpec(
-            name=w.name, worker_id=wid, backend=w.backend, backend_reason=w.backend_reason,
-            core=w.core, netns=w.netns, ring_size=a.ring_size, slot_size=a.slot_size,
-            # io_uring writes into the ring slots: no mbuf pool in its arena
-            pool_mb=0 if uring else a.pool_mb, n_mbufs=a.mbufs, burst=w.burst,
-            zero_copy=w.zero_copy, copybreak=w.copybreak, idle_sleep_us=w.idle_sleep_us,
-            ports=ports,
-            gen=_gen_spec(w, wid)))
-    huge_dir = _huge_dir(cfg, specs)
-    for s in specs:
-        s.hugepages, s.huge_dir = bool(huge_dir), huge_dir
-        s.arena_path = str(Path(huge_dir or "/dev/shm") / arena_filename(s.name))
-    return specs
-
-
-def _port_spec(pt: Port, n: int) -> PortSpec:
-    q = pt.queues
-    if pt.driver == "pci":
-        return PortSpec(name=pt.pci or "", pci=pt.pci or "", rxq=q, txq=q, label=pt.name)
-    # DPDK insists that a vdev's name starts with its driver's name: net_af_packet0, ...
-    name = f"net_{pt.driver}{n}"
-    args = {
-        "af_packet": f"iface={pt.iface},qpairs={q}",
-        "af_xdp": f"iface={pt.iface},start_queue=0,queue_count={q}",
-        # socket-abstract=no: a file in a 0700 directory, not an abstract socket anyone may use
-        "memif": f"role={pt.role},socket={pt.socket},socket-abstract=no,id={pt.id}",
-    }[pt.driver]
-    return PortSpec(name=name, devargs=f"{name},{args}", rxq=q, txq=q, label=pt.name)
-
-
-def _uring_port_spec(pt: Port) -> PortSpec:
-    """A port the io_uring worker opens itself: an AF_PACKET socket per queue, or UDP ones."""
-    q = pt.queues
-    return PortSpec(name=pt.name, iface=pt.iface or "", udp_port=pt.udp_port or 0, rxq=q, txq=q,
-                    label=pt.name)
-
-
-def _gen_spec(w: Worker, wid: int) -> GenSpec | None:
-    g = w.generate
-    if g is None:
-        return None
-    t = template.build(src_mac=g.src_mac, dst_mac=g.dst_mac, src=g.src, dst=g.dst,
-                       proto=g.proto, sport=g.sport, dport=g.dport, size=g.size,
-                       vlan=tuple(g.vlan), vary=g.vary)
-    lo, hi = g.vary_range if g.vary != "none" else (0, 0)
-    return GenSpec(port=[p.name for p in w.ports].index(g.port), rate_pps=g.rate_pps,
-                   burst=g.burst, count=g.count, stream=g.stream or wid + 1,
-                   template=t.frame.hex(), vary_off=t.vary_off, vary_min=lo, vary_max=hi,
-                   csum=1 if g.checksum else 0)
-
-
-def _arena_bytes(s: WorkerSpec) -> int:
-    from dataplane.shm.arena import Arena
-    try:
-        return int(Arena.layout(s.geometry()).arena_size)
-    except ValueError as e:
-        raise ConfigError("<plan>", [f'worker "{s.name}": {e}']) from None
-
-
-def _huge_dir(cfg: Config, specs: list[WorkerSpec]) -> str:
-    """The hugetlbfs directory the arenas go in, or "" for /dev/shm.  Looks, never reserves."""
-    from dataplane.shm.arena import free_hugepages_2m, hugetlbfs_mounts
-    mode = cfg.arena.hugepages
-    if mode == "no":
-        return ""
-    need = sum(-(-_arena_bytes(s) // (2 << 20)) for s in specs)     # 2 MB pages, rounded up
-    mounts = [m for m in hugetlbfs_mounts() if os.access(m, os.W_OK)]
-    free = free_hugepages_2m()
-    if mounts and free >= need:
-        return str(mounts[0])
-    why = (f"free 2 MB hugepages: {free}, the arenas need {need}" if mounts else
-           "no writable hugetlbfs mount with 2 MB pages")
-    if mode == "yes":
-        raise ConfigError(cfg.source, [
-            f'arena.hugepages = "yes": {why}; reserve pages (echo N > /sys/kernel/mm/hugepages/'
-            'hugepages-2048kB/nr_hugepages), mount hugetlbfs (mount -t hugetlbfs none '
-            '/dev/hugepages), or set hugepages = "auto"'])
-    log.info("arena.hugepages = auto: using /dev/shm (%s)", why)
-    return ""

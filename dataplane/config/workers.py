@@ -64,7 +64,7 @@ class Generate:
 
 
 @dataclass
-class Worker:
+class WorkerTable:
     name: str
     ports: list[Port]
     core: int | None = None
@@ -75,7 +75,7 @@ class Worker:
     copybreak: int = 256
     burst: int = 32
     generate: Generate | None = None
-    backend: str = "auto"         # as configured; plan() resolves "auto" (see _backend)
+    backend: str = "auto"         # parse() resolves "auto" (backends.resolve)
     backend_reason: str = ""
 
 
@@ -138,9 +138,9 @@ def _generate(t: Table) -> Generate:
     return g
 
 
-def parse(t: Table, backend: str = "auto") -> Worker:
+def parse(t: Table, backend: str = "auto") -> WorkerTable:
     """One [[worker]] table, with its ports and generator."""
-    w = Worker(
+    w = WorkerTable(
         name=t.get("name", str, check=checks.label),
         backend=t.get("backend", str, backend, choices=BACKENDS),
         core=t.get("core", int, None, check=checks.cpu),
@@ -157,6 +157,8 @@ def parse(t: Table, backend: str = "auto") -> Worker:
     gen = t.table("generate")
     if "generate" in t.data:
         w.generate = _generate(gen)
-    resolve(t, w)
+    w.backend, w.backend_reason = resolve(
+        t, w.name, w.backend, [(p.name, p.driver) for p in w.ports],
+        w.generate.port if w.generate is not None else None)
     t.close()
     return w

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dataplane.host import UNDO, PlanLine
+from dataplane.host.proc import mount_table
 from dataplane.host.settings import Hugepages
 
 SYS_MM = Path("/sys/kernel/mm/hugepages")
@@ -147,22 +148,31 @@ def undo_reserve(entry: dict[str, Any]) -> None:
 def mounts() -> list[tuple[str, int, str]]:
     """hugetlbfs mounts as (path, page size in kB, options), from /proc/self/mounts."""
     out = []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        _, mnt, fstype, opts = line.split()[:4]
-        if fstype != "hugetlbfs":
+    for m in mount_table():
+        if m.fstype != "hugetlbfs":
             continue
         kb = 0
-        for o in opts.split(","):
+        for o in m.options.split(","):
             if o.startswith("pagesize="):
                 v = o[9:]
                 kb = int(v[:-1]) * {"K": 1, "M": 1024, "G": 1048576}[v[-1]]
-        out.append((mnt.replace("\\040", " "), kb, opts))
+        out.append((m.path, kb, m.options))
     return out
 
 
+def hugetlbfs_mounts() -> list[Path]:
+    """Mounted hugetlbfs directories for the arenas: every one but those of 1 GB pages."""
+    return [Path(m) for m, kb, _ in mounts() if kb != PAGESIZE_KB["1G"]]
+
+
+def free_hugepages_2m() -> int:
+    """Free 2 MB pages in the global pool (0 when the kernel has no such pool)."""
+    p = pool(PAGESIZE_KB["2M"], None) / "free_hugepages"
+    return read_int(p) if p.exists() else 0
+
+
 def is_mountpoint(p: Path) -> bool:
-    return any(line.split()[1] == str(p)
-               for line in Path("/proc/self/mounts").read_text().splitlines())
+    return any(m.path == str(p) for m in mount_table())
 
 
 class Mount:

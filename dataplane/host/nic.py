@@ -18,12 +18,11 @@ import logging
 import os
 import re
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dataplane.host import UNDO, PlanLine
+from dataplane.host.proc import poll
 from dataplane.host.settings import Bind
 
 log = logging.getLogger("dataplane.host.nic")
@@ -213,14 +212,6 @@ def _unbind(pci: str) -> None:
         _write(PCI_DEVICES / pci / "driver" / "unbind", pci)
 
 
-def poll(test: Callable[[], Any], timeout: float = 10.0, every: float = 0.05) -> Any:
-    """Wait until test() returns something true; returns it, or the last false value."""
-    deadline = time.monotonic() + timeout
-    while not (v := test()) and time.monotonic() < deadline:
-        time.sleep(every)
-    return v
-
-
 def restore_driver(pci: str, driver: str | None, module: str | None,
                    override: str | None = None) -> None:
     """Give pci back to driver (None: leave it unbound): unbind whatever has it, put the old
@@ -244,8 +235,10 @@ def _rename_back(pci: str, names: list[str]) -> None:
     """Wait for the original driver to create the interface(s); give them their old names."""
     if not names:
         return
-    now = poll(lambda: interfaces_of(pci))
-    if not now:
+    try:
+        now = poll(lambda: interfaces_of(pci), timeout=10.0, interval=0.05,
+                   what=f"an interface of {pci}")
+    except TimeoutError:
         log.warning("%s: back on its driver but no interface appeared (was %s)", pci, names)
         return
     for new, orig in zip(now, names, strict=False):

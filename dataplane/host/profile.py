@@ -24,6 +24,7 @@ from typing import Any
 
 import dataplane
 from dataplane.host import UNDO, Change, PlanLine
+from dataplane.host.proc import CAP_IPC_LOCK, CAP_SYS_RESOURCE, has_cap, start_time
 from dataplane.host.qdisc import RootQdisc
 from dataplane.host.sysctl import CC_KEY, QDISC_KEY, Sysctl, TuningError, normalise, path, read
 
@@ -186,16 +187,6 @@ class Memlock:
             raise TuningError(f"RLIMIT_MEMLOCK = {show_limit(self.limit)}: {e}") from None
 
 
-CAP_IPC_LOCK, CAP_SYS_RESOURCE = 14, 24
-
-
-def has_cap(cap: int, pid: int | None = None) -> bool:
-    for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) >> cap & 1)
-    return False
-
-
 def _num(v: int) -> float:
     return float("inf") if v == INFINITY else v
 
@@ -204,18 +195,10 @@ def show_limit(v: int) -> str:
     return "unlimited" if v == INFINITY else str(v)
 
 
-def start_time(pid: int) -> str:
-    """Field 22 of /proc/PID/stat: with the pid, names a process even after pid reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def undo_rlimit(entry: dict[str, Any]) -> None:
     pid = entry["pid"]
-    if start_time(pid) != entry["start"] or not entry["start"]:
+    # int(): journals of earlier versions hold the start time as a string
+    if not entry["start"] or start_time(pid) != int(entry["start"]):
         return      # the process is gone and its limit with it
     # Lower the soft limit first: setting (soft, hard) with soft > the new hard is EINVAL.
     resource.prlimit(pid, resource.RLIMIT_MEMLOCK, (entry["soft"], entry["hard"]))

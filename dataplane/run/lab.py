@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from dataplane.config.loader import Config, Lab, Veth
+from dataplane.host.proc import poll
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 NETNS_DIR = Path("/run/netns")     # where `ip netns add` bind-mounts a namespace
 
 
@@ -39,19 +37,6 @@ def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str
     if check and res.returncode != 0:
         raise LabError(f"{' '.join(argv)}: exit {res.returncode}: {res.stderr.strip()}")
     return res
-
-
-def poll(fn: Callable[[], T], timeout: float = 5.0, interval: float = 0.02,
-         what: str = "condition") -> T:
-    """Call fn until it returns something truthy; return that, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def netns_exists(name: str) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 
 from dataplane import config
 from dataplane.consumers.loop import LATENCY_EDGES, ConsumerLoop, TrafficStats, ring_sources
+from dataplane.host.proc import poll
 from dataplane.metrics.exporter import DataplaneCollector, MRCacheCollector, serve
 from dataplane.run import lab
 from dataplane.transport.rdma.process import RdmaCollector, mr_caches
@@ -335,17 +336,19 @@ def run(cfg: config.Config, duration: float | None = None, out: TextIO = sys.std
 
 
 def _wait_quiet(read, settle: float, timeout: float = 5.0) -> None:
-    """Wait until the receive counters stop moving for `settle` seconds."""
-    end = time.monotonic() + timeout
-    last = read().rx_packets
-    quiet_since = time.monotonic()
-    while time.monotonic() < end:
-        time.sleep(0.05)
+    """Wait until the receive counters stop moving for `settle` seconds (at most `timeout`)."""
+    last = [read().rx_packets, time.monotonic()]     # count, and since when it has not moved
+
+    def quiet() -> bool:
         cur = read().rx_packets
-        if cur != last:
-            last, quiet_since = cur, time.monotonic()
-        elif time.monotonic() - quiet_since >= settle:
-            return
+        if cur != last[0]:
+            last[:] = [cur, time.monotonic()]
+        return time.monotonic() - last[1] >= settle
+
+    try:
+        poll(quiet, timeout, interval=0.05, what="quiet counters")
+    except TimeoutError:
+        pass        # still moving: report what there is
 
 
 def _rate(v: float) -> str:

@@ -15,13 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from dataplane import host
 from dataplane.host import Journal, PlanLine
 from dataplane.host.plan import host_changes, problems
+from dataplane.host.proc import poll, start_time
 
 log = logging.getLogger("dataplane.up")
 
@@ -32,15 +32,6 @@ class UpError(RuntimeError):
 
 class Blocked(UpError):
     """The plan cannot be applied on this host; nothing was changed."""
-
-
-def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: with the pid, names one process even if pids are reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 class RunProcess:
@@ -76,13 +67,12 @@ class RunProcess:
 
 def stop_process(e: dict[str, Any]) -> None:
     pid, start = e.get("pid"), e.get("start_time")
-    if not pid or _start_time(pid) != start:
+    if not pid or start_time(pid) != start:
         return          # gone already (or never started): nothing to stop
     os.kill(pid, signal.SIGTERM)
-    end = time.monotonic() + 60
-    while time.monotonic() < end and _start_time(pid) == start:
-        time.sleep(0.1)
-    if _start_time(pid) == start:
+    try:
+        poll(lambda: start_time(pid) != start, timeout=60, interval=0.1, what="run to stop")
+    except TimeoutError:
         log.warning("dataplane run (pid %d) ignored SIGTERM for 60 s; killing it", pid)
         os.kill(pid, signal.SIGKILL)
 
@@ -92,7 +82,7 @@ host.UNDO["process"] = stop_process
 
 def running(journal: Journal) -> int | None:
     for e in journal.entries:
-        if e["kind"] == "process" and e.get("pid") and _start_time(e["pid"]) == e.get(
+        if e["kind"] == "process" and e.get("pid") and start_time(e["pid"]) == e.get(
                 "start_time"):
             return e["pid"]
     return None
@@ -132,20 +122,23 @@ def _start_run(cfg, config_path: str | None, journal: Journal) -> str:
     journal.record({"kind": "process"})
     rp.apply()
     assert rp.proc is not None
-    journal.entries[-1].update(pid=rp.proc.pid, start_time=_start_time(rp.proc.pid))
+    journal.entries[-1].update(pid=rp.proc.pid, start_time=start_time(rp.proc.pid))
     journal.record(journal.entries.pop())
-    from dataplane.config.loader import plan
-
-    end = time.monotonic() + 90
+    from dataplane.config.specs import plan
     paths = [Path(s.arena_path) for s in plan(cfg)]
-    while time.monotonic() < end:
-        if rp.proc.poll() is not None:
+    proc = rp.proc
+
+    def all_running() -> bool:
+        if proc.poll() is not None:
             tail = Path(rp.log_path).read_text()[-1500:]
-            raise UpError(f"dataplane run exited with status {rp.proc.returncode}:\n{tail}")
-        if all(_worker_running(p) for p in paths):
-            return f"dataplane run started: pid {rp.proc.pid}, log {rp.log_path}"
-        time.sleep(0.2)
-    raise UpError(f"workers not running after 90 s; see {rp.log_path}")
+            raise UpError(f"dataplane run exited with status {proc.returncode}:\n{tail}")
+        return all(_worker_running(p) for p in paths)
+
+    try:
+        poll(all_running, timeout=90, interval=0.2, what="workers")
+    except TimeoutError:
+        raise UpError(f"workers not running after 90 s; see {rp.log_path}") from None
+    return f"dataplane run started: pid {proc.pid}, log {rp.log_path}"
 
 
 def _worker_running(path: Path) -> bool:

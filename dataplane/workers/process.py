@@ -52,7 +52,7 @@ def eal_argv(spec: WorkerSpec, prefix: str) -> list[str]:
     return argv
 
 
-class WorkerConfig:
+class DpWorkerConfig:
     """struct dp_worker_config for a spec, with every buffer it points to kept alive."""
 
     def __init__(self, spec: WorkerSpec, argv: list[str]):
@@ -125,7 +125,7 @@ def run(spec: WorkerSpec) -> int:
     uring = spec.backend == "uring"
     prefix = f"dp-{spec.name}-{os.getpid()}"
     # the io_uring worker has no EAL: its argv is a placeholder nobody parses
-    cfg = WorkerConfig(spec, ["dataplane-worker"] if uring else eal_argv(spec, prefix))
+    cfg = DpWorkerConfig(spec, ["dataplane-worker"] if uring else eal_argv(spec, prefix))
     entry = lib.dp_uring_worker_run if uring else lib.dp_dpdk_worker_run
 
     def on_signal(signum: int, frame: object) -> None:

@@ -1,10 +1,10 @@
 """What one native worker is told to do: the contract between the plan, the supervisor and the
 worker process.  Plain dataclasses that travel to the worker process as JSON on its argv.
 
-`dataplane.config.loader` validates a TOML config and turns it into a list of WorkerSpec (the one
-place that does so); `dataplane.workers.supervisor` creates each worker's arena and starts
-`python -m dataplane.workers.process SPEC_JSON`; `dataplane.workers.process` fills struct
-dp_worker_config from it.
+`dataplane.config.loader` validates a TOML config and `dataplane.config.specs` turns it into a
+list of WorkerSpec (the one place that does so); `dataplane.workers.supervisor` creates each
+worker's arena and starts `python -m dataplane.workers.process SPEC_JSON`;
+`dataplane.workers.process` fills struct dp_worker_config from it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dataplane.host.proc import pid_alive, poll
 from dataplane.shm.arena import Arena, choose_backing
 from dataplane.workers.spec import WorkerSpec
 
@@ -27,7 +28,9 @@ DPDK_RUN_DIR = Path("/var/run/dpdk")
 
 
 @dataclass
-class Worker:
+class WorkerProcess:
+    """One worker as the supervisor sees it: its spec, its arena, the process running it."""
+
     spec: WorkerSpec
     arena: Arena
     proc: subprocess.Popen | None = None
@@ -44,8 +47,8 @@ class Worker:
         return None if hb == 0 else (time.monotonic_ns() - hb) / 1e9
 
     def file_prefix(self) -> str:
-        # dataplane.workers.process names its EAL prefix after itself; `ip netns exec` execs, so the
-        # child's pid is the worker's
+        # dataplane.workers.process names its EAL prefix after itself; `ip netns exec` execs, so
+        # the child's pid is the worker's
         return f"dp-{self.spec.name}-{self.proc.pid if self.proc else 0}"
 
 
@@ -61,7 +64,7 @@ class Supervisor:
         self.start_timeout = start_timeout
         self.max_restarts = max_restarts
         self.restart_window = restart_window
-        self.workers: dict[str, Worker] = {}
+        self.workers: dict[str, WorkerProcess] = {}
         self._stopping = False
 
     # -- set-up --
@@ -77,7 +80,7 @@ class Supervisor:
             _remove_stale(path)
             arena = Arena.create(path, geo)
             spec.arena_path = str(path)
-            self.workers[spec.name] = Worker(spec, arena)
+            self.workers[spec.name] = WorkerProcess(spec, arena)
             log.info("arena %s: %d MiB, %d ring(s) of %d", path, arena.header.arena_size >> 20,
                      arena.n_rings, arena.ring_size)
 
@@ -96,7 +99,7 @@ class Supervisor:
         for w in generators:
             self._spawn(w)
 
-    def _spawn(self, w: Worker) -> None:
+    def _spawn(self, w: WorkerProcess) -> None:
         argv = [sys.executable, "-m", "dataplane.workers.process", w.spec.to_json()]
         if w.spec.netns:
             argv = ["ip", "netns", "exec", w.spec.netns, *argv]
@@ -153,31 +156,34 @@ class Supervisor:
             events.append(f"worker {w.name} restarted (restart #{w.arena.header.restarts})")
         return events
 
-    def _reap(self, w: Worker) -> None:
+    def _reap(self, w: WorkerProcess) -> None:
         if w.proc is not None and w.proc.poll() is None:
             _kill(w.proc)
         self._remove_runtime_dir(w)
 
-    def _remove_runtime_dir(self, w: Worker) -> None:
+    def _remove_runtime_dir(self, w: WorkerProcess) -> None:
         # EAL leaves its runtime directory (config, fbarray files) behind when killed.
         d = DPDK_RUN_DIR / w.file_prefix()
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
 
-    def wait_running(self, timeout: float = 60.0, workers: list[Worker] | None = None) -> None:
+    def wait_running(self, timeout: float = 60.0,
+                     workers: list[WorkerProcess] | None = None) -> None:
         """Block until every worker is running; raise with the worker's own error otherwise."""
         workers = list(self.workers.values()) if workers is None else workers
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def all_running() -> bool:
             for w in workers:
                 if w.proc is not None and w.proc.poll() is not None:
                     err = w.arena.worker_error() or f"exited with status {w.proc.returncode}"
                     raise RuntimeError(f"worker {w.name} failed to start: {err}")
-            if all(w.arena.worker_state() == "running" for w in workers):
-                return
-            time.sleep(0.05)
-        states = ", ".join(f"{w.name}={w.arena.worker_state()}" for w in workers)
-        raise RuntimeError(f"workers not running after {timeout:.0f} s: {states}")
+            return all(w.arena.worker_state() == "running" for w in workers)
+
+        try:
+            poll(all_running, timeout, interval=0.05, what="workers")
+        except TimeoutError:
+            states = ", ".join(f"{w.name}={w.arena.worker_state()}" for w in workers)
+            raise RuntimeError(f"workers not running after {timeout:.0f} s: {states}") from None
 
     # -- shutting down --
     def stop(self, timeout: float = 10.0) -> None:
@@ -222,7 +228,6 @@ def _kill(proc: subprocess.Popen) -> None:
             return
 
 
-
 def _remove_stale(path: Path) -> None:
     """An arena left by a crashed run is removed; one whose worker still lives is an error."""
     if not path.exists():
@@ -234,18 +239,8 @@ def _remove_stale(path: Path) -> None:
     except Exception as e:  # not ours, or from another layout version: say so, don't guess
         raise RuntimeError(f"{path} exists and is not a usable arena ({e}); "
                            "remove it if no dataplane is running") from e
-    if pid > 0 and state in ("starting", "running") and _alive(pid):
+    if pid > 0 and state in ("starting", "running") and pid_alive(pid):
         raise RuntimeError(f"{path} belongs to a running worker (pid {pid}); "
                            "stop that dataplane first (dataplane status shows it)")
     log.info("removing stale arena %s (worker pid %d, state %s)", path, pid, state)
     path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

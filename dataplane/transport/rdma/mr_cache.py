@@ -90,7 +90,7 @@ def memlock_limit() -> int | None:
     """The soft RLIMIT_MEMLOCK in bytes; None when unlimited, or when this process has
     CAP_IPC_LOCK: the kernel lets it pin past the limit (ib_umem_get checks
     capable(CAP_IPC_LOCK)), so refusing there would refuse what would work."""
-    from dataplane.host.profile import CAP_IPC_LOCK, has_cap
+    from dataplane.host.proc import CAP_IPC_LOCK, has_cap
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     return None if soft == resource.RLIM_INFINITY or has_cap(CAP_IPC_LOCK) else soft
 

@@ -1,0 +1,151 @@
+"""A checked Config becomes the specs of the processes to start: plan() is the only place that
+turns a config into WorkerSpecs (dataplane.workers.spec), and the only place that looks at the
+host for it (hugetlbfs mounts, free hugepages); it only looks, it never changes the host's
+hugepage reservation.  describe() is the plan as `dataplane config show` prints it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from dataplane.config import templates as template
+from dataplane.config.loader import Config
+from dataplane.config.tables import ConfigError
+from dataplane.config.workers import RUN_DIR, Port, WorkerTable
+from dataplane.host.hugepages import free_hugepages_2m, hugetlbfs_mounts
+from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+def ensure_run_dir(path: Path = RUN_DIR) -> Path:
+    """Create the run directory 0700 (memif sockets live there; no other user may connect)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def arena_filename(worker: str) -> str:
+    """The arena's file name, in the hugetlbfs mount or /dev/shm (status looks in both)."""
+    return f"dataplane-{worker}"
+
+
+def plan(cfg: Config) -> list[WorkerSpec]:
+    """What each worker does: the one place a config becomes WorkerSpecs."""
+    specs = []
+    # vdev numbers count across all workers, so no two ports anywhere share an ethdev name
+    # (each worker is its own EAL process; unique names keep logs and metrics unambiguous too).
+    seen: dict[str, int] = {}
+    for wid, w in enumerate(cfg.workers):
+        ports: list[PortSpec] = []
+        uring = w.backend == "uring"
+        for pt in w.ports:
+            n = seen[pt.driver] = seen.get(pt.driver, -1) + 1
+            ports.append(_uring_port_spec(pt) if uring else _port_spec(pt, n))
+        a = cfg.arena
+        specs.append(WorkerSpec(
+            name=w.name, worker_id=wid, backend=w.backend, backend_reason=w.backend_reason,
+            core=w.core, netns=w.netns, ring_size=a.ring_size, slot_size=a.slot_size,
+            # io_uring writes into the ring slots: no mbuf pool in its arena
+            pool_mb=0 if uring else a.pool_mb, n_mbufs=a.mbufs, burst=w.burst,
+            zero_copy=w.zero_copy, copybreak=w.copybreak, idle_sleep_us=w.idle_sleep_us,
+            ports=ports,
+            gen=_gen_spec(w, wid)))
+    huge_dir = _huge_dir(cfg, specs)
+    for s in specs:
+        s.hugepages, s.huge_dir = bool(huge_dir), huge_dir
+        s.arena_path = str(Path(huge_dir or "/dev/shm") / arena_filename(s.name))
+    return specs
+
+
+def _port_spec(pt: Port, n: int) -> PortSpec:
+    q = pt.queues
+    if pt.driver == "pci":
+        return PortSpec(name=pt.pci or "", pci=pt.pci or "", rxq=q, txq=q, label=pt.name)
+    # DPDK insists that a vdev's name starts with its driver's name: net_af_packet0, ...
+    name = f"net_{pt.driver}{n}"
+    args = {
+        "af_packet": f"iface={pt.iface},qpairs={q}",
+        "af_xdp": f"iface={pt.iface},start_queue=0,queue_count={q}",
+        # socket-abstract=no: a file in a 0700 directory, not an abstract socket anyone may use
+        "memif": f"role={pt.role},socket={pt.socket},socket-abstract=no,id={pt.id}",
+    }[pt.driver]
+    return PortSpec(name=name, devargs=f"{name},{args}", rxq=q, txq=q, label=pt.name)
+
+
+def _uring_port_spec(pt: Port) -> PortSpec:
+    """A port the io_uring worker opens itself: an AF_PACKET socket per queue, or UDP ones."""
+    q = pt.queues
+    return PortSpec(name=pt.name, iface=pt.iface or "", udp_port=pt.udp_port or 0, rxq=q, txq=q,
+                    label=pt.name)
+
+
+def _gen_spec(w: WorkerTable, wid: int) -> GenSpec | None:
+    g = w.generate
+    if g is None:
+        return None
+    t = template.build(src_mac=g.src_mac, dst_mac=g.dst_mac, src=g.src, dst=g.dst,
+                       proto=g.proto, sport=g.sport, dport=g.dport, size=g.size,
+                       vlan=tuple(g.vlan), vary=g.vary)
+    lo, hi = g.vary_range if g.vary != "none" else (0, 0)
+    return GenSpec(port=[p.name for p in w.ports].index(g.port), rate_pps=g.rate_pps,
+                   burst=g.burst, count=g.count, stream=g.stream or wid + 1,
+                   template=t.frame.hex(), vary_off=t.vary_off, vary_min=lo, vary_max=hi,
+                   csum=1 if g.checksum else 0)
+
+
+def _arena_bytes(s: WorkerSpec) -> int:
+    from dataplane.shm.arena import Arena
+    try:
+        return int(Arena.layout(s.geometry()).arena_size)
+    except ValueError as e:
+        raise ConfigError("<plan>", [f'worker "{s.name}": {e}']) from None
+
+
+def _huge_dir(cfg: Config, specs: list[WorkerSpec]) -> str:
+    """The hugetlbfs directory the arenas go in, or "" for /dev/shm.  Looks, never reserves."""
+    mode = cfg.arena.hugepages
+    if mode == "no":
+        return ""
+    need = sum(-(-_arena_bytes(s) // (2 << 20)) for s in specs)     # 2 MB pages, rounded up
+    mounts = [m for m in hugetlbfs_mounts() if os.access(m, os.W_OK)]
+    free = free_hugepages_2m()
+    if mounts and free >= need:
+        return str(mounts[0])
+    why = (f"free 2 MB hugepages: {free}, the arenas need {need}" if mounts else
+           "no writable hugetlbfs mount with 2 MB pages")
+    if mode == "yes":
+        raise ConfigError(cfg.source, [
+            f'arena.hugepages = "yes": {why}; reserve pages (echo N > /sys/kernel/mm/hugepages/'
+            'hugepages-2048kB/nr_hugepages), mount hugetlbfs (mount -t hugetlbfs none '
+            '/dev/hugepages), or set hugepages = "auto"'])
+    log.info("arena.hugepages = auto: using /dev/shm (%s)", why)
+    return ""
+
+
+def describe(specs: list[WorkerSpec]) -> list[str]:
+    """The plan in words: per worker its core, backend, arena, ports (devargs) and generator."""
+    out = []
+    for s in specs:
+        poll = f"adaptive, idle_sleep_us {s.idle_sleep_us}" if s.idle_sleep_us else "busy"
+        out.append(f"worker {s.worker_id} {s.name}: core {s.core}, netns {s.netns or '-'}, "
+                   f"poll {poll}, zero_copy {s.zero_copy}")
+        out.append(f"  backend {s.backend}" + (f" ({s.backend_reason})" if s.backend_reason
+                                               else ""))
+        out.append(f"  arena {s.arena_path} (hugepages {'yes' if s.hugepages else 'no'}): rings "
+                   f"{len(s.rings())} x {s.ring_size}, slots {s.slot_size} B, pool {s.pool_mb} "
+                   f"MB, {s.n_mbufs} mbufs")
+        for i, p in enumerate(s.ports):
+            dev = (f"--vdev {p.devargs}" if p.devargs else f"-a {p.pci}" if p.pci else
+                   f"udp port {p.udp_port}" if p.udp_port else f"AF_PACKET on {p.iface}")
+            out.append(f"  port {i} {p.label}: {p.name}  {dev}  rxq {p.rxq} txq {p.txq}")
+        if s.gen:
+            g = s.gen
+            vary = (f", vary u16 at byte {g.vary_off} over {g.vary_min}..{g.vary_max}"
+                    if g.vary_off else "")
+            out.append(f"  generate on port {g.port}: {g.rate_pps or 'max'} pps, burst "
+                       f"{g.burst}, {len(g.template) // 2} B frames, count "
+                       f"{g.count or 'unlimited'}, stream {g.stream}{vary}")
+    return out
