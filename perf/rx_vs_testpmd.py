@@ -50,7 +50,8 @@ from pathlib import Path
 
 from consumer_ceiling import machine  # perf/ is sys.path[0] when this script is run
 
-from dataplane.consumers.loop import ConsumerLoop, TrafficStats, ring_sources
+from dataplane.consumers.loop import ConsumerLoop, ring_sources
+from dataplane.consumers.stats import TrafficStats
 from dataplane.shm.arena import PORT_COUNTERS, Arena, ArenaGeometry
 from dataplane.workers.spec import PortSpec, WorkerSpec
 

@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import IP, TCP, UDP
 
-from dataplane.consumers.loop import ConsumerLoop, TrafficStats, drain, ring_sources
+from dataplane.consumers.loop import ConsumerLoop, drain, ring_sources
+from dataplane.consumers.stats import TrafficStats
 from dataplane.metrics.exporter import DataplaneCollector, serve
 from dataplane.shm.arena import PORT_COUNTERS, RING_COUNTERS
 from tests.test_consumers import RingFiller, frame, make_arena

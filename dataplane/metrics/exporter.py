@@ -27,13 +27,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from dataplane.consumers.loop import (
+from dataplane.consumers.loop import ConsumerLoop
+from dataplane.consumers.stats import (
     ETHERTYPES,
     FLAGS,
     L4PROTOS,
     LATENCY_EDGES,
     SIZE_EDGES,
-    ConsumerLoop,
     TrafficStats,
 )
 from dataplane.shm.arena import PORT_COUNTERS, RING_COUNTERS, URING_COUNTERS, WORKER_STATES, Arena

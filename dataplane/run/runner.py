@@ -19,7 +19,8 @@ from typing import TextIO
 import numpy as np
 
 from dataplane import config
-from dataplane.consumers.loop import LATENCY_EDGES, ConsumerLoop, TrafficStats, ring_sources
+from dataplane.consumers.loop import ConsumerLoop, ring_sources
+from dataplane.consumers.stats import LATENCY_EDGES, TrafficStats
 from dataplane.host.proc import poll
 from dataplane.metrics.exporter import DataplaneCollector, MRCacheCollector, serve
 from dataplane.run import lab
@@ -232,7 +233,7 @@ class Run:
                 t.stop()
         if self.loop is not None:
             self.loop.stop()
-            self.loop.drain()      # what the receivers published before they stopped
+            self.loop.sweep()      # what the receivers published before they stopped
         res = RunResult(seconds, self.totals(),
                         restarts=sum(int(w.arena.header.restarts)
                                      for w in self.sup.workers.values()))
