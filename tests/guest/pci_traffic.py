@@ -52,10 +52,9 @@ class Worker:
     def __init__(self, s: WorkerSpec):
         self.spec = s
         self.arena = Arena.create(Path(s.arena_path), s.geometry())
-        self.proc = subprocess.Popen([sys.executable, "-m", "dataplane.workers.process",
-        s.to_json()],
-                                     cwd=REPO, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dataplane.workers.process", s.to_json()],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_state(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
