@@ -177,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG_MAIN, formatter_class=fmt)
     p.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parents = [common, with_config]
+    _add_run_commands(sub, parents, fmt)
+    _add_host_commands(sub, parents, fmt)
+    _add_config_command(sub, common, fmt)
+    return p
+
+
+def _add_run_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) -> None:
+    """run, lab, status: the dataplane itself."""
+    common, with_config = parents
 
     r = sub.add_parser("run", parents=[common, with_config], formatter_class=fmt,
                        help="start the workers, exporter and consumers (root)",
@@ -213,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "dataplane status --config config/appliance.toml")
     st.set_defaults(func=cmd_status)
 
+
+def _add_host_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) -> None:
+    """plan, up, down: the host changes of a [host] table."""
+    common, with_config = parents
     pl = sub.add_parser("plan", parents=[common, with_config], formatter_class=fmt,
                         help="print every host change `up` would make; change nothing",
                         description="Read the host now and print, for each change the [host] "
@@ -241,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "hand what it listed)")
     d.set_defaults(func=cmd_down)
 
+
+def _add_config_command(sub, common: argparse.ArgumentParser, fmt: type) -> None:
+    """config check | show."""
     c = sub.add_parser("config", parents=[common], formatter_class=fmt,
                        help="check a config, or show what it plans",
                        description="check: validate a file and list every problem (exit 2).\n"
@@ -257,7 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("file", metavar="FILE", nargs="?", help="default: the embedded default lab")
     sh.add_argument("--json", action="store_true", help="the WorkerSpecs as JSON")
     c.set_defaults(func=cmd_config)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
