@@ -1,8 +1,20 @@
 """Validation helpers for dataplane.config.loader: tables that know their key path, value checks.
 
 A check returns None when a value is fine, else a phrase saying what is allowed; `Table.get`
-puts the key path and the value in front of it, so every message reads
-`worker[1].port[0].driver = "af_pakcet": expected one of af_packet, af_xdp, memif, pci`.
+puts the key path and the value in front of it, and `Table.close` reports the keys nobody asked
+for (a typo), so every message names its key path:
+
+    >>> p = Problems()
+    >>> port = Table(p, "worker[1].port[0]", {"driver": "af_pakcet", "ifcae": "eth1"})
+    >>> port.get("driver", str, choices=("af_packet", "af_xdp", "memif", "pci")) is None
+    True
+    >>> port.get("iface", str, "")
+    ''
+    >>> port.close()
+    >>> for message in p.errors:
+    ...     print(message)
+    worker[1].port[0].driver = "af_pakcet": expected one of af_packet, af_xdp, memif, pci
+    worker[1].port[0].ifcae: unknown key (did you mean iface?); expected one of driver, iface
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Kernel parameters through /proc/sys, as `sysctl -w net.core.rmem_max=134217728` would set them.
 
-    >>> Sysctl("net.core.rmem_max", 134217728).describe()     # doctest: +SKIP
-    PlanLine(what='sysctl net.core.rmem_max', current='212992', desired='134217728', note='')
+    >>> Sysctl("net.core.rmem_max", 134217728).describe()   # current: this machine's value
+    PlanLine(what='sysctl net.core.rmem_max', current='...', desired='134217728', note='')
 
 Values are compared normalised: the kernel prints multi-value keys (tcp_rmem) tab-separated and
 accepts them space-separated, so "4096\\t131072\\t6291456" equals "4096 131072 6291456".
