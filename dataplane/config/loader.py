@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from dataplane.config import host as host_cfg
 from dataplane.config import transports as transport_cfg
 from dataplane.config import workers as worker_cfg
 from dataplane.config.backends import BACKENDS
 from dataplane.config.tables import ConfigError, Problems, Table, checks
 from dataplane.config.workers import WorkerTable
-from dataplane.host import settings as host_settings
 from dataplane.host.settings import Host
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def loads(text: str, source: str = "<string>") -> Config:
     lab = _lab(lab_table) if "lab" in data else None
     metrics = _metrics(top.table("metrics"))
     arena = _arena(top.table("arena"))
-    host = host_settings.parse(top.table("host"))
+    host = host_cfg.parse(top.table("host"))
     # a config may only prepare the host ([host] and no workers); otherwise it runs workers
     workers = [worker_cfg.parse(t, backend)
                for t in top.tables("worker", required="host" not in data)]

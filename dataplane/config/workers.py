@@ -22,6 +22,7 @@ from pathlib import Path
 from dataplane.config import templates as template
 from dataplane.config.backends import BACKENDS, resolve
 from dataplane.config.tables import Table, checks
+from dataplane.host.settings import normalise_pci
 
 DRIVERS = ("af_packet", "af_xdp", "memif", "pci", "udp")
 DRIVER_KEYS = {"af_packet": ("iface",), "af_xdp": ("iface",), "memif": ("role", "socket", "id"),
@@ -99,9 +100,8 @@ def _port(t: Table) -> Port:
         if p.driver and key in t.data and key not in wants:
             owners = [d for d, keys in DRIVER_KEYS.items() if key in keys]
             t.error(key, t.data[key], f"only for driver = {' or '.join(owners)}, not {p.driver}")
-    if p.pci and len(p.pci) == 7:
-        p.pci = "0000:" + p.pci                 # DPDK names a PCI port with its domain
-    p.pci = p.pci.lower() if p.pci else p.pci
+    if p.pci:
+        p.pci = normalise_pci(p.pci)            # DPDK names a PCI port with its domain
     if p.driver == "memif" and p.socket is None:
         p.socket = str(RUN_DIR / "memif.sock")
     t.close()
