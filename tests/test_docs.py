@@ -12,7 +12,8 @@ What the docs show, and how it is checked (docs/testing.md says the same for rea
     through the config loader on top of the default config;
   - the scripts the docs run exist, and each perf/ script's --help knows the flags shown;
   - every dataplane_* metric the docs name is one the code exports;
-  - internal links and the repository paths the docs name exist; comments cite
+  - internal links and the repository paths the docs name exist, and docs/design.md's
+    rooms name every module and native folder there is; comments cite
     docs/design.md's invariants by the numbers it has, and nothing outside the repository;
   - the modules' doctest examples run.
 No root, no lab, no guest: a few seconds.
@@ -281,6 +282,27 @@ def test_paths_named_in_docs_exist() -> None:
     for doc in DOCS:
         for path in named.findall(doc.read_text()):
             assert (ROOT / path).exists(), f"{doc.relative_to(ROOT)}: {path} does not exist"
+
+
+def test_design_rooms_match_the_tree() -> None:
+    # docs/design.md's table of rooms names every module of each room and every native folder;
+    # a module added, moved or removed without its line there fails here.
+    rows = dict(re.findall(r"^\| `((?:dataplane|native)/[\w/]*)` \| (.*) \|$",
+                           (ROOT / "docs/design.md").read_text(), re.M))
+    rooms = sorted(p for p in (ROOT / "dataplane").iterdir() if (p / "__init__.py").exists())
+    assert rooms and len(rows) > len(rooms)
+    for room in rooms:
+        row = rows.get(f"dataplane/{room.name}/")
+        assert row is not None, f"docs/design.md has no row for dataplane/{room.name}/"
+        named = set(re.findall(r"`([\w/]+\.py)`", row))
+        have = {str(m.relative_to(room)) for m in room.rglob("*.py") if m.name != "__init__.py"}
+        bare = {m.rsplit("/", 1)[-1] for m in have}
+        assert named <= have | bare, f"dataplane/{room.name}/: no such module {named - have - bare}"
+        assert bare <= named, f"docs/design.md, dataplane/{room.name}/: add {bare - named}"
+    native = rows["native/"]
+    folders = {p.name for p in (ROOT / "native").iterdir() if p.is_dir() and p.name[0] != "_"}
+    named = set(re.findall(r"`(\w+)/`", native))
+    assert named == folders, f"docs/design.md, native/: names {named}, the tree has {folders}"
 
 
 def test_comments_cite_only_the_repository() -> None:
