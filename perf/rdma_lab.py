@@ -8,7 +8,7 @@ inside the project's QEMU guest (scripts/guest --rdma), and describing the machi
 /lab/NAME.json`, streams the guest's console to stdout, and prints the JSON object the guest
 wrote as the very last line: the console may print after the command (power-off), so the
 guest's own last line cannot be relied on.  `rerun_in_two_guests` boots two guests joined by a
-link (tests/guest_run.run_pair, one emulated CPU each) with the script and `--pair serve OUT`
+link (scripts/guest_run.run_pair, one emulated CPU each) with the script and `--pair serve OUT`
 (guest A, 10.6.6.1) or `--pair drive OUT` (guest B, which writes the figures) added.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE = "rxe0"
-if str(REPO) not in sys.path:       # tests.guest_run and tests.guest.rdma_pair_checks
+if str(REPO) not in sys.path:       # scripts.guest_run and scripts.guest_link
     sys.path.append(str(REPO))
 
 
@@ -53,16 +53,16 @@ def rerun_in_guest(script: str, args: list[str], mem: str = "2G", smp: int = 2,
 
 def rerun_in_two_guests(script: str, args: list[str], mem: str = "2G",
                         timeout: int = 1500) -> int:
-    from tests.guest_run import run_pair
+    from scripts.guest_run import run_pair
     # run_pair runs tests/guest/SCRIPT, from the repo
     rel = os.path.relpath(Path(script).resolve(), REPO / "tests" / "guest")
     print(f"host: booting two linked guests (SMP 1 each) for {rel} {' '.join(args)}", flush=True)
     a, b = run_pair(rel, (*args, "--pair", "serve"), (*args, "--pair", "drive"),
                     flags=("--rdma", "--mem", mem), timeout=timeout)
     for side, run in (("A (receivers, 10.6.6.1)", a), ("B (senders, 10.6.6.2)", b)):
-        print(f"---- guest {side}, exit {run['rc']} ----\n{run['output']}", flush=True)
-    print_with_host(b["results"])
-    return b["rc"]
+        print(f"---- guest {side}, exit {run.rc} ----\n{run.output}", flush=True)
+    print_with_host(b.results)
+    return b.rc or 0
 
 
 def print_with_host(result: dict[str, Any]) -> None:

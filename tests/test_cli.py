@@ -13,7 +13,7 @@ import pytest
 
 from dataplane import cli
 from dataplane.run.status import find_arenas
-from tests import unprivileged
+from tests.helpers import unprivileged
 
 ROOT = Path(__file__).resolve().parent.parent
 DATAPLANE = [sys.executable, "-m", "dataplane.cli"]

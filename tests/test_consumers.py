@@ -1,114 +1,23 @@
 """Consumers against real arenas in /dev/shm, filled by a Python producer (the test harness
-plays the C worker: frame bytes into the ring's slots, descriptors, then prod)."""
+plays the C worker: tests/helpers/frames.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import struct
 import time
-import uuid
-import zlib
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
-from dataplane._native import ffi, lib
+from dataplane._native import lib
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
-from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.l2 import ARP
 from scapy.packet import Raw
 
 from dataplane.consumers.flows import SeqTracker
-from dataplane.consumers.loop import (
-    ETHERTYPES,
-    L4PROTOS,
-    ConsumerLoop,
-    TrafficStats,
-    drain,
-    ring_sources,
-)
-from dataplane.shm.arena import Arena, ArenaGeometry
-
-TRAILER = struct.Struct("<QQII")   # struct dp_gen_trailer: seq, tx_ns, stream, magic
-
-
-def make_arena(tag: str, rings=((0, 0), (1, 0)), ring_size: int = 1024) -> Arena:
-    path = Path("/dev/shm") / f"dptest-{tag}-{uuid.uuid4().hex[:8]}"
-    return Arena.create(path, ArenaGeometry(n_ports=2, rings=tuple(rings), ring_size=ring_size,
-                                            slot_size=2048, pool_bytes=0))
-
-
-@pytest.fixture
-def arena() -> Iterator[Arena]:
-    a = make_arena("cons")
-    yield a
-    a.close()
-    a.unlink()
-
-
-def frame(l3=None, size: int = 0, seq: int | None = None, tx_ns: int = 0, stream: int = 1,
-          magic: int = lib.DP_GEN_MAGIC, vlan: bool = False) -> bytes:
-    """A scapy frame padded to `size`; with seq, a generator trailer at its very end."""
-    pkt = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-    if vlan:
-        pkt = pkt / Dot1Q(vlan=5)
-    raw = bytes(pkt / l3) if l3 is not None else bytes(pkt)
-    tail = TRAILER.pack(seq, tx_ns, stream, magic) if seq is not None else b""
-    pad = max(size - len(raw) - len(tail), 0)
-    return raw + b"\0" * pad + tail
-
-
-def describe(data: bytes) -> dict:
-    """What the C parser would put in the descriptor (the harness's own tiny parser)."""
-    pkt = Ether(data)
-    d = {"ethertype": getattr(pkt, "type", 0), "l4proto": 0, "hash": 0, "flags": 0}
-    if Dot1Q in pkt:
-        d["ethertype"], d["flags"] = pkt[Dot1Q].type, lib.DP_F_VLAN
-    for l3, proto in ((IP, "proto"), (IPv6, "nh")):
-        if l3 in pkt:
-            d["l4proto"] = getattr(pkt[l3], proto)
-            ports = (pkt.sport, pkt.dport) if (TCP in pkt or UDP in pkt) else (0, 0)
-            key = f"{pkt[l3].src}|{pkt[l3].dst}|{d['l4proto']}|{ports}".encode()
-            d["hash"] = zlib.crc32(key) or 1
-    if len(data) >= TRAILER.size and TRAILER.unpack(data[-TRAILER.size:])[3] == lib.DP_GEN_MAGIC:
-        d["flags"] |= lib.DP_F_GENERATED
-    return d
-
-
-class RingFiller:
-    """Producer side of one ring, in Python: for tests and the throughput measurement."""
-
-    def __init__(self, arena: Arena, index: int = 0):
-        self.arena = arena
-        self.r = lib.dp_arena_ring(ffi.cast("void *", arena.header), index)
-        self.reader = arena.rings[index]
-        self.prod = self.r.prod
-        self.slot_size = arena.header.slot_size
-
-    def free(self) -> int:
-        return self.r.size - (self.prod - self.r.cons)
-
-    def put(self, frames: list[bytes], rx_ns: int | list[int] = 0, publish: bool = True,
-            **fields) -> None:
-        assert len(frames) <= self.free(), "test overfills the ring"
-        rx = rx_ns if isinstance(rx_ns, list) else [rx_ns] * len(frames)
-        for data, t in zip(frames, rx, strict=True):
-            pos = self.prod & self.r.mask
-            addr = self.r.slots_off + pos * self.slot_size
-            self.arena.buf[addr:addr + len(data)] = np.frombuffer(data, np.uint8)
-            d = self.reader.desc[pos]
-            for k, v in {**describe(data), **fields}.items():
-                d[k] = v
-            d["addr"], d["len"], d["rx_ns"] = addr, len(data), t
-            d["port"], d["queue"] = self.r.port, self.r.queue
-            self.prod += 1
-        if publish:
-            self.publish()
-
-    def publish(self) -> None:
-        self.r.prod = self.prod
-
+from dataplane.consumers.loop import ConsumerLoop, drain, ring_sources
+from dataplane.consumers.stats import ETHERTYPES, L4PROTOS, TrafficStats
+from tests.helpers.frames import RingFiller, frame
 
 MIX = [  # (frame, count, ethertype bucket, l4 bucket, size bucket index)
     (frame(IP() / TCP(), 60), 5, "ipv4", "tcp", 0),
@@ -243,31 +152,28 @@ def test_top_flows_memory_is_bounded():
     assert top["hash"] == 7 and top["bytes"] - top["error_bytes"] <= 50 * 4 * 1500 <= top["bytes"]
 
 
-def test_loop_thread_drains_across_wrap_and_survives_a_bad_consumer():
-    arena = make_arena("loop", ring_size=64)
-    try:
-        class Boom:
-            def consume(self, batch, arena):
-                raise ValueError("boom")
+def test_loop_thread_drains_across_wrap_and_survives_a_bad_consumer(new_arena):
+    arena = new_arena("loop", ring_size=64)
 
-        stats = TrafficStats()
-        loop = ConsumerLoop(ring_sources([arena]), [Boom(), stats], max_batch=32)
-        filler = RingFiller(arena)
-        with loop:
-            for _ in range(10):
-                while filler.free() < 50:
-                    time.sleep(0.001)
-                filler.put([frame(IP() / UDP(), 64)] * 50)
-            deadline = time.monotonic() + 5
-            while loop.descriptors < 500 and time.monotonic() < deadline:
+    class Boom:
+        def consume(self, batch, arena):
+            raise ValueError("boom")
+
+    stats = TrafficStats()
+    loop = ConsumerLoop(ring_sources([arena]), [Boom(), stats], max_batch=32)
+    filler = RingFiller(arena)
+    with loop:
+        for _ in range(10):
+            while filler.free() < 50:
                 time.sleep(0.001)
-        assert loop.thread is None and loop.descriptors == 500
-        assert arena.rings[0].cons == filler.prod == 500
-        assert stats.rings[(arena.path, 0, 0)].marginals()["l4_packets"][1] == 500
-        assert loop.errors == loop.batches and "boom" in loop.last_error
-    finally:
-        arena.close()
-        arena.unlink()
+            filler.put([frame(IP() / UDP(), 64)] * 50)
+        deadline = time.monotonic() + 5
+        while loop.descriptors < 500 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert loop.thread is None and loop.descriptors == 500
+    assert arena.rings[0].cons == filler.prod == 500
+    assert stats.rings[(arena.path, 0, 0)].marginals()["l4_packets"][1] == 500
+    assert loop.errors == loop.batches and "boom" in loop.last_error
 
 
 def test_a_fold_that_fails_does_not_count_its_sequence_numbers_twice(arena):

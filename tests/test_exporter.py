@@ -4,50 +4,31 @@ text, a closed arena gives a partial scrape, and scrapes do not stall the consum
 from __future__ import annotations
 
 import inspect
-import shutil
-import subprocess
 import threading
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import IP, TCP, UDP
 
 from dataplane.consumers.loop import ConsumerLoop, drain, ring_sources
 from dataplane.consumers.stats import TrafficStats
-from dataplane.metrics.exporter import DataplaneCollector, serve
-from dataplane.shm.arena import PORT_COUNTERS, RING_COUNTERS
-from tests.test_consumers import RingFiller, frame, make_arena
+from dataplane.metrics.arenas import ArenaCollector
+from dataplane.metrics.consumers import ConsumerCollector
+from dataplane.metrics.server import serve
+from dataplane.shm.layout import PORT_COUNTERS, RING_COUNTERS
+from tests.helpers.frames import RingFiller, frame
+from tests.helpers.metrics import promtool_check, samples, scrape
 
 
 @pytest.fixture
-def arenas():
-    made = [make_arena("exp"), make_arena("exp")]
-    yield made
-    for a in made:
-        a.close()
-        a.unlink()
+def arenas(new_arena):
+    return [new_arena("exp"), new_arena("exp")]
 
 
-def scrape(server) -> str:
-    host, port = server.address
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def samples(text: str) -> dict[tuple, float]:
-    """{(sample name, sorted labels): value} of a scrape."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def promtool_check(text: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool not found: the bootstrap must install Debian's `prometheus` package")
-    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+def collectors(workers, stats, loop=None) -> tuple[ArenaCollector, ConsumerCollector]:
+    """What a run serves of its arenas and consumers (transports aside)."""
+    arenas = ArenaCollector(workers)
+    return arenas, ConsumerCollector(stats, loop, arenas)
 
 
 def set_counters(arena, base: int) -> None:
@@ -73,10 +54,10 @@ def test_scrape_equals_shared_memory_and_passes_promtool(arenas):
     filler.put([frame(IP() / TCP(), 1400)] * 3)
     stats = TrafficStats()
     drain(ring_sources([a]), [stats])
-    collector = DataplaneCollector([("w0", a, ["wan", "lan"]), ("w1", b, ["p0", "p1"])], stats)
-    with serve(collector, port=0) as server:
+    both = collectors([("w0", a, ["wan", "lan"]), ("w1", b, ["p0", "p1"])], stats)
+    with serve(*both, port=0) as server:
         assert server.address[0] == "127.0.0.1"
-        text = scrape(server)
+        text = scrape(server.address)
     promtool_check(text)
     got = samples(text)
 
@@ -113,10 +94,10 @@ def test_default_bind_is_loopback():
 def test_closed_arena_gives_partial_scrape(arenas):
     a, b = arenas
     set_counters(a, 1000)
-    collector = DataplaneCollector([("w0", a, []), ("w1", b, [])], TrafficStats())
+    both = collectors([("w0", a, []), ("w1", b, [])], TrafficStats())
     b.close()
-    with serve(collector, port=0) as server:
-        got = samples(scrape(server))
+    with serve(*both, port=0) as server:
+        got = samples(scrape(server.address))
     assert got[("dataplane_rx_packets_total", (("port", "0"), ("queue", "0"),
                                                ("worker", "w0")))] == 1000
     assert not any(dict(labels).get("worker") == "w1" for _, labels in got)
@@ -137,14 +118,14 @@ def test_scrapes_do_not_stall_the_consumer(arenas):
 
     stats = TrafficStats()
     loop = ConsumerLoop(ring_sources([a]), [stats], max_batch=256)
-    collector = DataplaneCollector([("w0", a, [])], stats, loop)
+    both = collectors([("w0", a, [])], stats, loop)
     producer = threading.Thread(target=produce)
-    with loop, serve(collector, port=0) as server:
+    with loop, serve(*both, port=0) as server:
         producer.start()
         progress = []
         for _ in range(50):
             before = loop.descriptors
-            scrape(server)
+            scrape(server.address)
             progress.append(loop.descriptors - before)
         stop.set()
         producer.join()

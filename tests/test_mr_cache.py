@@ -10,7 +10,6 @@ address (a miss, and the peer receives the new bytes over an RC QP), threads.
 
 from __future__ import annotations
 
-import itertools
 import mmap
 import time
 from typing import Any
@@ -18,33 +17,13 @@ from typing import Any
 import pytest
 
 from dataplane.transport.rdma.mr_cache import MRCache, MRCacheError
-from tests.guest_run import ok, run_checks
+from scripts.guest_run import GuestRun
+from tests.helpers.fake_mr import FakeMR, fake_cache
 
 P = mmap.PAGESIZE
 
 
 # ---- host: the bookkeeping, with a stand-in for ibv_reg_mr ----
-
-class FakeMR:
-    keys = itertools.count(1)
-
-    def __init__(self, length: int, address: int) -> None:
-        self.lkey = self.rkey = next(self.keys)
-        self.length, self.address, self.closed = length, address, False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def fake_cache(**kw: Any) -> tuple[MRCache, list[FakeMR]]:
-    made: list[FakeMR] = []
-
-    def reg(pd: Any, length: int, access: int, address: int) -> FakeMR:
-        made.append(FakeMR(length, address))
-        return made[-1]
-
-    return MRCache(None, None, access=0, register=reg, **kw), made
-
 
 def test_sub_range_hit_and_other_object_misses():
     c, made = fake_cache()
@@ -135,26 +114,26 @@ def test_threads_wait_for_room_held_by_registrations_in_flight():
 # ---- rxe0 in the guest ----
 
 @pytest.fixture(scope="module")
-def guest() -> dict[str, Any]:
-    return run_checks("mr_checks.py", flags=("--rdma",))
+def guest(guest_lab) -> GuestRun:
+    return guest_lab.checks("mr_checks.py", flags=("--rdma",))
 
 
 def test_rxe_sub_range_hits(guest):
-    d = ok(guest, "sub_range_hits")
+    d = guest.ok("sub_range_hits")
     assert d["counts"] == {"hits": 2, "misses": 2, "evictions": 0, "entries": 2,
                            "registered_bytes": 17 * P}
     assert "exported" in d["close_refused"]
 
 
 def test_rxe_lru_eviction(guest):
-    d = ok(guest, "lru_eviction")
+    d = guest.ok("lru_eviction")
     assert d["counts"] == {"hits": 3, "misses": 5, "evictions": 2, "entries": 3,
                            "registered_bytes": 3 * P}
     assert d["by_count"]["evictions"] == 1 and d["max_mr"] > 0
 
 
 def test_rxe_low_memlock(guest):
-    d = ok(guest, "low_memlock")
+    d = guest.ok("low_memlock")
     print(d["message"])
     assert "RLIMIT_MEMLOCK" in d["message"] and str(16 * P) in d["message"]
     assert str(256 * P) in d["message"]
@@ -163,12 +142,12 @@ def test_rxe_low_memlock(guest):
 
 
 def test_rxe_stale_address_is_a_miss_and_sends_new_bytes(guest):
-    d = ok(guest, "stale_address")
+    d = guest.ok("stale_address")
     print(d)
     assert d["after"]["misses"] == d["before"]["misses"] + 1
 
 
 def test_rxe_threads(guest):
-    d = ok(guest, "threads")
+    d = guest.ok("threads")
     print(d)
     assert d["hits"] + d["misses"] == 240

@@ -13,74 +13,71 @@ Two guests, each booted once for the module, each running one Python process
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import pytest
 
-from tests.guest_run import ok, run_checks
+from scripts.guest_run import GuestRun
 
-pytestmark = [pytest.mark.root,
-              pytest.mark.skipif(os.geteuid() != 0, reason="the guest tool installs with apt")]
-
-
-def boot(mode: str, *flags: str) -> dict[str, Any]:
-    return run_checks("nic_checks.py", mode, flags=("--nics", "2", "--hugepages", "256", *flags))
+pytestmark = pytest.mark.root("the guest tool installs with apt")
 
 
-@pytest.fixture(scope="module")
-def uio() -> dict[str, Any]:
-    return boot("uio")
+def boot(guest_lab, mode: str, *flags: str) -> GuestRun:
+    return guest_lab.checks("nic_checks.py", mode,
+                            flags=("--nics", "2", "--hugepages", "256", *flags))
 
 
 @pytest.fixture(scope="module")
-def vfio() -> dict[str, Any]:
-    return boot("vfio", "--iommu")
+def uio(guest_lab) -> GuestRun:
+    return boot(guest_lab, "uio")
+
+
+@pytest.fixture(scope="module")
+def vfio(guest_lab) -> GuestRun:
+    return boot(guest_lab, "vfio", "--iommu")
 
 
 def test_auto_without_iommu_picks_uio(uio):
-    d = ok(uio, "auto_without_iommu")
+    d = uio.ok("auto_without_iommu")
     assert "-> uio_pci_generic" in d["plan"] and "no IOMMU" in d["plan"]
 
 
 def test_management_interface_refused_unless_force(uio):
-    d = ok(uio, "refuse_management")
+    d = uio.ok("refuse_management")
     assert "10.77.0.1/24" in d["refusal"]
     assert "binding anyway (force)" in d["forced_plan"]
 
 
 def test_bind_uio_through_journal(uio):
-    d = ok(uio, "bind_uio")
+    d = uio.ok("bind_uio")
     assert all(s["driver"] == "uio_pci_generic" and not s["ifaces"] for s in d["state"].values())
     assert all(e["kind"] == "bind" and e["driver"] == "e1000" for e in d["journal"])
 
 
 def test_dpdk_workers_on_uio(uio):
-    d = ok(uio, "dpdk_workers")
+    d = uio.ok("dpdk_workers")
     print(d)
     assert d["unique"] == d["received_generated"] > 0
     assert d["zero_copy"] == 0 and d["copied"] == d["rx_packets"]
 
 
 def test_undo_restores_e1000_and_names(uio):
-    d = ok(uio, "undo_restores_e1000")
+    d = uio.ok("undo_restores_e1000")
     print(d["log"])
     assert all(s["driver"] == "e1000" for s in d["state"].values())
 
 
 def test_failed_bind_restores_e1000(uio):
-    d = ok(uio, "failed_bind_restores")
+    d = uio.ok("failed_bind_restores")
     assert "restored e1000" in d["virtio-pci"]
     assert "nosuch_driver" in d["nosuch_driver"]
 
 
 def test_vfio_bind_round_trip(vfio):
-    d = ok(vfio, "vfio_bind_round_trip")
+    d = vfio.ok("vfio_bind_round_trip")
     assert "-> vfio-pci" in d["plan_auto"]
 
 
 def test_dpdk_workers_on_vfio_copy_mode(vfio):
-    d = ok(vfio, "vfio_dpdk_copy_mode")
+    d = vfio.ok("vfio_dpdk_copy_mode")
     print(d)
     assert d["unique"] == d["received_generated"] > 0 and d["zero_copy"] == 0
 
@@ -95,6 +92,6 @@ def test_dpdk_workers_on_vfio_zero_copy(vfio):
 def test_cli_plan_up_down_in_the_guest(uio):
     """`dataplane plan`, `up` (binds both NICs, runs the workers on them), `down` (e1000 back
     with the original names): the operator's commands, on a real PCI PMD."""
-    d = ok(uio, "cli_plan_up_down")
+    d = uio.ok("cli_plan_up_down")
     print(d["plan"], d["up"], d["down"], sep="\n")
     assert d["unique"] >= 2000

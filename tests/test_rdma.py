@@ -16,11 +16,9 @@ script, role `recv`) on rxe0, and writes the results to the lab share:
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from tests.guest_run import ok, run_checks
+from scripts.guest_run import GuestRun
 
 
 def test_messages_split_whole_and_keep_the_rest() -> None:
@@ -50,12 +48,12 @@ def test_qp_budget_refuses_past_max_qp() -> None:
 
 
 @pytest.fixture(scope="module")
-def guest() -> dict[str, Any]:
-    return run_checks("rdma_checks.py", flags=("--rdma",))
+def guest(guest_lab) -> GuestRun:
+    return guest_lab.checks("rdma_checks.py", flags=("--rdma",))
 
 
 def test_rxe_end_to_end(guest):
-    d = ok(guest, "end_to_end")
+    d = guest.ok("end_to_end")
     print(d)
     s = d["sender"]
     assert d["frames"] == 2000 and s["packets"] == 2000 and s["bytes"] == 2000 * 256
@@ -65,7 +63,7 @@ def test_rxe_end_to_end(guest):
 
 
 def test_rxe_credit_exhaustion(guest):
-    d = ok(guest, "credit_exhaustion")
+    d = guest.ok("credit_exhaustion")
     print(d)
     assert d["stall"] == {"held": 64, "occupancy_after": 64, "unchanged": True,
                           "published_while_full": 64}
@@ -73,7 +71,7 @@ def test_rxe_credit_exhaustion(guest):
 
 
 def test_rxe_peer_killed_then_reconnect(guest):
-    d = ok(guest, "peer_killed")
+    d = guest.ok("peer_killed")
     print(d)
     assert d["after_kill"]["wc_errors"] + d["after_kill"]["peer_errors"] >= 1 and d["error"]
     assert d["sender"]["reconnects"] == 1
@@ -82,7 +80,7 @@ def test_rxe_peer_killed_then_reconnect(guest):
 
 
 def test_rxe_wc_error_then_reconnect(guest):
-    d = ok(guest, "wc_error_reconnect")
+    d = guest.ok("wc_error_reconnect")
     print(d)
     assert d["after_error"]["wc_errors"] == 1 and "status" in d["error"]
     assert d["sender"]["reconnects"] == 1 and d["receiver"]["packets"] == 600

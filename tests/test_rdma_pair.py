@@ -1,6 +1,6 @@
 """The RDMA RC transport (dataplane/transport/rdma/receiver.py) between two hosts: two guests
 joined by a QEMU
-socket link (tests/guest_run.run_pair: scripts/guest --rdma --link, one emulated CPU each), soft-
+socket link (scripts/guest_run.run_pair: scripts/guest --rdma --link, one emulated CPU each), soft-
 RoCE device rxh on the link in each.  Guest A (10.6.6.1) runs the receivers and a control port;
 guest B runs the sender and the checks (tests/guest/rdma_pair_checks.py), all in one pair of
 boots for the module.  Seqs are checked end to end on the receiver's ring: every seq once, in
@@ -17,26 +17,25 @@ The rxh counters of both ends (retransmits, duplicates) are in each check's entr
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from tests.guest_run import ok, run_pair
+from scripts.guest_run import GuestRun
 
 
 @pytest.fixture(scope="module")
-def pair() -> tuple[dict[str, Any], dict[str, Any]]:
-    return run_pair("rdma_pair_checks.py", ("serve",), ("drive", "10.6.6.1"), flags=("--rdma",))
+def pair(guest_lab) -> tuple[GuestRun, GuestRun]:
+    return guest_lab.pair("rdma_pair_checks.py", ("serve",), ("drive", "10.6.6.1"),
+                          flags=("--rdma",))
 
 
 def test_pair_serve_side(pair):
-    d = ok(pair[0], "serve")
+    d = pair[0].ok("serve")
     print(d)
     assert d["driver"] == "10.6.6.2" and d["commands"][-1] == "done"
 
 
 def test_pair_end_to_end(pair):
-    d = ok(pair[1], "pair_end_to_end")
+    d = pair[1].ok("pair_end_to_end")
     print(d)
     s, r = d["sender"], d["receiver"]
     assert d["frames"] == 4000 and s["packets"] == r["packets"] == 4000
@@ -47,7 +46,7 @@ def test_pair_end_to_end(pair):
 
 
 def test_pair_peer_killed_then_reconnect(pair):
-    d = ok(pair[1], "pair_peer_killed")
+    d = pair[1].ok("pair_peer_killed")
     print(d)
     assert d["after_kill"]["wc_errors"] + d["after_kill"]["peer_errors"] == 1 and d["error"]
     assert d["sender"]["reconnects"] == 1 and d["sender"]["packets"] == 3000
@@ -56,7 +55,7 @@ def test_pair_peer_killed_then_reconnect(pair):
 
 
 def test_pair_link_down_then_reconnect(pair):
-    d = ok(pair[1], "pair_link_down")
+    d = pair[1].ok("pair_link_down")
     print(d)
     assert d["wc_status"] == "IBV_WC_RETRY_EXC_ERR" and d["after_error"]["wc_errors"] == 1
     assert d["sender"]["reconnects"] == 1 and d["receiver"]["packets"] == 3000

@@ -11,15 +11,13 @@ the receiver SIGKILLed and restarted by the run, and a missing device refused at
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
 
 from dataplane import config
 from dataplane.config.loader import ConfigError
-from tests.guest_run import REPO, ok, run_checks
-
-DEFAULT = REPO / "config" / "default.toml"
+from scripts.guest_run import GuestRun
+from tests.helpers.default_lab import DEFAULT
 
 SEND = '''
 [[transport]]
@@ -66,12 +64,12 @@ def test_rdma_transport_errors_name_the_key(extra: str, want: list[str]) -> None
 
 
 @pytest.fixture(scope="module")
-def guest() -> dict[str, Any]:
-    return run_checks("rdma_run_checks.py", flags=("--rdma",))
+def guest(guest_lab) -> GuestRun:
+    return guest_lab.checks("rdma_run_checks.py", flags=("--rdma",))
 
 
 def test_run_ships_a_ring_over_rdma(guest):
-    d = ok(guest, "run_with_rdma_transport")
+    d = guest.ok("run_with_rdma_transport")
     print(d["output"])
     m = d["metrics"]
     assert m["qps"] == 2 and m["max_qp"] > 0, m
@@ -97,6 +95,6 @@ def test_run_ships_a_ring_over_rdma(guest):
 
 
 def test_missing_rdma_device_is_refused_at_start(guest):
-    d = ok(guest, "missing_device")
+    d = guest.ok("missing_device")
     assert d["rc"] == 1, d["output"]
     assert "RDMA device 'rxe9' not found; devices here: rxe0" in d["output"], d["output"]

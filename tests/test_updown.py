@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import unprivileged
-from tests.test_run import DEFAULT, free_port
+from tests.helpers import unprivileged
+from tests.helpers.default_lab import default_text
 
-pytestmark = [pytest.mark.root,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: sysctl, tc, hugepages")]
+pytestmark = pytest.mark.root("sysctl, tc, hugepages")
 
 DP = str(Path(sys.executable).parent / "dataplane")
 NR = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
@@ -47,12 +46,7 @@ def setup(tmp_path: Path):
     # veth: this kernel has no dummy driver; the peer goes with it on delete
     subprocess.run(["ip", "link", "add", dummy, "type", "veth", "peer", "name", f"{dummy}p"],
                    check=True)
-    text = DEFAULT.read_text()
-    for old, new in (("dp-gen", f"dpe-{tag}-g"), ("dp-rx", f"dpe-{tag}-r"),
-                     ("dpgen0", f"dpe{tag}g"), ("dprx0", f"dpe{tag}r"),
-                     ('name = "gen"', f'name = "gen{tag}"'), ('name = "rx"', f'name = "rx{tag}"'),
-                     ("127.0.0.1:9477", f"127.0.0.1:{free_port()}")):
-        text = text.replace(old, new)
+    text = default_text(tag)
     want = int(NR.read_text()) + 32
     # The shipped profiles ask for fq, which this lab kernel lacks (test_shipped_profile_...
     # checks that up refuses them cleanly); this one uses what every kernel has.

@@ -2,8 +2,9 @@
 UDP ingest from a Python sender, provided buffers exhausted by a stalled consumer and
 recovered, two queues in a fanout, and `auto` choosing uring with its reason.
 
-The helpers are test_dpdk_worker's: the same Worker/drain/accounting, so both backends are held
-to the same rule: every sequence number received exactly once, or its loss counted.
+The helpers are the DPDK worker tests' (tests/helpers/workers.py, the `workers` and `veth`
+fixtures): the same Worker/drain/accounting, so both backends are held to the same rule:
+every sequence number received exactly once, or its loss counted.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import numpy as np
 import pytest
 
 from dataplane import config
-from dataplane.shm.arena import URING_COUNTERS
+from dataplane.shm.layout import URING_COUNTERS
 from dataplane.workers.spec import GenSpec, PortSpec
-from tests import test_dpdk_worker as dw
-from tests.test_dpdk_worker import (
+from tests.helpers.workers import (
     COUNT,
     F_COPIED,
     F_GENERATED,
@@ -35,13 +35,7 @@ from tests.test_dpdk_worker import (
     worker_spec,
 )
 
-workers = dw.workers    # the DPDK worker tests' fixtures: start/stop workers, a veth pair
-veth = dw.veth
-
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="AF_PACKET, veth and netns need root"),
-]
+pytestmark = pytest.mark.root("AF_PACKET, veth and netns")
 
 GEN_MAGIC = 0x31475044
 

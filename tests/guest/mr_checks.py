@@ -16,11 +16,11 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyverbs.enums as e
+from common import Checks  # tests/guest, the script's folder, is on sys.path
 from pyverbs.addr import AHAttr, GlobalRoute
 from pyverbs.cq import CQ
 from pyverbs.device import Context
@@ -32,22 +32,8 @@ from pyverbs.wr import SGE, SendWR
 from dataplane.transport.rdma.link import gid_index
 from dataplane.transport.rdma.mr_cache import MemlockError, MRCache
 
-OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/lab/results.json")
-RESULTS: dict[str, dict[str, Any]] = {}
 P = mmap.PAGESIZE
 ACC = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
-
-
-def check(fn: Callable[[], Any]) -> None:
-    t = time.monotonic()
-    try:
-        RESULTS[fn.__name__] = {"ok": True, "detail": fn(), "error": ""}
-    except Exception:   # noqa: BLE001 - every failure is reported, the next check runs
-        RESULTS[fn.__name__] = {"ok": False, "detail": None, "error": traceback.format_exc()}
-    RESULTS[fn.__name__]["seconds"] = round(time.monotonic() - t, 2)
-    print(f"mr-check {fn.__name__}: {'ok' if RESULTS[fn.__name__]['ok'] else 'FAILED'}",
-          flush=True)
-    OUT.write_text(json.dumps(RESULTS, indent=1))
 
 
 CTX = Context(name="rxe0")
@@ -311,7 +297,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["low-memlock-child"]:
     print(json.dumps(low_memlock_child()))
 elif __name__ == "__main__":
     print(f"mr-check start: max_mr {CTX.query_device().max_mr}", flush=True)
+    checks = Checks(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/lab/results.json"),
+                    "mr-check")
     for step in (sub_range_hits, lru_eviction, low_memlock, stale_address, threads):
-        check(step)
-    OUT.write_text(json.dumps(RESULTS, indent=1))
-    sys.exit(0 if all(r["ok"] for r in RESULTS.values()) else 1)
+        checks.run(step)
+    sys.exit(checks.exit_code())

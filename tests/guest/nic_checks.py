@@ -8,23 +8,22 @@ share) with one entry per check: {"ok": bool, "detail": ..., "error": traceback 
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from common import Checks  # tests/guest, the script's folder, is on sys.path
 
 from dataplane import host
 from dataplane.host import nic
 from dataplane.host.journal import Journal
 from dataplane.host.settings import Bind
 
-RESULTS: dict[str, dict[str, Any]] = {}
 LOG: list[str] = []     # what nic.py logged (renames): reported with the check that caused it
 
 
@@ -35,22 +34,14 @@ class _Keep(logging.Handler):
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s: %(message)s")
 logging.getLogger("dataplane.host.nic").addHandler(_Keep())
-OUT = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/lab/results.json")
+CHECKS = Checks(Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/lab/results.json"),
+                "nic-check")
 
 
-def check(name: str) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
-    def wrap(fn: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> None:
-            t = time.monotonic()
-            try:
-                detail = fn()
-                RESULTS[name] = {"ok": True, "detail": detail, "error": ""}
-            except Exception:   # noqa: BLE001 - every failure is reported, the next check runs
-                RESULTS[name] = {"ok": False, "detail": None, "error": traceback.format_exc()}
-            RESULTS[name]["seconds"] = round(time.monotonic() - t, 2)
-            print(f"nic-check {name}: {'ok' if RESULTS[name]['ok'] else 'FAILED'}", flush=True)
-            OUT.write_text(json.dumps(RESULTS, indent=1))
-        return run
+def check(name: str) -> Callable[[Callable[[], Any]], Callable[[], bool]]:
+    """The check under `name`: calling it runs it into CHECKS."""
+    def wrap(fn: Callable[[], Any]) -> Callable[[], bool]:
+        return lambda: CHECKS.run(fn, name)
     return wrap
 
 
@@ -320,5 +311,4 @@ if __name__ == "__main__":
                                                       vfio_zero_copy])
     for step in steps:
         step()
-    OUT.write_text(json.dumps(RESULTS, indent=1))
-    sys.exit(0 if all(r["ok"] for r in RESULTS.values()) else 1)
+    sys.exit(CHECKS.exit_code())

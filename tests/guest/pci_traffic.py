@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dataplane.shm.arena import PORT_COUNTERS, Arena
+from dataplane.shm.arena import Arena
+from dataplane.shm.layout import PORT_COUNTERS
 from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
 
 REPO = Path(__file__).resolve().parents[2]

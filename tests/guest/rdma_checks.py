@@ -1,163 +1,36 @@
 """Run inside `scripts/guest --rdma` (see tests/test_rdma.py): the RDMA transport on rxe0 with
-its two ends in two processes.  This process is the sender; each receiver is this script run
-again with the role `recv`.  Writes RESULTS (JSON), one entry per check:
+its two ends in two processes.  This process is the sender; each receiver is
+tests/guest/rdma_common.py's `recv` role.  Writes RESULTS (JSON), one entry per check:
 {"ok": bool, "detail": ..., "error": traceback or ""}.
 
     python tests/guest/rdma_checks.py RESULTS
-    python tests/guest/rdma_checks.py recv PORT RING_SIZE LAST_SEQ STALL OUT [DEVICE]  (internal;
-                                        also tests/guest/rdma_pair_checks.py's, on rxh)
+
+The receiver role and what else the pair checks share: tests/guest/rdma_common.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from common import Checks  # tests/guest, the script's folder, is on sys.path
+from rdma_common import (
+    FRAME,
+    HOST,
+    fill,
+    in_order,
+    make_arena,
+    run_sender,
+    send_all,
+    spawn,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from dataplane._native import ffi, lib  # noqa: E402
-
-from dataplane.shm.arena import Arena, ArenaGeometry  # noqa: E402
-from dataplane.transport.rdma import RdmaReceiver, RdmaSender  # noqa: E402
-
-TRAILER = np.dtype([("seq", "<u8"), ("tx_ns", "<u8"), ("stream", "<u4"), ("magic", "<u4")])
-MAGIC = 0x31475044
-FRAME = 256
-HOST = "10.9.9.1"
-SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-RESULTS: dict[str, dict[str, Any]] = {}
-
-
-def make_arena(name: str, ring_size: int) -> Arena:
-    p = SHM / f"rdma-{name}-{os.getpid()}"
-    p.unlink(missing_ok=True)
-    a = Arena.create(p, ArenaGeometry(n_ports=1, rings=((0, 0),), ring_size=ring_size,
-                                      slot_size=FRAME, pool_bytes=0))
-    a.unlink()
-    return a
-
-
-def trailers(a: Arena, batch: np.ndarray) -> np.ndarray:
-    at = (batch["addr"] + batch["len"] - TRAILER.itemsize).astype(np.int64)
-    raw = a.buf[at[:, None] + np.arange(TRAILER.itemsize)]
-    return np.ascontiguousarray(raw).view(TRAILER).reshape(-1)
-
-
-def fill(a: Arena, seq0: int, n: int, length: int = FRAME) -> None:
-    """Produce n frames with seqs seq0.. on ring 0 (the test's own producer)."""
-    r = a.rings[0]
-    ring = lib.dp_arena_ring(ffi.cast("void *", a.header), 0)
-    prod = int(ring.prod)
-    assert prod - int(ring.cons) + n <= r.size
-    idx = (prod + np.arange(n)) & r.mask
-    slots = a.header.slots_off + idx * FRAME
-    d = r.desc[idx]
-    d["addr"], d["len"], d["rx_ns"] = slots, length, time.time_ns()
-    d["flags"] = lib.DP_F_GENERATED
-    r.desc[idx] = d
-    t = np.zeros(n, TRAILER)
-    t["seq"], t["tx_ns"] = np.arange(seq0, seq0 + n), time.time_ns()
-    t["stream"], t["magic"] = 7, MAGIC
-    at = slots + length - TRAILER.itemsize
-    a.buf[at[:, None] + np.arange(TRAILER.itemsize)] = t.view(np.uint8).reshape(n, -1)
-    ring.prod = prod + n
-
-
-# ---- the receiver role ----
-
-def receiver(port: int, ring_size: int, last: int, stall: int, out: Path,
-             device: str = "rxe0") -> None:
-    a = make_arena("rx", ring_size)
-    rx = RdmaReceiver(a, port=port, device=device)
-    r = a.rings[0]
-    seqs: list[int] = []
-    bad: list[str] = []
-    info: dict[str, Any] = {}
-    stalled = stall > 0
-    end = time.monotonic() + 240
-    print(f"recv {port}: listening", flush=True)
-    while time.monotonic() < end:
-        rx.poll()
-        if stalled:
-            occ = r.occupancy()
-            if occ < ring_size:
-                continue
-            # full: the sender is out of credits.  Hold, then check nothing was overwritten.
-            held = r.desc[:].copy()
-            before = trailers(a, held)["seq"].copy()
-            t = time.monotonic()
-            while time.monotonic() - t < stall / 1000:
-                rx.poll()
-            after = trailers(a, held)["seq"]
-            info = {"held": occ, "occupancy_after": r.occupancy(),
-                    "unchanged": bool(np.array_equal(before, after)),
-                    "published_while_full": rx.stats()["packets"]}
-            stalled = False
-        b = r.peek()
-        if len(b) == 0:
-            continue
-        t = trailers(a, b)
-        if not (t["magic"] == MAGIC).all():
-            bad.append(f"bad magic at seq index {len(seqs)}")
-        seqs.extend(t["seq"].tolist())
-        r.release(len(b))
-        if seqs and seqs[-1] >= last:
-            break
-    # the last packet is here; the sender ends the stream (END, acknowledged) once it has seen
-    # its last completion: stopping before that would be a peer error on its side
-    end = time.monotonic() + 60
-    while rx.conn is not None and time.monotonic() < end:
-        rx.poll()
-    out.write_text(json.dumps({"seqs": seqs, "bad": bad, "stall": info, "stats": rx.stats()}))
-    rx.close()
-
-
-# ---- the sender (this process) ----
-
-def check(fn: Callable[[], Any], out: Path) -> None:
-    t = time.monotonic()
-    try:
-        RESULTS[fn.__name__] = {"ok": True, "detail": fn(), "error": ""}
-    except Exception:   # noqa: BLE001 - every failure is reported, the next check runs
-        RESULTS[fn.__name__] = {"ok": False, "detail": None, "error": traceback.format_exc()}
-    RESULTS[fn.__name__]["seconds"] = round(time.monotonic() - t, 2)
-    print(f"rdma-check {fn.__name__}: {'ok' if RESULTS[fn.__name__]['ok'] else 'FAILED'} "
-          f"({RESULTS[fn.__name__]['seconds']} s)", flush=True)
-    out.write_text(json.dumps(RESULTS, indent=1))
-
-
-def spawn(port: int, ring_size: int, last: int, stall: int, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "recv", str(port), str(ring_size),
-                             str(last), str(stall), str(out)])
-
-
-def run_sender(tx: RdmaSender, until: Callable[[], bool], timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while not until():
-        tx.poll()
-        assert time.monotonic() < end, f"sender timed out: {tx.stats()}"
-
-
-def send_all(tx: RdmaSender, a: Arena, timeout: float = 180) -> None:
-    """Send everything on ring 0, then end the stream explicitly (END, acknowledged): the
-    receiver has published every batch, and neither side counts the close as an error."""
-    run_sender(tx, lambda: a.rings[0].occupancy() == 0, timeout)
-    assert tx.finish(), f"end of stream not acknowledged: {tx.stats()}"
-
-
-def in_order(seqs: list[int], first: int, last: int) -> bool:
-    return seqs == list(range(first, last + 1))
+from dataplane.transport.rdma import RdmaSender
 
 
 def collect(tx: RdmaSender, out: Path, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -280,11 +153,8 @@ def wc_error_reconnect() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "recv":
-        port, ring_size, last, stall = (int(x) for x in sys.argv[2:6])
-        receiver(port, ring_size, last, stall, Path(sys.argv[6]), *sys.argv[7:8])
-        sys.exit(0)
-    OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/lab/results.json")
+    checks = Checks(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/lab/results.json"),
+                    "rdma-check")
     for step in (end_to_end, credit_exhaustion, peer_killed, wc_error_reconnect):
-        check(step, OUT)
-    sys.exit(0 if all(r["ok"] for r in RESULTS.values()) else 1)
+        checks.run(step)
+    sys.exit(checks.exit_code())

@@ -1,12 +1,12 @@
-"""Run inside two guests joined by a link (tests/guest_run.run_pair, scripts/guest --rdma --link;
+"""Run inside two guests joined by a link (scripts/guest_run.run_pair, scripts/guest --rdma --link;
 see tests/test_rdma_pair.py): the RDMA transport between two hosts, over rxh on that link.
 
-The `serve` side (guest A, 10.6.6.1) is where the receivers run: a small TCP control port on its
-link address takes one command per line from the driver and answers one line, both JSON
-(start a receiver, SIGKILL it after a delay, wait for it and return what its ring saw, take the
-link down for a while).  The `drive` side (guest B) is the sender and does the checks.  The two
-coordinate over the link itself, not through files: the lab share is 9p with cache=loose, and
-the point is what crosses the link.  Each writes RESULTS (JSON) as tests/guest/rdma_checks.py does.
+The `serve` side (guest A, 10.6.6.1) is where the receivers run: the control port of
+scripts/guest_link.py on its link address takes the driver's commands (start a receiver, SIGKILL
+it after a delay, wait for it and return what its ring saw, take the link down for a while).
+The `drive` side (guest B) is the sender and does the checks.  The two coordinate over the link
+itself, not through files: the lab share is 9p with cache=loose, and the point is what crosses
+the link.  Each writes RESULTS (JSON) as tests/guest/rdma_checks.py does.
 
     python tests/guest/rdma_pair_checks.py serve RESULTS
     python tests/guest/rdma_pair_checks.py drive PEER RESULTS
@@ -18,32 +18,22 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from common import Checks  # tests/guest, the script's folder, is on sys.path
+from rdma_common import FRAME, fill, in_order, make_arena, run_sender, send_all, spawn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repo: scripts/
 
 from dataplane.transport.rdma import RdmaSender  # noqa: E402
-from tests.guest import rdma_checks  # noqa: E402
-from tests.guest.rdma_checks import (  # noqa: E402
-    FRAME,
-    RESULTS,
-    check,
-    fill,
-    in_order,
-    make_arena,
-    run_sender,
-    send_all,
-)
+from scripts.guest_link import CTL_PORT, Control, serve  # noqa: E402
 
-CTL_PORT = 18700
 DEVICE = "rxh"
 
 
@@ -67,17 +57,14 @@ class Server:
         self.procs: dict[str, subprocess.Popen] = {}
         self.outs: dict[str, Path] = {}
         self.kills: dict[str, dict[str, Any]] = {}
-        self.link: dict[str, Any] = {}
+        self.link_info: dict[str, Any] = {}
         self.link_thread: threading.Thread | None = None
-        self.handled: list[str] = []
 
     def recv(self, name: str, port: int, ring: int, last: int) -> dict[str, Any]:
-        """A receiver process (rdma_checks' recv role on rxh); answers once it listens, so the
+        """A receiver process (rdma_common's recv role on rxh); answers once it listens, so the
         sender's first connect finds it."""
         out = Path(tempfile.mktemp(prefix=f"rx-{name}-"))
-        p = subprocess.Popen([sys.executable, rdma_checks.__file__, "recv", str(port), str(ring),
-                              str(last), "0", str(out), DEVICE], stdout=subprocess.PIPE,
-                             text=True)
+        p = spawn(port, ring, last, 0, out, DEVICE, stdout=subprocess.PIPE, text=True)
         self.procs[name], self.outs[name] = p, out
         line = p.stdout.readline()      # "recv PORT: listening", or "" when it died first
         return {"listening": line.startswith("recv"), "pid": p.pid}
@@ -120,89 +107,37 @@ class Server:
                            check=True)
             subprocess.run([*f, "prio", "3", "protocol", "all", "matchall", "action", "drop"],
                            check=True)
-        self.link = {"if": ifname, "setup_seconds": round(time.monotonic() - t0, 3)}
+        self.link_info = {"if": ifname, "setup_seconds": round(time.monotonic() - t0, 3)}
 
         def restore() -> None:
             time.sleep(seconds)
             r = subprocess.run(["tc", "-s", "filter", "show", "dev", ifname, "ingress"],
                                capture_output=True, text=True, check=True)
             # what the drop took in (the matchall's "Sent N bytes M pkt"), for the record
-            self.link["dropped_in"] = re.findall(r"Sent \d+ bytes (\d+) pkt", r.stdout)[-1:]
+            self.link_info["dropped_in"] = re.findall(r"Sent \d+ bytes (\d+) pkt", r.stdout)[-1:]
             subprocess.run(["tc", "qdisc", "del", "dev", ifname, "clsact"], check=True)
-            self.link["down_for"] = round(time.monotonic() - t0, 3)
+            self.link_info["down_for"] = round(time.monotonic() - t0, 3)
         self.link_thread = threading.Thread(target=restore, daemon=True)
         self.link_thread.start()
         return {"seconds": seconds}
 
-    def link_state(self) -> dict[str, Any]:
+    def link(self) -> dict[str, Any]:
         """What the last `down` did, once it is over, and rxh's counters."""
         if self.link_thread:
             self.link_thread.join(60)
-        return {**self.link, "counters": rxe_counters()}
+        return {**self.link_info, "counters": rxe_counters()}
 
     def counters(self) -> dict[str, Any]:
         return rxe_counters()
 
 
-def serve() -> dict[str, Any]:
-    """Serve the driver's commands until it says done; what was handled."""
-    srv = Server()
-    addr = os.environ["GUEST_LINK_ADDR"].split("/")[0]
+def serve_receivers() -> dict[str, Any]:
+    """Serve the driver's commands with a Server until it says done; what was handled."""
     _link_if()
-    with socket.create_server((addr, CTL_PORT)) as lsock:
-        lsock.settimeout(240)           # the other guest boots at the same time
-        conn, peer = lsock.accept()
-    conn.settimeout(None)
-    with conn, conn.makefile("rw") as f:
-        for line in f:
-            req = json.loads(line)
-            cmd = req.pop("cmd")
-            srv.handled.append(cmd)
-            try:
-                if cmd == "done":
-                    rep: dict[str, Any] = {}
-                elif cmd == "link":
-                    rep = srv.link_state()
-                else:
-                    rep = getattr(srv, cmd)(**req)
-            except Exception:   # noqa: BLE001 - the driver reports it with its check
-                rep = {"error": traceback.format_exc()}
-            f.write(json.dumps(rep) + "\n")
-            f.flush()
-            if cmd == "done":
-                break
-    for p in srv.procs.values():    # a check that failed half way may leave one behind
-        p.kill()
-    return {"driver": peer[0], "commands": srv.handled}
+    return serve(Server(), os.environ["GUEST_LINK_ADDR"].split("/")[0])
 
 
 # ---- the drive side (guest B): the sender and the checks ----
-
-class Control:
-    """The driver's end of the control port."""
-
-    def __init__(self, host: str, timeout: float = 240) -> None:
-        end = time.monotonic() + timeout
-        while True:     # A may still be booting
-            try:
-                self.sock = socket.create_connection((host, CTL_PORT), timeout=5)
-                break
-            except OSError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.5)
-        self.sock.settimeout(180)
-        self.f = self.sock.makefile("rw")
-
-    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
-        self.f.write(json.dumps({"cmd": cmd, **args}) + "\n")
-        self.f.flush()
-        line = self.f.readline()
-        assert line, f"the serve side closed the control connection ({cmd})"
-        rep = json.loads(line)
-        assert "error" not in rep, f"{cmd} failed in guest A:\n{rep['error']}"
-        return rep
-
 
 PEER = "10.6.6.1"
 CTL: Control
@@ -350,7 +285,7 @@ def pair_link_down() -> dict[str, Any]:
             "sender": s, "receiver": r}
 
 
-def drive(out: Path) -> None:
+def drive(checks: Checks) -> None:
     global CTL
     _link_if()
     t = time.monotonic()
@@ -358,24 +293,25 @@ def drive(out: Path) -> None:
     print(f"rdma-pair: control connected after {time.monotonic() - t:.1f} s", flush=True)
     for step in (pair_end_to_end, pair_peer_killed, pair_link_down):
         before = {"sender": rxe_counters(), "receiver": CTL.call("counters")}
-        check(step, out)
+        checks.run(step)
         # what rxh did on both ends meanwhile (retransmits, duplicates, retry errors): the
         # transport's own counters cannot tell a slow ACK from a lost packet
         after = {"sender": rxe_counters(), "receiver": CTL.call("counters")}
-        RESULTS[step.__name__]["rxe"] = rxe = {
+        checks.results[step.__name__]["rxe"] = rxe = {
             side: {k: v - before[side][k] for k, v in c.items() if v != before[side][k]}
             for side, c in after.items()}
         print(f"rdma-pair {step.__name__} rxh counters: {rxe}", flush=True)
-        out.write_text(json.dumps(RESULTS, indent=1))
+        checks.write()
     CTL.call("done")
 
 
 if __name__ == "__main__":
     role = sys.argv[1]
     if role == "serve":
-        OUT = Path(sys.argv[2])
-        check(serve, OUT)
+        checks = Checks(Path(sys.argv[2]), "rdma-pair")
+        checks.run(serve_receivers, "serve")
     else:
-        PEER, OUT = sys.argv[2], Path(sys.argv[3])
-        drive(OUT)
-    sys.exit(0 if all(r["ok"] for r in RESULTS.values()) else 1)
+        PEER = sys.argv[2]
+        checks = Checks(Path(sys.argv[3]), "rdma-pair")
+        drive(checks)
+    sys.exit(checks.exit_code())

@@ -9,23 +9,21 @@ the transport's receiver SIGKILLed mid-run.  Writes RESULTS (JSON), one entry pe
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import traceback
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common import Checks  # tests/guest, the script's folder, is on sys.path
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 DATAPLANE = [str(Path(sys.executable).with_name("dataplane"))]   # the venv's console script
-RESULTS: dict[str, dict[str, Any]] = {}
 PORT = 18515
 
 TRANSPORTS = f"""
@@ -86,7 +84,7 @@ def wait_for(what: str, cond: Callable[[], Any], timeout: float) -> Any:
 
 
 def control_pid(name: str) -> int:
-    from dataplane.transport.tcp import Control, control_path
+    from dataplane.shm.control import Control, control_path
     c = Control(Path(control_path(name)))
     try:
         return int(c.hdr.pid)
@@ -153,19 +151,12 @@ def check_missing_device_is_a_clear_error() -> dict[str, Any]:
 
 
 def main() -> int:
-    out, only = Path(sys.argv[-1]), sys.argv[1:-1]     # [CHECK...] RESULTS
+    checks = Checks(Path(sys.argv[-1]), "rdma-run")
+    only = sys.argv[1:-1]       # [CHECK...] RESULTS
     for name, fn in (("run_with_rdma_transport", check_run_with_rdma_transport),
                      ("missing_device", check_missing_device_is_a_clear_error)):
-        if only and name not in only:
-            continue
-        t = time.monotonic()
-        try:
-            RESULTS[name] = {"ok": True, "detail": fn(), "error": ""}
-        except Exception:   # noqa: BLE001 - reported to the host-side test
-            RESULTS[name] = {"ok": False, "detail": None, "error": traceback.format_exc()}
-        print(f"{name}: {'ok' if RESULTS[name]['ok'] else 'FAILED'} "
-              f"({time.monotonic() - t:.0f} s)", flush=True)
-        out.write_text(json.dumps(RESULTS, indent=1))
+        if not only or name in only:
+            checks.run(fn, name)
     return 0
 
 
