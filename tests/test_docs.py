@@ -10,7 +10,8 @@ What the docs show, and how it is checked (docs/testing.md says the same for rea
     to change: they are only parsed.  `console exit=N` expects exit status N (default 0);
   - the other `toml` blocks of the docs, and the TOML examples in the modules' docstrings, load
     through the config loader on top of the default config;
-  - the scripts the docs run exist, and each perf/ script's --help knows the flags shown;
+  - docs/testing.md names every test module; the scripts the docs run exist, and each perf/
+    script's --help knows the flags shown;
   - every dataplane_* metric the docs name is one the code exports;
   - internal links and the repository paths the docs name exist, and docs/design.md's
     rooms name every module and native folder there is; comments cite
@@ -303,6 +304,12 @@ def test_design_rooms_match_the_tree() -> None:
     folders = {p.name for p in (ROOT / "native").iterdir() if p.is_dir() and p.name[0] != "_"}
     named = set(re.findall(r"`(\w+)/`", native))
     assert named == folders, f"docs/design.md, native/: names {named}, the tree has {folders}"
+
+
+def test_testing_doc_names_every_suite() -> None:
+    text = (ROOT / "docs/testing.md").read_text()
+    missing = [t.name for t in sorted((ROOT / "tests").glob("test_*.py")) if t.name not in text]
+    assert not missing, f"docs/testing.md does not say what these need: {missing}"
 
 
 def test_comments_cite_only_the_repository() -> None:
