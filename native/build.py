@@ -1,9 +1,33 @@
-"""cffi build of dataplane._native: the layout, the parser and the workers, in one module.
+"""cffi builds of the native code, one extension per part:
 
-Run by setuptools at install time (cffi_modules in setup.py), or by hand:
-    python native/build.py
+    dataplane._native   the core (arena, ring, parser, generator: core/), the io_uring worker
+                        (uring/) and the TCP transport (transport/); needs liburing, never DPDK
+    dataplane._dpdk     the DPDK worker (dpdk/); built only when pkg-config finds libdpdk and
+                        DATAPLANE_DPDK is not "0"
+    dataplane._testing  test producers and a consumer (testing/); built only when
+                        DATAPLANE_TESTING=1 (scripts/bootstrap.sh sets it), never shipped
+
+_dpdk and _testing include _native's declarations (ffi.include), so a struct made with
+dataplane._native's ffi is the same type to them; the core sources they call are compiled into
+each of them too (an extension cannot link against another's symbols).
+
+The headers (native/include/) are the only definition of the layout.  The declarations cffi sees
+(its cdef) are produced from them here, at build time: each header marks what cffi should see
+between the lines `/* cffi: begin */` and `/* cffi: end */`, and `cdef_of` turns that part into
+cffi's dialect of C: comments go, every `#define NAME value` becomes `#define NAME ...`,
+`_Alignas(...)` and `__attribute__((...))` go, every sized array becomes `[...]` and every struct
+ends in `...;`, so the values, offsets, array lengths and sizes all come from the C compiler, not
+from this file.  What lies outside the markers (static inline helpers, private prototypes) cffi
+never sees.
+
+Run by setuptools at install time (setup.py asks `cffi_modules()` which to build), or by hand:
+    python native/build.py        (builds them into the current directory)
 """
 
+from __future__ import annotations
+
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,173 +35,125 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["arena.c", "parse.c", "dpdk_port.c", "dpdk_worker.c", "kernel_drops.c", "ring_bench.c"]
-SOURCES += ["gen.c", "uring_sock.c", "uring_worker.c"]   # io_uring worker (native/dp_uring.h)
-SOURCES += ["transport.c", "transport_send.c"]   # TCP transport (native/dp_transport.h)
+INCLUDE = "native/include"   # relative to the project root: setuptools insists on that
 
-CDEF = """
-#define DP_LAYOUT_VERSION ...
-#define DP_MAGIC ...
-#define DP_MAX_PORTS ...
-#define DP_MAX_RINGS ...
-#define DP_ERR_LEN ...
-#define DP_GEN_MAGIC ...
-#define DP_F_TRUNCATED ...
-#define DP_F_MALFORMED ...
-#define DP_F_VLAN ...
-#define DP_F_IP_OPTIONS ...
-#define DP_F_IPV6_EXT ...
-#define DP_F_FRAGMENT ...
-#define DP_F_COPIED ...
-#define DP_F_GENERATED ...
-#define DP_TMPL_MAX ...
-#define DP_NAME_LEN ...
-#define DP_EAL_ARGS ...
-#define DP_CSUM_NONE ...
-enum dp_worker_state { DP_W_EMPTY, DP_W_STARTING, DP_W_RUNNING, DP_W_STOPPED, DP_W_FAILED, ... };
-#define DP_CSUM_L4 ...
+CORE = ["core/arena.c", "core/common.c", "core/parse.c", "core/gen.c"]
+URING = ["uring/uring_sock.c", "uring/uring_worker.c"]
+TRANSPORT = ["transport/transport_common.c", "transport/transport_recv.c",
+             "transport/transport_send.c"]
+DPDK = ["dpdk/dpdk_port.c", "dpdk/dpdk_worker.c", "dpdk/kernel_drops.c"]
+TESTING = ["testing/ring_bench.c", "testing/transport_produce.c"]
 
-struct dp_desc {
-    uint64_t addr; uint64_t rx_ns; uint32_t hash; uint16_t len; uint16_t flags;
-    uint16_t ethertype; uint16_t port; uint8_t queue; uint8_t l4proto; uint16_t l4_off;
-    ...;
-};
-struct dp_ring_counters {
-    uint64_t rx_packets; uint64_t rx_bytes; uint64_t ring_full_drops; uint64_t malformed;
-    uint64_t truncated; uint64_t copied; uint64_t bursts;
-    ...;
-};
-struct dp_ring {
-    uint64_t prod; uint64_t cons; uint32_t size; uint32_t mask; uint16_t port; uint16_t queue;
-    uint64_t slots_off; struct dp_ring_counters c;
-    ...;
-};
-struct dp_port_counters {
-    uint64_t tx_packets; uint64_t tx_bytes; uint64_t tx_drops; uint64_t nic_missed;
-    uint64_t nic_errors; uint64_t rx_nombuf; uint64_t gen_seq;
-    ...;
-};
-struct dp_uring_counters { uint64_t cqes; uint64_t enobufs; uint64_t rearms; uint64_t recv_errors;
-                           ...; };
-struct dp_arena {
-    uint64_t magic; uint32_t version; uint32_t header_size; uint64_t arena_size;
-    uint32_t n_ports; uint32_t n_rings; uint32_t ring_size; uint32_t slot_size;
-    uint64_t rings_off; uint64_t ring_stride; uint64_t slots_off; uint64_t pool_off;
-    uint64_t pool_len; uint32_t desc_size; uint32_t page_size;
-    uint64_t heartbeat_ns; uint32_t state; uint32_t stop; int32_t pid; uint32_t zero_copy;
-    uint64_t restarts; uint64_t loops; uint64_t busy_cycles; uint64_t total_cycles;
-    char error[];
-    struct dp_port_counters port[];
-    struct dp_uring_counters uring[];
-    ...;
-};
-struct dp_gen_trailer { uint64_t seq; uint64_t tx_ns; uint32_t stream; uint32_t magic; ...; };
+# The headers of dataplane._native's declarations.  _dpdk and _testing include them too: cffi
+# checks the included declarations against the compiler in every module that includes them.
+NATIVE_HEADERS = ("dp_layout.h", "dp_worker.h", "dp_transport.h")
+CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
 
-struct dp_port_config { char name[]; uint16_t n_rxq; uint16_t n_txq; uint16_t rxd; uint16_t txd;
-                        char iface[]; uint16_t udp_port; ...; };
-struct dp_gen_config {
-    uint32_t enabled; uint16_t port; uint16_t queue; uint32_t stream; uint32_t burst;
-    uint64_t rate_pps; uint64_t count; uint16_t tmpl_len; uint16_t vary_off; uint16_t vary_min;
-    uint16_t vary_max; uint16_t csum; uint8_t tmpl[];
-    ...;
-};
-struct dp_worker_config {
-    uint32_t worker_id; uint32_t n_ports; struct dp_port_config port[]; struct dp_gen_config gen;
-    uint32_t burst; uint32_t n_mbufs; uint32_t zero_copy; uint32_t idle_sleep_us;
-    uint32_t copybreak; int32_t eal_argc;
-    const char *eal_argv[];
-    ...;
-};
+_MARKED = re.compile(r"/\* cffi: begin \*/(.*?)/\* cffi: end \*/", re.S)
+_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
+_DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)(?!\()[ \t]+\S.*$", re.M)
+_SIZED_ARRAY = re.compile(r"\[[^\]\s][^\]]*\]")
+_STRUCT_END = re.compile(r"(\bstruct\s+\w+\s*\{[^{}]*?)\}", re.S)
 
-void *dp_arena_map(const char *path, uint64_t *len_out);
-int dp_arena_unmap(void *base, uint64_t len);
-int dp_arena_layout(struct dp_arena *a, uint32_t n_ports, uint32_t n_rings, uint32_t ring_size,
-                    uint32_t slot_size, uint64_t pool_len);
-void dp_arena_format(void *base, const struct dp_arena *layout, const uint16_t *ring_port,
-                     const uint16_t *ring_queue);
-struct dp_ring *dp_arena_ring(void *base, uint32_t i);
-int dp_ring_wait_drained(void *base, uint32_t i, uint32_t seconds, uint64_t *left);
-uint64_t dp_ring_load_prod(const struct dp_ring *r);
-void dp_ring_store_cons(struct dp_ring *r, uint64_t cons);
-void dp_ring_store_prod(struct dp_ring *r, uint64_t prod);
-int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);
-int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg);
-int dp_uring_worker_run(void *arena_base, const struct dp_worker_config *cfg);
 
-/* native/dp_transport.h: TCP transport, zero-copy send, its control file */
-#define DP_TRANSPORT_MAGIC ...
-#define DP_TRANSPORT_VERSION ...
-#define DP_TW_MAX_BATCH ...
-#define DP_TM_COPY ...
-#define DP_TM_ZEROCOPY ...
-#define DP_TM_SEND_ZC ...
-struct dp_transport_counters {
-    uint64_t batches; uint64_t packets; uint64_t bytes; uint64_t completions;
-    uint64_t copied_completions; uint64_t reconnects; uint64_t lost_batches;
-    uint64_t lost_packets; uint64_t bad_frames; uint64_t short_reads; uint64_t acks;
-    uint64_t ring_waits; uint64_t disconnects; uint64_t last_session; uint64_t last_seq;
-    ...;
-};
-#define DP_MR_BUCKETS ...
-struct dp_rdma_counters {
-    uint64_t wc_errors; uint64_t peer_errors; uint64_t credit_waits; uint64_t credits;
-    uint64_t credit_updates; uint64_t qps; uint64_t max_qp; uint64_t mr_hits; uint64_t mr_misses;
-    uint64_t mr_evictions; uint64_t mr_registered_bytes; uint64_t mr_budget_bytes;
-    uint64_t mr_reg_count; uint64_t mr_reg_ns; uint64_t mr_reg_buckets[];
-    ...;
-};
-struct dp_transport {
-    uint64_t magic; uint32_t version; uint32_t size; uint64_t heartbeat_ns; uint32_t state;
-    uint32_t stop; int32_t pid; uint32_t connected; uint64_t restarts; char error[];
-    struct dp_transport_counters c; struct dp_rdma_counters r;
-    ...;
-};
-struct dp_transport_config {
-    char name[]; char host[]; uint16_t tcp_port; uint16_t mode; uint16_t port_index;
-    uint32_t max_batch; uint32_t max_bytes; uint32_t max_inflight; uint32_t backoff_min_ms;
-    uint32_t backoff_max_ms; uint64_t session;
-    ...;
-};
-int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *t,
-                          const struct dp_transport_config *cfg);
-int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *t,
-                          const struct dp_transport_config *cfg);
-uint64_t dp_transport_produce(void *arena_base, uint32_t ring, uint64_t n, uint32_t frame_len,
-                              uint32_t burst, uint32_t stream);
+def _strip_call(text: str, name: str) -> str:
+    """text without every `name(...)`, nested parentheses included."""
+    while (i := text.find(name)) >= 0:
+        j, depth = text.index("(", i), 0
+        for k in range(j, len(text)):
+            depth += {"(": 1, ")": -1}.get(text[k], 0)
+            if depth == 0:
+                break
+        text = text[:i] + text[k + 1:]
+    return text
 
-/* native/ring_bench.h: test producer/consumer, not used by workers */
-uint64_t dp_bench_produce(void *arena_base, uint32_t ring, uint64_t n, uint32_t burst);
-uint32_t dp_bench_try_produce(void *arena_base, uint32_t ring, uint32_t n);
-uint64_t dp_bench_consume(void *arena_base, uint32_t ring, uint64_t n, uint32_t batch);
-"""
+
+def cdef_of(header: str) -> str:
+    """What cffi should see of native/include/<header>: its marked part, in cffi's dialect."""
+    text = (HERE / "include" / header).read_text()
+    parts = _MARKED.findall(text)
+    if not parts:
+        raise SystemExit(f"native/include/{header}: no /* cffi: begin */ ... /* cffi: end */")
+    out = _COMMENT.sub(" ", "\n".join(parts))
+    out = _DEFINE.sub(r"#define \1 ...", out)
+    out = _strip_call(_strip_call(out, "_Alignas"), "__attribute__")
+    out = _SIZED_ARRAY.sub("[...]", out)
+    out = _STRUCT_END.sub(r"\1 ...; }", out)
+    return f"/* native/include/{header} */\n{out}"
+
+
+def _includes(*headers: str) -> str:
+    return "".join(f'#include "{h}"\n' for h in headers)
+
+
+def _sources(names: list[str]) -> list[str]:
+    return [f"native/{n}" for n in names]   # relative: setuptools insists
 
 
 def _pkg_config(*args: str) -> list[str]:
-    if shutil.which("pkg-config") is None:
-        raise SystemExit("pkg-config not found: run scripts/bootstrap.sh (installs libdpdk-dev)")
     out = subprocess.run(["pkg-config", *args, "libdpdk"], capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"pkg-config libdpdk failed ({out.stderr.strip()}): "
-                         "run scripts/bootstrap.sh (installs libdpdk-dev)")
+        raise SystemExit(f"pkg-config libdpdk failed ({out.stderr.strip()}): install "
+                         "libdpdk-dev (scripts/bootstrap.sh), or build without the DPDK "
+                         "worker: DATAPLANE_DPDK=0")
     return out.stdout.split()
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-_cflags = _pkg_config("--cflags")
-ffibuilder.set_source(
-    "dataplane._native",
-    '#include "dp_ring.h"\n#include "dp_worker.h"\n#include "ring_bench.h"\n'
-    '#include "dp_transport.h"\n',
-    sources=[f"native/{s}" for s in SOURCES],  # relative: setuptools insists
-    include_dirs=["native"],
-    extra_compile_args=[*_cflags, "-O2", "-g", "-Wall", "-Wextra", "-Werror",
-                        "-Wno-unused-parameter"],
-    extra_link_args=[*_pkg_config("--libs"), "-luring"],
-)
+def dpdk_wanted() -> bool:
+    """Build dataplane._dpdk: libdpdk found by pkg-config, and DATAPLANE_DPDK is not "0"."""
+    if os.environ.get("DATAPLANE_DPDK", "") == "0" or shutil.which("pkg-config") is None:
+        return False
+    return subprocess.run(["pkg-config", "--exists", "libdpdk"]).returncode == 0
+
+
+def testing_wanted() -> bool:
+    """Build dataplane._testing: development and test installs only (DATAPLANE_TESTING=1)."""
+    return os.environ.get("DATAPLANE_TESTING", "") == "1"
+
+
+def native() -> FFI:
+    """dataplane._native: core, io_uring worker, TCP transport."""
+    ffi = FFI()
+    ffi.cdef("\n".join(cdef_of(h) for h in NATIVE_HEADERS))
+    ffi.set_source("dataplane._native", _includes(*NATIVE_HEADERS),
+                   sources=_sources(CORE + URING + TRANSPORT), include_dirs=[INCLUDE],
+                   extra_compile_args=CFLAGS, extra_link_args=["-luring"])
+    return ffi
+
+
+def _on_native(module: str, header: str, sources: list[str], cflags: list[str] | None = None,
+               libs: list[str] | None = None) -> FFI:
+    """An extension that uses dataplane._native's types: its own declarations from header."""
+    ffi = FFI()
+    ffi.include(native())
+    ffi.cdef(cdef_of(header))
+    ffi.set_source(f"dataplane.{module}", _includes(header, *NATIVE_HEADERS),
+                   sources=_sources(CORE + sources), include_dirs=[INCLUDE],
+                   extra_compile_args=[*(cflags or []), *CFLAGS], extra_link_args=libs or [])
+    return ffi
+
+
+def dpdk() -> FFI:
+    """dataplane._dpdk: the DPDK worker, on the core's types."""
+    return _on_native("_dpdk", "dp_dpdk.h", DPDK, _pkg_config("--cflags"), _pkg_config("--libs"))
+
+
+def testing() -> FFI:
+    """dataplane._testing: the ring and transport test producers, on the core's types."""
+    return _on_native("_testing", "dp_testing.h", TESTING)
+
+
+def cffi_modules() -> list[str]:
+    """setup.py's cffi_modules: the extensions this build makes (see the module docstring)."""
+    mods = ["native/build.py:native"]
+    if dpdk_wanted():
+        mods.append("native/build.py:dpdk")
+    if testing_wanted():
+        mods.append("native/build.py:testing")
+    return mods
+
 
 if __name__ == "__main__":
-    import os
-
     os.chdir(HERE.parent)
-    ffibuilder.compile(tmpdir=".", verbose=True)
+    for entry in cffi_modules():
+        globals()[entry.rsplit(":", 1)[1]]().compile(tmpdir=".", verbose=True)

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 from dataplane._native import ffi, lib
+from dataplane._testing import lib as testing
 
-from dataplane.shm.arena import Arena, ArenaGeometry, RingReader
+from dataplane.shm.arena import Arena, ArenaGeometry
+from dataplane.shm.ring import RingReader
 
 FOREVER = 1 << 62
 TARGET_MDESC_S = 20.0   # the target for the Python consumer
@@ -49,7 +51,7 @@ def produce(path: str, burst: int, cpu: int | None) -> None:
     base = lib.dp_arena_map(path.encode(), size)
     if base == ffi.NULL:
         sys.exit(f"dp_arena_map {path}: {os.strerror(ffi.errno)}")
-    print(lib.dp_bench_produce(base, 0, FOREVER, burst), flush=True)
+    print(testing.dp_bench_produce(base, 0, FOREVER, burst), flush=True)
 
 
 class Producer:
@@ -114,7 +116,7 @@ def c_phase(arena: Arena, batch: int, seconds: float) -> tuple[int, float]:
     timer = threading.Timer(seconds, stop)
     c0, t0 = ring.cons, time.perf_counter()
     timer.start()
-    lib.dp_bench_consume(base, 0, FOREVER, batch)       # cffi releases the GIL for the timer
+    testing.dp_bench_consume(base, 0, FOREVER, batch)       # cffi releases the GIL for the timer
     timer.join()
     arena.rings[0] = RingReader(arena, 0)   # the C consumer moved cons: a reader in step with it
     return mark[0][1] - c0, mark[0][0] - t0

@@ -25,10 +25,12 @@ import threading
 import time
 from pathlib import Path
 
-from dataplane._native import ffi, lib
+from dataplane._native import ffi
+from dataplane._testing import lib as testing
 
 from dataplane.shm.arena import Arena, ArenaGeometry
-from dataplane.transport.tcp import TransportProcess, TransportSpec
+from dataplane.transport.process import TransportProcess
+from dataplane.transport.spec import TransportSpec
 
 TAG = f"tb{os.getpid() % 100000}"
 NS_S, NS_R = f"dpt-{TAG}-s", f"dpt-{TAG}-r"
@@ -75,9 +77,9 @@ def run_transport(mode: str, batch: int, seconds: float, port: int) -> dict:
                                         mode=mode, netns=NS_S, max_batch=batch // FRAME,
                                         max_bytes=batch))
     assert rx.arena is not None
-    threads = [threading.Thread(target=lib.dp_transport_produce,
+    threads = [threading.Thread(target=testing.dp_transport_produce,
                                 args=(ffi.from_buffer(src._mm), 0, 1 << 62, FRAME, 32, 1)),
-               threading.Thread(target=lib.dp_bench_consume,
+               threading.Thread(target=testing.dp_bench_consume,
                                 args=(ffi.from_buffer(rx.arena._mm), 0, 1 << 62, 256))]
     try:
         rx.start(stderr=subprocess.DEVNULL)

@@ -34,10 +34,19 @@ if ! [ -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 
-# Rebuild only when the inputs changed: the stamp is a hash of the native sources and metadata.
-stamp=$(cat pyproject.toml setup.py native/*.c native/*.h native/build.py | sha256sum | cut -c1-16)
+# Rebuild only when the inputs changed: the stamp hashes every native source and header (any
+# depth under native/), the build metadata and the build switches.  DATAPLANE_TESTING=1: this is
+# a development install, so the test-only extension dataplane._testing is built too.
+# DATAPLANE_DPDK=0 leaves the DPDK worker (dataplane._dpdk) out.
+export DATAPLANE_TESTING=1
+stamp=$( (cat pyproject.toml setup.py MANIFEST.in
+          for f in $(find native -type f \( -name '*.c' -o -name '*.h' -o -name '*.py' \) |
+                     LC_ALL=C sort); do
+              echo "$f"; cat "$f"
+          done
+          echo "DATAPLANE_DPDK=${DATAPLANE_DPDK:-}") | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.dataplane-stamp 2>/dev/null)" != "$stamp" ] || \
-   ! .venv/bin/python -c 'import dataplane._native' 2>/dev/null; then
+   ! .venv/bin/python -c 'import dataplane._native, dataplane._testing' 2>/dev/null; then
     echo "bootstrap: installing Python dependencies and building native code"
     .venv/bin/pip install -q --disable-pip-version-check setuptools wheel "cffi>=1.16"
     .venv/bin/pip install -q --disable-pip-version-check "numpy>=1.26" "scapy>=2.5" \

@@ -3,11 +3,14 @@
 can run and otherwise io_uring, and records why, so `dataplane config show` and the log say it.
 
 Real reasons only: a UDP port (DPDK has no UDP-socket PMD) needs uring; af_xdp, memif and PCI
-need DPDK; af_packet runs on both and goes to DPDK when its PMD plugin is installed.
+need DPDK; af_packet runs on both and goes to DPDK when its PMD plugin is installed.  An install
+built without the DPDK worker (no libdpdk at build time, or DATAPLANE_DPDK=0) runs everything it
+can on uring, and a worker that needs DPDK there is a config error.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from glob import glob
 from pathlib import Path
@@ -25,6 +28,17 @@ DRIVER_BACKENDS = {"af_packet": ("dpdk", "uring"), "af_xdp": ("dpdk",), "memif":
 PMD_FILES = {"af_packet": "librte_net_af_packet.so", "af_xdp": "librte_net_af_xdp.so",
              "memif": "librte_net_memif.so"}
 PMD_DIRS = "/usr/lib/*/dpdk/pmds-*"
+
+
+# Why "dpdk" cannot run in an install without the DPDK worker, for config errors and reasons.
+NO_DPDK_WORKER = ("this install has no DPDK worker (the extension dataplane._dpdk is built only "
+                  "where pkg-config finds libdpdk, and not with DATAPLANE_DPDK=0)")
+
+
+def dpdk_worker_built() -> bool:
+    """Whether this install carries the DPDK worker, dataplane._dpdk.  Looked up, not imported:
+    importing it loads libdpdk, which only the worker process needs."""
+    return importlib.util.find_spec("dataplane._dpdk") is not None
 
 
 def dpdk_pmds_missing(drivers: list[str], pmd_dirs: str = PMD_DIRS) -> list[str]:
@@ -53,12 +67,19 @@ def resolve(t: Table, worker: str, backend: str, ports: list[tuple[str, str | No
             why = " (DPDK has no UDP-socket PMD)" if driver == "udp" else ""
             t.error("backend", backend, f'port "{name}" has driver = "{driver}", which '
                     f'needs backend = "{other}"{why}')
+        if backend == "dpdk" and not dpdk_worker_built():
+            t.error("backend", backend, f'{NO_DPDK_WORKER}: use backend = "uring" or "auto"')
         return backend, "set in the config"
     if only["uring"]:
         backend, reason = "uring", (f'port "{only["uring"][0][0]}" is driver = "udp": DPDK has '
                                     "no UDP-socket PMD")
     elif only["dpdk"]:
         backend, reason = "dpdk", f'port "{only["dpdk"][0][0]}" is driver = "{only["dpdk"][0][1]}"'
+        if not dpdk_worker_built():
+            t.error("port", None, f'driver {only["dpdk"][0][1]} (port "{only["dpdk"][0][0]}") '
+                    f'needs backend "dpdk", and {NO_DPDK_WORKER}')
+    elif not dpdk_worker_built():
+        backend, reason = "uring", NO_DPDK_WORKER
     else:
         missing = dpdk_pmds_missing([d for _, d in ports if d], PMD_DIRS)
         if missing:

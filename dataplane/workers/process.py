@@ -2,8 +2,9 @@
 
 The supervisor has already created the arena at spec.arena_path.  This process maps it, pins
 itself, fills struct dp_worker_config and hands over to C, which polls until arena->stop is set:
-backend "dpdk" builds the EAL argv as a list and runs dp_dpdk_worker_run(); backend "uring" has
-no EAL and runs dp_uring_worker_run() on sockets it opens itself (iface / udp_port).
+backend "dpdk" builds the EAL argv as a list and runs dp_dpdk_worker_run() (from the extension
+dataplane._dpdk, loaded only here); backend "uring" has no EAL and runs dp_uring_worker_run() on
+sockets it opens itself (iface / udp_port).
 Exit codes: 0 after a clean stop, 2 when set-up failed (arena->error is printed to stderr), 1 on
 a bad command line.
 """
@@ -16,6 +17,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from dataplane._native import ffi, lib
@@ -106,6 +108,18 @@ class DpWorkerConfig:
         ffi.memmove(g.tmpl, tmpl, len(tmpl))
 
 
+def dpdk_entry(spec: WorkerSpec) -> Callable[..., int] | None:
+    """dp_dpdk_worker_run, from the extension dataplane._dpdk: imported here, in the worker
+    process, because importing it loads libdpdk.  None (and why, on stderr) when it is absent."""
+    try:
+        from dataplane import _dpdk
+    except ImportError as e:
+        print(f"worker {spec.name}: backend dpdk, but the DPDK worker cannot be loaded ({e}): "
+              "this install was built without libdpdk or with DATAPLANE_DPDK=0", file=sys.stderr)
+        return None
+    return _dpdk.lib.dp_dpdk_worker_run
+
+
 def run(spec: WorkerSpec) -> int:
     """Map the arena, run the C worker until stopped; the exit code of the process."""
     length = ffi.new("uint64_t *")
@@ -126,7 +140,9 @@ def run(spec: WorkerSpec) -> int:
     prefix = f"dp-{spec.name}-{os.getpid()}"
     # the io_uring worker has no EAL: its argv is a placeholder nobody parses
     cfg = DpWorkerConfig(spec, ["dataplane-worker"] if uring else eal_argv(spec, prefix))
-    entry = lib.dp_uring_worker_run if uring else lib.dp_dpdk_worker_run
+    entry = lib.dp_uring_worker_run if uring else dpdk_entry(spec)
+    if entry is None:
+        return EXIT_SETUP_FAILED
 
     def on_signal(signum: int, frame: object) -> None:
         arena.stop = 1

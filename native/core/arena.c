@@ -5,11 +5,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
-#include "dp_ring.h"
-#include "dp_worker.h"
+#include "dp_common.h"
 
 static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
@@ -118,13 +116,6 @@ int dp_arena_unmap(void *base, uint64_t len)
     return munmap(base, len);
 }
 
-static uint64_t mono_now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
-}
-
 /* A dead predecessor may have left descriptors the consumer has not given back yet; their
  * frames live in slots or buffers the new worker is about to reuse, and cons belongs to the
  * consumer: so wait for it to catch up, beating the heart meanwhile, and never write cons.
@@ -133,14 +124,14 @@ int dp_ring_wait_drained(void *base, uint32_t i, uint32_t seconds, uint64_t *lef
 {
     struct dp_arena *a = base;
     struct dp_ring *r = dp_arena_ring(base, i);
-    uint64_t deadline = mono_now_ns() + seconds * 1000000000ull;
+    uint64_t deadline = dp_mono_ns() + seconds * 1000000000ull;
     while (__atomic_load_n(&r->cons, __ATOMIC_ACQUIRE) != r->prod) {
         *left = r->prod - r->cons;
         if (a->stop)
             return -2;
-        if (mono_now_ns() > deadline)
+        if (dp_mono_ns() > deadline)
             return -1;
-        __atomic_store_n(&a->heartbeat_ns, mono_now_ns(), __ATOMIC_RELEASE);
+        dp_heartbeat(&a->heartbeat_ns);
         usleep(10000);
     }
     *left = 0;

@@ -4,11 +4,9 @@
  * Set-up fails fast: the call, rte_errno's text and the port go into arena->error, the state
  * becomes DP_W_FAILED and the caller gets -1.  Nothing here exits the process.
  */
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <rte_eal.h>
@@ -19,30 +17,6 @@
 #include "dp_dpdk.h"
 
 #define DPW_HEAP "dp_arena"
-#define DPW_DRAIN_WAIT_S 5   /* "after waiting 5 s" below */
-
-int dpw_fail(struct dpw *w, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(w->a->error, DP_ERR_LEN, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "dpdk worker %u: %s\n", w->cfg->worker_id, w->a->error);
-    __atomic_store_n(&w->a->state, DP_W_FAILED, __ATOMIC_RELEASE);
-    return -1;
-}
-
-static uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-void dpw_heartbeat(struct dpw *w)
-{
-    __atomic_store_n(&w->a->heartbeat_ns, mono_ns(), __ATOMIC_RELEASE);
-}
 
 static int dpw_eal(struct dpw *w)
 {
@@ -57,40 +31,6 @@ static int dpw_eal(struct dpw *w)
     if (rte_eal_init(argc, argv) < 0)
         return dpw_fail(w, "rte_eal_init: %s", rte_strerror(rte_errno));
     w->eal_up = 1;
-    return 0;
-}
-
-/* The rings, once a dead predecessor's descriptors are released (dp_ring_wait_drained). */
-static int dpw_rings(struct dpw *w)
-{
-    struct dp_arena *a = w->a;
-    const struct dp_worker_config *cfg = w->cfg;
-    uint32_t want = 0;
-    for (uint32_t p = 0; p < cfg->n_ports; p++)
-        want += cfg->port[p].n_rxq;
-    if (want != a->n_rings)
-        return dpw_fail(w, "config has %u RX queues in all, the arena has %u rings", want,
-                        a->n_rings);
-    w->n_rings = a->n_rings;
-    for (uint32_t i = 0; i < w->n_rings; i++) {
-        struct dp_ring *r = dp_arena_ring(w->base, i);
-        uint64_t left;
-        int rc = dp_ring_wait_drained(w->base, i, DPW_DRAIN_WAIT_S, &left);
-        if (rc < 0)
-            return dpw_fail(w, "ring %u (port %u queue %u): consumer still holds %lu "
-                            "descriptors of a previous worker %s", i, r->port, r->queue,
-                            (unsigned long)left, rc == -2 ? "when told to stop" :
-                            "after waiting 5 s");
-        struct dpw_ring *q = &w->ring[i];
-        q->r = r;
-        dp_prod_init(&q->p, r);
-        q->freed = q->p.prod;
-        q->port = r->port;
-        q->queue = r->queue;
-        if (r->port >= cfg->n_ports || r->queue >= cfg->port[r->port].n_rxq)
-            return dpw_fail(w, "ring %u names port %u queue %u, not in the config", i, r->port,
-                            r->queue);
-    }
     return 0;
 }
 
@@ -215,17 +155,20 @@ static int dpw_port(struct dpw *w, uint32_t p)
 int dpw_setup(struct dpw *w)
 {
     const struct dp_worker_config *cfg = w->cfg;
-    if (cfg->n_ports == 0 || cfg->n_ports > DP_MAX_PORTS || cfg->n_ports != w->a->n_ports)
-        return dpw_fail(w, "config has %u ports, the arena %u (1..%d)", cfg->n_ports,
-                        w->a->n_ports, DP_MAX_PORTS);
-    if (cfg->burst == 0 || cfg->burst > DPW_MAX_BURST)
-        return dpw_fail(w, "burst %u out of range 1..%d", cfg->burst, DPW_MAX_BURST);
-    if (dpw_eal(w) < 0)
+    struct dp_prod prod[DP_MAX_RINGS];
+    if (dpw_eal(w) < 0 ||
+        dp_worker_attach(w->a, cfg, "dpdk", DPW_MAX_BURST, UINT32_MAX, prod) < 0)
         return -1;
-    w->a->pid = getpid();
-    __atomic_store_n(&w->a->state, DP_W_STARTING, __ATOMIC_RELEASE);
-    dpw_heartbeat(w);
-    if (dpw_rings(w) < 0 || dpw_pool(w) < 0)
+    w->n_rings = w->a->n_rings;
+    for (uint32_t i = 0; i < w->n_rings; i++) {
+        struct dpw_ring *q = &w->ring[i];
+        q->r = prod[i].r;
+        q->p = prod[i];
+        q->freed = q->p.prod;
+        q->port = q->r->port;
+        q->queue = q->r->queue;
+    }
+    if (dpw_pool(w) < 0)
         return -1;
     for (uint32_t p = 0; p < cfg->n_ports; p++)
         if (dpw_port(w, p) < 0)
@@ -265,8 +208,8 @@ void dpw_nic_stats(struct dpw *w)
  * rte_eal_cleanup() is deliberately not called: in 22.11 it unmaps EAL memory while the
  * interrupt thread may still walk its sources (a memif server stopping with its client still
  * connected crashed in rte_intr_fd_get, about 1 stop in 40 under load).  The process exits right
- * after this; worker.py runs EAL with --huge-unlink and removes the runtime directory, so
- * nothing is left behind. */
+ * after this; dataplane/workers/process.py runs EAL with --huge-unlink and removes the runtime
+ * directory, so nothing is left behind. */
 void dpw_close(struct dpw *w)
 {
     if (w->eal_up)

@@ -11,7 +11,6 @@
  * Set-up and tear-down are in dpdk_port.c.
  */
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <rte_cycles.h>
@@ -19,13 +18,6 @@
 
 #include "dp_dpdk.h"
 #include "dp_gen.h"
-
-static inline uint64_t real_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* ---- receive ---- */
 
@@ -70,7 +62,7 @@ static inline int dpw_describe(struct dpw *w, struct dpw_ring *q, struct rte_mbu
     } else {
         if (w->zero_copy)
             q->shadow[idx & q->r->mask] = NULL;   /* nothing to free on release */
-        addr = q->r->slots_off + (idx & q->r->mask) * (uint64_t)w->a->slot_size;
+        addr = dp_ring_slot(w->a, q->r, idx);
         if (len > w->a->slot_size) {
             len = w->a->slot_size;
             flags |= DP_F_TRUNCATED;
@@ -102,7 +94,7 @@ static inline uint32_t dpw_rx(struct dpw *w, struct dpw_ring *q)
     uint16_t n = rte_eth_rx_burst(q->port_id, q->queue, m, (uint16_t)w->cfg->burst);
     if (n == 0)
         return 0;
-    uint64_t ns = real_ns();
+    uint64_t ns = dp_real_ns();
     struct dp_ring_counters *c = &q->r->c;
     uint32_t room = dp_ring_reserve(&q->p, n);
     uint64_t bytes = 0;
@@ -169,7 +161,7 @@ static inline uint32_t dpw_gen(struct dpw *w, struct dpw_gen *g, uint64_t now)
         pc->tx_drops += n;   /* pool empty: the frames were never built, seq does not move */
         return 0;
     }
-    uint64_t seq = pc->gen_seq, ns = real_ns();
+    uint64_t seq = pc->gen_seq, ns = dp_real_ns();
     for (uint32_t i = 0; i < n; i++) {
         m[i]->data_len = m[i]->pkt_len = g->s.len;
         dp_gen_fill(&g->s, gc, rte_pktmbuf_mtod(m[i], uint8_t *), seq + i, ns);
@@ -219,7 +211,7 @@ static void dpw_loop(struct dpw *w, struct dpw_gen *g)
             a->busy_cycles += busy;
             a->total_cycles += total;
             loops = busy = total = 0;
-            dpw_heartbeat(w);
+            dp_heartbeat(&a->heartbeat_ns);
             dpw_nic_stats(w);
             if (g->on && !g->link_up) {   /* memif: nobody to send to before the peer connects */
                 struct rte_eth_link link;

@@ -1,14 +1,13 @@
-/* dp_dpdk.h: private state of the DPDK worker, shared by dpdk_port.c (set-up, stats, close)
- * and dpdk_worker.c (the loops).  Not part of the arena contract: nothing outside the DPDK
- * worker includes it. */
+/* dp_dpdk.h: the DPDK worker (native/dpdk/, the extension dataplane._dpdk): its entry point,
+ * and its private state, shared by dpdk_port.c (set-up, stats, close) and dpdk_worker.c (the
+ * loops).  Not part of the arena contract: nothing outside the DPDK worker includes it. */
 #ifndef DP_DPDK_H
 #define DP_DPDK_H
 
 #include <rte_ethdev.h>
 #include <rte_mbuf.h>
 
-#include "dp_ring.h"
-#include "dp_worker.h"
+#include "dp_common.h"
 
 #define DPW_MAX_BURST 256
 
@@ -46,10 +45,15 @@ struct dpw {
     struct dpw_ksock ksock[DPW_MAX_KSOCK];
 };
 
+/* cffi: begin */
+/* Run a DPDK worker until arena->stop is set.  Returns 0, or -1 with arena->error filled. */
+int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg);
+/* cffi: end */
+
+#define dpw_fail(w, ...) dp_worker_fail((w)->a, (w)->cfg, "dpdk", __VA_ARGS__)
+
 /* dpdk_port.c */
-int  dpw_fail(struct dpw *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int  dpw_setup(struct dpw *w);
-void dpw_heartbeat(struct dpw *w);
 void dpw_nic_stats(struct dpw *w);
 void dpw_close(struct dpw *w);
 

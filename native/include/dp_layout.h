@@ -20,6 +20,7 @@
 
 #include <stdint.h>
 
+/* cffi: begin */
 #define DP_MAGIC          0x414e455241504455ull  /* "UDPARENA" little-endian */
 #define DP_LAYOUT_VERSION 2u  /* 2: struct dp_uring_counters appended to dp_arena */
 #define DP_CACHE_LINE     64
@@ -177,9 +178,10 @@ struct dp_transport_counters {
     uint64_t pad0;
 };
 
-/* What an RDMA transport (dataplane/rdma_run.py, Python) adds to the counters above: its QP,
- * credits and memory-registration cache, for the scrape and `dataplane status`.  Gauges are
- * marked; the rest only grow.  The histogram's bounds are mr_cache.SECONDS_BUCKETS. */
+/* What an RDMA transport (dataplane/transport/rdma/process.py, Python) adds to the counters
+ * above: its QP, credits and memory-registration cache, for the scrape and `dataplane status`.
+ * Gauges are marked; the rest only grow.  The histogram's bounds are SECONDS_BUCKETS of
+ * dataplane/transport/rdma/mr_cache.py. */
 #define DP_MR_BUCKETS 8
 struct dp_rdma_counters {
     uint64_t wc_errors;          /* work completions with an error status */
@@ -214,5 +216,7 @@ struct dp_transport {
     _Alignas(DP_CACHE_LINE) struct dp_transport_counters c;
     _Alignas(DP_CACHE_LINE) struct dp_rdma_counters r;   /* RDMA transports only */
 };
+
+/* cffi: end */
 
 #endif

@@ -1,8 +1,11 @@
 /* dp_ring.h: SPSC descriptor ring operations.
  *
  * Producer (worker): dp_ring_reserve() how many it may write, fill desc[], dp_ring_submit().
- * Consumer: dp_ring_peek() a contiguous batch, read it, dp_ring_release() to give slots back.
- * Each side caches the other's index and touches the shared one only when the cache runs out.
+ * Consumer: dp_ring_peek() a contiguous batch (this takes it: the next peek starts after it),
+ * read it, dp_ring_release() to give its slots back.  A consumer may hold several peeked batches
+ * before it releases the oldest (the TCP sender keeps batches in flight until acknowledged), and
+ * dp_ring_cancel() hands back the tail of a peek it did not use.  As xdp-tools' xsk ring: each
+ * side caches the other's index and reads the shared one only when the cache runs out.
  */
 #ifndef DP_RING_H
 #define DP_RING_H
@@ -10,7 +13,8 @@
 #include "dp_layout.h"
 
 struct dp_prod { struct dp_ring *r; uint64_t prod, cons_cache; };
-struct dp_cons { struct dp_ring *r; uint64_t cons, prod_cache; };
+/* next: first index not yet peeked; cons: first index not yet released (cons <= next). */
+struct dp_cons { struct dp_ring *r; uint64_t next, cons, prod_cache; };
 
 static inline void dp_prod_init(struct dp_prod *p, struct dp_ring *r)
 {
@@ -46,31 +50,47 @@ static inline void dp_ring_submit(struct dp_prod *p, uint32_t n)
 static inline void dp_cons_init(struct dp_cons *c, struct dp_ring *r)
 {
     c->r = r;
-    c->cons = __atomic_load_n(&r->cons, __ATOMIC_RELAXED);
+    c->next = c->cons = __atomic_load_n(&r->cons, __ATOMIC_RELAXED);
     c->prod_cache = __atomic_load_n(&r->prod, __ATOMIC_ACQUIRE);
 }
 
-/* Entries ready, up to max, contiguous in desc[] (a batch never wraps); *start gets the index. */
+/* Entries ready, up to max, contiguous in desc[] (a batch never wraps); *start gets the index
+ * of the first.  They are taken: the next peek starts after them. */
 static inline uint32_t dp_ring_peek(struct dp_cons *c, uint32_t max, uint64_t *start)
 {
-    uint32_t avail = (uint32_t)(c->prod_cache - c->cons);
+    uint32_t avail = (uint32_t)(c->prod_cache - c->next);
     if (avail == 0) {
         /* acquire: descriptors written before the producer's release are visible now */
         c->prod_cache = __atomic_load_n(&c->r->prod, __ATOMIC_ACQUIRE);
-        avail = (uint32_t)(c->prod_cache - c->cons);
+        avail = (uint32_t)(c->prod_cache - c->next);
     }
-    uint32_t to_end = c->r->size - (uint32_t)(c->cons & c->r->mask);
+    uint32_t to_end = c->r->size - (uint32_t)(c->next & c->r->mask);
     if (avail > to_end) avail = to_end;
     if (avail > max) avail = max;
-    *start = c->cons;
+    *start = c->next;
+    c->next += avail;
     return avail;
 }
 
-/* release: our reads of desc[] and the frames happen before the producer may reuse them. */
+/* Hand back the last n entries of the latest peek: the next peek returns them again. */
+static inline void dp_ring_cancel(struct dp_cons *c, uint32_t n)
+{
+    c->next -= n;
+}
+
+/* Give back the n oldest peeked entries.  release: our reads of desc[] and the frames happen
+ * before the producer may reuse them. */
 static inline void dp_ring_release(struct dp_cons *c, uint32_t n)
 {
     c->cons += n;
     __atomic_store_n(&c->r->cons, c->cons, __ATOMIC_RELEASE);
+}
+
+/* Byte offset in the arena of the copy-mode slot of ring position idx (idx & mask). */
+static inline uint64_t dp_ring_slot(const struct dp_arena *a, const struct dp_ring *r,
+                                    uint64_t idx)
+{
+    return r->slots_off + (idx & r->mask) * (uint64_t)a->slot_size;
 }
 
 #endif

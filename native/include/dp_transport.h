@@ -1,6 +1,6 @@
 /* dp_transport.h: the TCP transport (arena ring -> remote arena ring), its wire format, its
- * configuration and entry points.  Shared by native/transport.c (common, receiver) and
- * native/transport_send.c (sender).
+ * configuration and entry points.  Shared by native/transport/: transport_recv.c (receiver),
+ * transport_send.c (sender) and transport_common.c.
  *
  * Wire format, little-endian, version DP_TW_VERSION:
  *
@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include "dp_layout.h"
 
+/* cffi: begin */
 #define DP_TW_MAGIC       0x31545044u  /* "DPT1" */
 #define DP_TW_ACK_MAGIC   0x31415044u  /* "DPA1" */
 #define DP_TW_VERSION     1u
@@ -81,18 +82,12 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
 int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *t,
                           const struct dp_transport_config *cfg);
 
-/* Test producer: n frames of frame_len bytes on ring `ring`, each ending in a dp_gen_trailer
- * whose seq is the ring index (waits for room, like dp_bench_produce).  Returns n produced. */
-uint64_t dp_transport_produce(void *arena_base, uint32_t ring, uint64_t n, uint32_t frame_len,
-                              uint32_t burst, uint32_t stream);
+/* cffi: end */
 
-/* Internal to transport*.c. */
-uint64_t dp_t_mono_ns(void);
-uint64_t dp_t_real_ns(void);
+/* Internal to native/transport/. */
 void dp_t_log(const struct dp_transport_config *cfg, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 int  dp_t_fail(struct dp_transport *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void dp_t_beat(struct dp_transport *t);
 struct iovec;
 /* Step iov and n past k bytes written or read (partial sends and reads). */
 void dp_t_iov_advance(struct iovec **iov, int *n, size_t k);

@@ -7,9 +7,8 @@
 #include <liburing.h>
 #include <sys/socket.h>
 
+#include "dp_common.h"
 #include "dp_gen.h"
-#include "dp_ring.h"
-#include "dp_worker.h"
 
 #define URW_MAX_BURST 256
 #define URW_MAX_BUFS  32768   /* the kernel's limit on a provided-buffer ring */
@@ -49,10 +48,9 @@ struct urw {
     struct mmsghdr *msgs;
 };
 
+#define urw_fail(w, ...) dp_worker_fail((w)->a, (w)->cfg, "uring", __VA_ARGS__)
+
 /* uring_sock.c */
-int  urw_fail(struct urw *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-uint64_t urw_mono_ns(void);
-void urw_heartbeat(struct urw *w);
 int  urw_setup(struct urw *w);
 int  urw_gen_setup(struct urw *w);
 void urw_give_back(struct urw *w, struct urw_ring *q, uint16_t bid, uint32_t n_advance);

@@ -1,10 +1,13 @@
-/* dp_worker.h: what Python hands a native worker, and the entry points cffi exposes. */
+/* dp_worker.h: what Python hands a native worker, and the core's entry points (arena, ring,
+ * parser, the io_uring worker) that dataplane._native exposes.  The DPDK worker's entry point is
+ * in dp_dpdk.h (its own extension, dataplane._dpdk). */
 #ifndef DP_WORKER_H
 #define DP_WORKER_H
 
 #include <stdint.h>
 #include "dp_layout.h"
 
+/* cffi: begin */
 #define DP_NAME_LEN   128
 #define DP_TMPL_MAX   2048
 #define DP_EAL_ARGS   48
@@ -80,11 +83,9 @@ void     dp_ring_store_prod(struct dp_ring *r, uint64_t prod);
  * frame[len - 1].  Returns 0, or -1 when the frame is malformed (DP_F_MALFORMED is set). */
 int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);
 
-/* Run a DPDK worker until arena->stop is set.  Returns 0, or -1 with arena->error filled. */
-int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg);
-
 /* Run an io_uring worker (no DPDK: AF_PACKET or UDP sockets, multishot receive straight into
  * the ring slots) until arena->stop is set.  Same contract as dp_dpdk_worker_run. */
 int dp_uring_worker_run(void *arena_base, const struct dp_worker_config *cfg);
+/* cffi: end */
 
 #endif

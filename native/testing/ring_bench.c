@@ -10,18 +10,8 @@
  * it in a tight loop steals the line the consumer is writing and slows the consumer by several
  * times on this box, which a worker (it drops, then polls its NIC) would not do.
  */
-#include <time.h>
-
-#include "dp_ring.h"
-#include "dp_worker.h"
-#include "ring_bench.h"
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
+#include "dp_common.h"
+#include "dp_testing.h"
 
 static int stopped(const struct dp_arena *a)
 {
@@ -30,10 +20,10 @@ static int stopped(const struct dp_arena *a)
 
 static void fill(const struct dp_arena *a, struct dp_ring *r, uint64_t idx, uint32_t n)
 {
-    uint64_t rx_ns = now_ns();
+    uint64_t rx_ns = dp_real_ns();
     for (uint32_t i = 0; i < n; i++, idx++) {
         struct dp_desc *d = dp_ring_at(r, idx);
-        d->addr = r->slots_off + (idx & r->mask) * a->slot_size;
+        d->addr = dp_ring_slot(a, r, idx);
         d->rx_ns = rx_ns;
         d->hash = (uint32_t)idx;
         d->len = (uint16_t)(60 + (idx & 1023));

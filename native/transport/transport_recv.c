@@ -1,5 +1,5 @@
-/* transport.c: the receiving end of the TCP transport, the helpers both ends share, and a test
- * producer.  The wire format is in dp_transport.h; the sender is transport_send.c.
+/* transport_recv.c: the receiving end of the TCP transport.  The wire format is in
+ * dp_transport.h; the sender is transport_send.c, the helpers both share transport_common.c.
  *
  * The receiver serves one sender at a time.  A new connection replaces the current one (a
  * sender that reconnects after a failure the receiver has not noticed yet must not wait behind
@@ -24,70 +24,14 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
 
-#include "dp_ring.h"
+#include "dp_common.h"
 #include "dp_transport.h"
-#include "dp_worker.h"
-
-uint64_t dp_t_mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-uint64_t dp_t_real_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-void dp_t_log(const struct dp_transport_config *cfg, const char *fmt, ...)
-{
-    char line[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof(line), fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "transport %s: %s\n", cfg->name, line);   /* one write per line */
-}
-
-int dp_t_fail(struct dp_transport *t, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(t->error, DP_ERR_LEN, fmt, ap);
-    va_end(ap);
-    __atomic_store_n(&t->state, DP_W_FAILED, __ATOMIC_RELEASE);
-    return -1;
-}
-
-void dp_t_beat(struct dp_transport *t)
-{
-    __atomic_store_n(&t->heartbeat_ns, dp_t_mono_ns(), __ATOMIC_RELAXED);
-}
-
-void dp_t_iov_advance(struct iovec **iov, int *n, size_t k)
-{
-    struct iovec *v = *iov;
-    while (*n > 0 && k >= v->iov_len) {
-        k -= v->iov_len;
-        v++, (*n)--;
-    }
-    if (*n > 0) {
-        v->iov_base = (char *)v->iov_base + k;
-        v->iov_len -= k;
-    }
-    *iov = v;
-}
 
 static int stopping(const struct dp_transport *t)
 {
@@ -110,7 +54,7 @@ struct rx {
 
 static void rx_beat(struct rx *x)
 {
-    dp_t_beat(x->t);
+    dp_heartbeat(&x->t->heartbeat_ns);
     x->a->heartbeat_ns = x->t->heartbeat_ns;   /* the arena looks like a running worker too */
 }
 
@@ -269,17 +213,17 @@ static int rx_frame(struct rx *x)
     for (uint32_t i = 0; i < h.count; i++) {
         if (x->d[i].len == 0)
             continue;
-        uint64_t off = x->r->slots_off + ((x->p.prod + i) & x->r->mask) * x->a->slot_size;
+        uint64_t off = dp_ring_slot(x->a, x->r, x->p.prod + i);
         x->iov[n].iov_base = (char *)x->a + off;
         x->iov[n++].iov_len = x->d[i].len;
     }
     if (n && rx_read(x, x->iov, n, &got) != 1)
         goto short_read;
-    uint64_t rx_ns = dp_t_real_ns();
+    uint64_t rx_ns = dp_real_ns();
     for (uint32_t i = 0; i < h.count; i++) {
         struct dp_desc *d = dp_ring_at(x->r, x->p.prod + i);
         *d = x->d[i];
-        d->addr = x->r->slots_off + ((x->p.prod + i) & x->r->mask) * x->a->slot_size;
+        d->addr = dp_ring_slot(x->a, x->r, x->p.prod + i);
         d->rx_ns = rx_ns;
         d->port = x->cfg->port_index;
         d->queue = (uint8_t)x->r->queue;
@@ -372,49 +316,4 @@ int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *
     x.a->state = DP_W_STOPPED;
     __atomic_store_n(&t->state, DP_W_STOPPED, __ATOMIC_RELEASE);
     return 0;
-}
-
-/* -- test producer -- */
-
-uint64_t dp_transport_produce(void *arena_base, uint32_t ring, uint64_t n, uint32_t frame_len,
-                              uint32_t burst, uint32_t stream)
-{
-    struct dp_arena *a = arena_base;
-    struct dp_ring *r = dp_arena_ring(arena_base, ring);
-    struct dp_prod p;
-    uint64_t done = 0;
-
-    if (frame_len < sizeof(struct dp_gen_trailer) || frame_len > a->slot_size)
-        return 0;
-    dp_prod_init(&p, r);
-    while (done < n && !__atomic_load_n(&a->stop, __ATOMIC_RELAXED)) {
-        uint32_t want = n - done < burst ? (uint32_t)(n - done) : burst;
-        uint32_t got = dp_ring_reserve(&p, want);
-        if (got == 0) {
-            usleep(20);
-            continue;
-        }
-        uint64_t now = dp_t_real_ns();
-        for (uint32_t i = 0; i < got; i++) {
-            uint64_t idx = p.prod + i;
-            struct dp_desc *d = dp_ring_at(r, idx);
-            d->addr = r->slots_off + (idx & r->mask) * a->slot_size;
-            uint8_t *f = (uint8_t *)a + d->addr;
-            memset(f, (int)(idx & 0xff), 16);   /* something to compare besides the trailer */
-            struct dp_gen_trailer tr = { idx, now, stream, DP_GEN_MAGIC };
-            memcpy(f + frame_len - sizeof(tr), &tr, sizeof(tr));
-            d->rx_ns = now;
-            d->hash = (uint32_t)idx;
-            d->len = (uint16_t)frame_len;
-            d->flags = DP_F_GENERATED;
-            d->ethertype = 0x0800;
-            d->port = r->port;
-            d->queue = (uint8_t)r->queue;
-            d->l4proto = 17;
-            d->l4_off = 34;
-        }
-        dp_ring_submit(&p, got);
-        done += got;
-    }
-    return done;
 }

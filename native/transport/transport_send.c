@@ -33,9 +33,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "dp_ring.h"
+#include "dp_common.h"
 #include "dp_transport.h"
-#include "dp_worker.h"
 
 #ifndef SO_ZEROCOPY
 #define SO_ZEROCOPY 60
@@ -71,8 +70,7 @@ struct tx {
     const struct dp_transport_config *cfg;
     int fd, have_uring, hello;
     struct io_uring ring;
-    uint64_t next;             /* ring index of the next descriptor to ship */
-    uint64_t prod_cache, cons; /* cons: what we released */
+    struct dp_cons c;          /* c.next: the next descriptor to ship; c.cons: released */
     uint64_t seq, session;
     uint64_t head, tail;       /* inflight batches: [head, tail) in b[] */
     struct txb b[INFL];
@@ -107,8 +105,7 @@ static void tx_retire(struct tx *x)
                : x->cfg->mode == DP_TM_SEND_ZC ? b->notifs == 0 : 1;
         if (!(b->sent && b->acked && zc))
             break;
-        x->cons = b->start + b->count;
-        __atomic_store_n(&x->r->cons, x->cons, __ATOMIC_RELEASE);   /* slots back to producer */
+        dp_ring_release(&x->c, b->count);   /* b->start == c.cons: slots back to producer */
         x->head++;
     }
 }
@@ -314,21 +311,14 @@ static void tx_cqes(struct tx *x)
 /* Take the next batch off the ring (without releasing it) and lay out its iovecs. */
 static int tx_take(struct tx *x)
 {
-    uint32_t avail = (uint32_t)(x->prod_cache - x->next);
-    if (avail == 0) {
-        x->prod_cache = __atomic_load_n(&x->r->prod, __ATOMIC_ACQUIRE);  /* descs visible */
-        avail = (uint32_t)(x->prod_cache - x->next);
-    }
-    uint32_t to_end = x->r->size - (uint32_t)(x->next & x->r->mask);
-    uint32_t n = avail < to_end ? avail : to_end;
-    if (n > x->cfg->max_batch)
-        n = x->cfg->max_batch;
+    uint64_t start;
+    uint32_t n = dp_ring_peek(&x->c, x->cfg->max_batch, &start);
     if (n == 0)
         return 0;
     uint32_t bytes = 0, i;
     int v = 2;
     for (i = 0; i < n; i++) {
-        const struct dp_desc *d = dp_ring_at(x->r, x->next + i);
+        const struct dp_desc *d = dp_ring_at(x->r, start + i);
         if (i && bytes + d->len > x->cfg->max_bytes)
             break;
         char *p = (char *)x->a + d->addr;
@@ -338,16 +328,16 @@ static int tx_take(struct tx *x)
             x->iov[v++] = (struct iovec){ p, d->len };
         bytes += d->len;
     }
+    dp_ring_cancel(&x->c, n - i);   /* past max_bytes: the next batch's */
     n = i;
     struct txb *b = &x->b[x->tail % INFL];
-    *b = (struct txb){ .seq = ++x->seq, .start = x->next, .count = n, .bytes = bytes };
+    *b = (struct txb){ .seq = ++x->seq, .start = start, .count = n, .bytes = bytes };
     b->hdr = (struct dp_tw_frame){ DP_TW_MAGIC, DP_TW_VERSION, sizeof(b->hdr), n, bytes,
                                    b->seq, x->session };
     x->iov[0] = (struct iovec){ &b->hdr, sizeof(b->hdr) };
-    x->iov[1] = (struct iovec){ dp_ring_at(x->r, x->next), n * sizeof(struct dp_desc) };
+    x->iov[1] = (struct iovec){ dp_ring_at(x->r, start), n * sizeof(struct dp_desc) };
     x->msg = (struct msghdr){ .msg_iov = x->iov, .msg_iovlen = (size_t)v };
     x->niov = v;
-    x->next += n;
     x->tail++;
     x->cur = 1;
     return 1;
@@ -422,14 +412,14 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
         x.have_uring = 1;
     }
     x.r = dp_arena_ring(arena_base, ring);
-    x.cons = x.next = x.prod_cache = __atomic_load_n(&x.r->cons, __ATOMIC_ACQUIRE);
-    x.session = cfg->session ? cfg->session : dp_t_real_ns();
+    dp_cons_init(&x.c, x.r);
+    x.session = cfg->session ? cfg->session : dp_real_ns();
     uint64_t backoff = cfg->backoff_min_ms, retry_at = 0, connects = 0, since = 0;
     uint64_t drain_until = 0;
     __atomic_store_n(&t->state, DP_W_RUNNING, __ATOMIC_RELEASE);
     for (;;) {
-        uint64_t now = dp_t_mono_ns();
-        dp_t_beat(t);
+        uint64_t now = dp_mono_ns();
+        dp_heartbeat(&t->heartbeat_ns);
         /* On stop, take nothing new and give what is in flight up to 2 s to be acknowledged,
          * so a clean stop loses nothing. */
         int stop = __atomic_load_n(&t->stop, __ATOMIC_RELAXED) != 0;
@@ -438,7 +428,7 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
         if (stop && (x.head == x.tail || x.fd < 0 || now > drain_until))
             break;
         if (x.fd < 0) {
-            if (dp_t_mono_ns() < retry_at) {
+            if (dp_mono_ns() < retry_at) {
                 usleep(2000);
                 continue;
             }
@@ -448,13 +438,13 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
             if (rc < 0) {
                 dp_t_log(cfg, "connect to %s:%u: %s; reconnecting in %llu ms", cfg->host,
                          cfg->tcp_port, strerror(errno), (unsigned long long)backoff);
-                retry_at = dp_t_mono_ns() + backoff * 1000000u;
+                retry_at = dp_mono_ns() + backoff * 1000000u;
                 backoff = backoff * 2 > cfg->backoff_max_ms ? cfg->backoff_max_ms : backoff * 2;
                 continue;
             }
             t->c.reconnects += connects++ > 0;
             t->connected = 1;
-            since = dp_t_mono_ns();
+            since = dp_mono_ns();
             dp_t_log(cfg, "connected to %s:%u", cfg->host, cfg->tcp_port);
         }
         if (!x.hello && now > since && now - since > 3000000000ull) {

@@ -13,87 +13,22 @@
 #include <linux/sock_diag.h>
 #include <net/if.h>
 #include <netinet/in.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "dp_uring.h"
 
-#define URW_DRAIN_WAIT_S 5
 #define URW_RCVBUF (4 << 20)   /* socket backlog while every slot is held (ENOBUFS) */
-
-int urw_fail(struct urw *w, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(w->a->error, DP_ERR_LEN, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "uring worker %u: %s\n", w->cfg->worker_id, w->a->error);
-    __atomic_store_n(&w->a->state, DP_W_FAILED, __ATOMIC_RELEASE);
-    return -1;
-}
-
-uint64_t urw_mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-void urw_heartbeat(struct urw *w)
-{
-    __atomic_store_n(&w->a->heartbeat_ns, urw_mono_ns(), __ATOMIC_RELEASE);
-}
 
 /* Hand one slot back to the kernel; visible to it after io_uring_buf_ring_advance. */
 void urw_give_back(struct urw *w, struct urw_ring *q, uint16_t bid, uint32_t n_advance)
 {
-    io_uring_buf_ring_add(q->br, w->base + q->r->slots_off + (uint64_t)bid * w->a->slot_size,
+    io_uring_buf_ring_add(q->br, w->base + dp_ring_slot(w->a, q->r, bid),
                           w->a->slot_size, bid, io_uring_buf_ring_mask(q->r->size),
                           (int)n_advance);
-}
-
-/* As dpdk_port.c's dpw_rings: a dead predecessor's descriptors point at slots we are about to
- * hand to the kernel, so wait for the consumer to give them back, never write cons. */
-static int urw_rings(struct urw *w)
-{
-    struct dp_arena *a = w->a;
-    uint32_t want = 0;
-    for (uint32_t p = 0; p < w->cfg->n_ports; p++)
-        want += w->cfg->port[p].n_rxq;
-    if (want != a->n_rings)
-        return urw_fail(w, "config has %u RX queues in all, the arena has %u rings", want,
-                        a->n_rings);
-    if (a->ring_size > URW_MAX_BUFS)
-        return urw_fail(w, "ring_size %u: io_uring provides at most %u buffers per ring",
-                        a->ring_size, URW_MAX_BUFS);
-    w->n_rings = a->n_rings;
-    for (uint32_t i = 0; i < w->n_rings; i++) {
-        struct dp_ring *r = dp_arena_ring(w->base, i);
-        uint64_t left;
-        int rc = dp_ring_wait_drained(w->base, i, URW_DRAIN_WAIT_S, &left);
-        if (rc < 0)
-            return urw_fail(w, "ring %u (port %u queue %u): consumer still holds %lu "
-                            "descriptors of a previous worker %s", i, r->port, r->queue,
-                            (unsigned long)left, rc == -2 ? "when told to stop" :
-                            "after waiting 5 s");
-        struct urw_ring *q = &w->ring[i];
-        q->r = r;
-        q->fd = -1;
-        q->uc = &a->uring[i];
-        dp_prod_init(&q->p, r);
-        q->returned = q->p.prod;
-        q->port = r->port;
-        q->queue = r->queue;
-        if (r->port >= w->cfg->n_ports || r->queue >= w->cfg->port[r->port].n_rxq)
-            return urw_fail(w, "ring %u names port %u queue %u, not in the config", i, r->port,
-                            r->queue);
-    }
-    return 0;
 }
 
 /* AF_PACKET, ETH_P_ALL, bound to the interface; incoming frames only (our generator's and
@@ -164,9 +99,8 @@ static int urw_buffers(struct urw *w, struct urw_ring *q, uint32_t i)
     q->bid = calloc(n, sizeof(*q->bid));
     if (q->bid == NULL)
         return urw_fail(w, "ring %u: calloc of the buffer ids failed", i);
-    uint32_t slot = w->a->slot_size;
     for (uint32_t b = 0; b < n; b++)
-        io_uring_buf_ring_add(q->br, w->base + q->r->slots_off + (uint64_t)b * slot, slot,
+        io_uring_buf_ring_add(q->br, w->base + dp_ring_slot(w->a, q->r, b), w->a->slot_size,
                               (uint16_t)b, io_uring_buf_ring_mask(n), (int)b);
     io_uring_buf_ring_advance(q->br, (int)n);
     return 0;
@@ -175,17 +109,22 @@ static int urw_buffers(struct urw *w, struct urw_ring *q, uint32_t i)
 int urw_setup(struct urw *w)
 {
     const struct dp_worker_config *cfg = w->cfg;
-    if (cfg->n_ports == 0 || cfg->n_ports > DP_MAX_PORTS || cfg->n_ports != w->a->n_ports)
-        return urw_fail(w, "config has %u ports, the arena %u (1..%d)", cfg->n_ports,
-                        w->a->n_ports, DP_MAX_PORTS);
-    if (cfg->burst == 0 || cfg->burst > URW_MAX_BURST)
-        return urw_fail(w, "burst %u out of range 1..%d", cfg->burst, URW_MAX_BURST);
-    w->a->pid = getpid();
+    struct dp_prod prod[DP_MAX_RINGS];
     w->a->zero_copy = 0;   /* descriptors point at slots, not at a NIC's buffers */
-    __atomic_store_n(&w->a->state, DP_W_STARTING, __ATOMIC_RELEASE);
-    urw_heartbeat(w);
-    if (urw_rings(w) < 0)
+    /* URW_MAX_BUFS: the kernel's limit on the buffers of one provided-buffer ring */
+    if (dp_worker_attach(w->a, cfg, "uring", URW_MAX_BURST, URW_MAX_BUFS, prod) < 0)
         return -1;
+    w->n_rings = w->a->n_rings;
+    for (uint32_t i = 0; i < w->n_rings; i++) {
+        struct urw_ring *q = &w->ring[i];
+        q->r = prod[i].r;
+        q->p = prod[i];
+        q->fd = -1;
+        q->uc = &w->a->uring[i];
+        q->returned = q->p.prod;
+        q->port = q->r->port;
+        q->queue = q->r->queue;
+    }
     /* CQ room for a good burst per ring: multishot posts one CQE per packet */
     /* DEFER_TASKRUN: the receives' completion work runs when this thread asks for events
      * (once per loop, batched) instead of interrupting it while it polls; without it a
@@ -233,7 +172,7 @@ int urw_gen_setup(struct urw *w)
         return urw_fail(w, "generator: port %u is not an af_packet port of this worker",
                         gc->port);
     char why[DP_ERR_LEN];
-    if (dp_gen_prepare(&w->gs, gc, DP_TMPL_MAX, URW_MAX_BURST, 1000000000ull, urw_mono_ns(),
+    if (dp_gen_prepare(&w->gs, gc, DP_TMPL_MAX, URW_MAX_BURST, 1000000000ull, dp_mono_ns(),
                        why, sizeof(why)) < 0)
         return urw_fail(w, "%s", why);
     const char *ifn = w->cfg->port[gc->port].iface;

@@ -22,17 +22,9 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "dp_uring.h"
-
-static inline uint64_t real_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* Loop accounting in TSC cycles, as the DPDK worker's busy/total cycles. */
 static inline uint64_t cycles(void)
@@ -40,7 +32,7 @@ static inline uint64_t cycles(void)
 #if defined(__x86_64__) || defined(__i386__)
     return __builtin_ia32_rdtsc();
 #else
-    return urw_mono_ns();
+    return dp_mono_ns();
 #endif
 }
 
@@ -86,7 +78,7 @@ static inline void urw_describe(struct urw *w, struct urw_ring *q, uint16_t bid,
     uint64_t idx = q->p.prod + q->n;
     struct dp_desc *d = dp_ring_at(q->r, idx);
     struct dp_ring_counters *c = &q->r->c;
-    uint64_t addr = q->r->slots_off + (uint64_t)bid * w->a->slot_size;
+    uint64_t addr = dp_ring_slot(w->a, q->r, bid);
     const uint8_t *frame = (const uint8_t *)w->base + addr;
     uint32_t len = res;
     uint16_t flags = 0;
@@ -123,7 +115,7 @@ static uint32_t urw_reap(struct urw *w)
                                          URW_MAX_BURST);
     if (n == 0)
         return 0;
-    uint64_t ns = real_ns();
+    uint64_t ns = dp_real_ns();
     for (unsigned k = 0; k < n; k++) {
         struct io_uring_cqe *cqe = cqes[k];
         uint64_t i = io_uring_cqe_get_data64(cqe);
@@ -176,7 +168,7 @@ static uint32_t urw_gen(struct urw *w, uint64_t now_ns)
     if (n == 0)
         return 0;
     struct dp_port_counters *pc = &w->a->port[gc->port];
-    uint64_t seq = pc->gen_seq, ns = real_ns();
+    uint64_t seq = pc->gen_seq, ns = dp_real_ns();
     for (uint32_t i = 0; i < n; i++)
         dp_gen_fill(&w->gs, gc, w->txbuf + (size_t)i * w->gs.len, seq + i, ns);
     int k = sendmmsg(w->gen_fd, w->msgs, n, MSG_DONTWAIT);
@@ -196,7 +188,7 @@ static void urw_loop(struct urw *w)
 {
     struct dp_arena *a = w->a;
     uint64_t prev = cycles(), loops = 0, busy = 0, total = 0;
-    uint64_t t = urw_mono_ns(), next_tick = t, last_move = t;
+    uint64_t t = dp_mono_ns(), next_tick = t, last_move = t;
     uint32_t moved = 0;
     while (!__atomic_load_n(&a->stop, __ATOMIC_RELAXED)) {
         uint64_t now = cycles();
@@ -204,7 +196,7 @@ static void urw_loop(struct urw *w)
         if (moved)
             busy += now - prev;
         prev = now;
-        t = urw_mono_ns();
+        t = dp_mono_ns();
         if (moved)
             last_move = t;
         loops++;
@@ -225,7 +217,7 @@ static void urw_loop(struct urw *w)
             a->busy_cycles += busy;
             a->total_cycles += total;
             loops = busy = total = 0;
-            urw_heartbeat(w);
+            dp_heartbeat(&a->heartbeat_ns);
             urw_sock_drops(w);
         }
         /* idle: wait for a completion (or the nap's end) in the kernel instead of spinning */
