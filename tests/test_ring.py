@@ -1,4 +1,4 @@
-"""The descriptor ring: C producer (native/ring_bench.c) against the Python RingReader.
+"""The descriptor ring: C producer (native/testing/ring_bench.c) against the Python RingReader.
 
 Descriptor i carries i in `hash` (low 32 bits), len 60 + i % 1024 and the address of its slot,
 so order, loss, duplication and wrap-around are all visible from the consumer side.
@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dataplane._native import ffi, lib
+from dataplane._testing import lib as testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane.shm.arena import Arena, ArenaGeometry, LayoutError, RingReader, check_layout
+from dataplane.shm.arena import Arena, ArenaGeometry
+from dataplane.shm.layout import DESC_DTYPE, VIEWS, LayoutError, check_layout
+from dataplane.shm.ring import RingReader, slot_address
 
 SLOT = 64
 
@@ -30,12 +33,13 @@ SLOT = 64
 PRODUCER = """
 import sys
 from dataplane._native import ffi, lib
+from dataplane._testing import lib as testing
 path, ring, n, burst = sys.argv[1], *map(int, sys.argv[2:])
 size = ffi.new("uint64_t *")
 base = lib.dp_arena_map(path.encode(), size)
 if base == ffi.NULL:
     sys.exit(f"dp_arena_map {path}: errno {ffi.errno}")
-print(lib.dp_bench_produce(base, ring, n, burst))
+print(testing.dp_bench_produce(base, ring, n, burst))
 """
 
 
@@ -66,8 +70,8 @@ def check_batch(r: RingReader, b: np.ndarray, seen: int) -> None:
     assert len(b) <= r.size - start, "a batch wrapped"
     idx = np.arange(seen, seen + len(b), dtype=np.uint64)
     assert np.array_equal(b["hash"], idx.astype(np.uint32))
-    slots = r._ring.slots_off + (idx & np.uint64(r.mask)) * np.uint64(SLOT)
-    assert np.array_equal(b["addr"], slots)
+    assert np.array_equal(b["addr"], r.slots(idx))
+    assert np.array_equal(b["addr"], slot_address(r.shared.slots_off, SLOT, idx & r.mask))
 
 
 @given(size_log=st.integers(0, 8), burst=st.integers(1, 700), batch=st.integers(1, 700),
@@ -82,7 +86,7 @@ def test_wraparound_and_batch_boundaries(size_log: int, burst: int, batch: int, 
             # produce, consume or both, in an order hypothesis picks: every fill level occurs
             step = order.randrange(3)
             if step != 1 and produced < n:
-                produced += lib.dp_bench_try_produce(base, 0, min(burst, n - produced))
+                produced += testing.dp_bench_try_produce(base, 0, min(burst, n - produced))
             if step != 0:
                 b = r.peek(batch)
                 assert len(b) <= batch
@@ -142,7 +146,7 @@ def test_cross_process_c_consumer() -> None:
     n = 5_000_000
     with temp_arena(ring_size=4096) as arena:
         proc = spawn_producer(arena.path, n, 32)
-        total = lib.dp_bench_consume(base_of(arena), 0, n, 256)
+        total = testing.dp_bench_consume(base_of(arena), 0, n, 256)
         proc.communicate(timeout=60)
         assert proc.returncode == 0
         assert total == expect_len(0, n)
@@ -151,13 +155,13 @@ def test_cross_process_c_consumer() -> None:
 def test_full_ring_is_never_overwritten() -> None:
     with temp_arena(ring_size=64) as arena:
         r, base = arena.rings[0], base_of(arena)
-        assert lib.dp_bench_try_produce(base, 0, 100) == 64
-        assert lib.dp_bench_try_produce(base, 0, 1) == 0     # reserve gives nothing when full
+        assert testing.dp_bench_try_produce(base, 0, 100) == 64
+        assert testing.dp_bench_try_produce(base, 0, 1) == 0     # reserve gives nothing when full
         before = r.desc.copy()
 
         # A waiting producer must not write either: it spins until slots are released.
         full = []
-        t = threading.Thread(target=lambda: full.append(lib.dp_bench_produce(base, 0, 3, 8)))
+        t = threading.Thread(target=lambda: full.append(testing.dp_bench_produce(base, 0, 3, 8)))
         t.start()
         time.sleep(0.1)
         assert t.is_alive()
@@ -169,7 +173,7 @@ def test_full_ring_is_never_overwritten() -> None:
         assert not t.is_alive(), "producer did not take the 3 released slots"
         assert full[0] >= 1 and r.occupancy() == 64
 
-        t = threading.Thread(target=lib.dp_bench_produce, args=(base, 0, 2, 8))
+        t = threading.Thread(target=testing.dp_bench_produce, args=(base, 0, 2, 8))
         t.start()
         time.sleep(0.05)
         arena.request_stop()
@@ -181,12 +185,54 @@ def test_full_ring_is_never_overwritten() -> None:
         check_batch(r, r.peek(), 64)
 
 
+def test_peek_ahead_of_release() -> None:
+    """A consumer with batches in flight (the RDMA sender) peeks from its own position; the
+    cached producer index is read again only when it has nothing more, release stays in order."""
+    with temp_arena(ring_size=128) as arena:
+        r, base = arena.rings[0], base_of(arena)
+        assert testing.dp_bench_try_produce(base, 0, 40) == 40
+        check_batch(r, r.peek(10), 0)
+        check_batch(r, r.peek(10, start=10), 10)
+        assert r.ready(30) == 10 and r.ready() == 40
+        assert testing.dp_bench_try_produce(base, 0, 30) == 30
+        assert r.ready(30) == 10, "the cache still has some: the shared index is not read"
+        check_batch(r, r.peek(start=40), 40)        # cache exhausted: read again
+        assert len(r.peek(start=40)) == 30
+        assert r.ready(40) == 30 and r.refresh() == 70
+        r.release(30)
+        assert r.cons == 30 and r.shared.cons == 30
+        check_batch(r, r.peek(), 30)
+        assert len(r.peek()) == 40 and len(r.peek(start=64)) == 6
+
+
+def _desc_view(**change: tuple[str, int]) -> np.dtype:
+    """DESC_DTYPE with some fields' (format, offset) changed; a None drops the field."""
+    fields = {n: (str(DESC_DTYPE.fields[n][0]), DESC_DTYPE.fields[n][1]) for n in DESC_DTYPE.names}
+    fields.update(change)
+    kept = {n: f for n, f in fields.items() if f is not None}
+    return np.dtype({"names": list(kept), "formats": [f for f, _ in kept.values()],
+                     "offsets": [o for _, o in kept.values()], "itemsize": DESC_DTYPE.itemsize})
+
+
 def test_layout_check_names_the_field() -> None:
     check_layout()
+    assert {"struct dp_desc", "struct dp_gen_trailer", "struct dp_ring_counters",
+            "struct dp_port_counters", "struct dp_uring_counters", "struct dp_transport_counters",
+            "struct dp_rdma_counters"} <= set(VIEWS)
     with pytest.raises(LayoutError, match=r"struct dp_desc\.hash: Python assumes offset 20"):
-        check_layout({"struct dp_desc": ({"addr": 0, "hash": 20}, 32)})
-    with pytest.raises(LayoutError, match=r"struct dp_ring: Python assumes 128 bytes"):
-        check_layout({"struct dp_ring": ({}, 128)})
+        check_layout({"struct dp_desc": _desc_view(hash=("<u4", 20))})
+    with pytest.raises(LayoutError, match=r"struct dp_desc\.hash: Python reads <u2, compiled "
+                                          r"layout has uint32_t"):
+        check_layout({"struct dp_desc": _desc_view(hash=("<u2", 16))})
+    with pytest.raises(LayoutError, match=r"struct dp_desc\.len: Python reads <i2"):
+        check_layout({"struct dp_desc": _desc_view(len=("<i2", 20))})
+    with pytest.raises(LayoutError, match=r"struct dp_desc: fields l4_off of the compiled layout "
+                                          r"are not in Python's view"):
+        check_layout({"struct dp_desc": _desc_view(l4_off=None)})
+    with pytest.raises(LayoutError, match=r"struct dp_ring_counters: Python assumes 128 bytes"):
+        check_layout({"struct dp_ring_counters": np.dtype({"names": ["rx_packets"],
+                                                           "formats": ["<u8"],
+                                                           "itemsize": 128})})
 
 
 @pytest.mark.parametrize("offset,value,match", [

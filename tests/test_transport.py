@@ -17,15 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dataplane._native import ffi, lib
+from dataplane._testing import lib as testing
 from prometheus_client.registry import CollectorRegistry
 
+from dataplane.metrics.transports import TransportCollector
 from dataplane.shm.arena import Arena, ArenaGeometry
-from dataplane.transport.tcp import Control, TransportCollector, TransportProcess, TransportSpec
+from dataplane.shm.control import Control
+from dataplane.shm.layout import TRAILER_DTYPE
+from dataplane.transport.process import TransportProcess
+from dataplane.transport.spec import TransportSpec
 
-pytestmark = [pytest.mark.root,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, veth")]
+ROOT = pytest.mark.root("netns, veth")     # the transport tests; the layout check runs as anyone
 
-TRAILER = 24
+TRAILER = TRAILER_DTYPE.itemsize
 
 
 def ip(*args: str) -> None:
@@ -92,8 +96,8 @@ def sender(lab: Lab, src: Arena, mode: str, port: int = 7100, **kw) -> Transport
 
 
 def produce(src: Arena, n: int, frame_len: int = 300) -> threading.Thread:
-    t = threading.Thread(target=lib.dp_transport_produce,
-                         args=(ffi.from_buffer(src._mm), 0, n, frame_len, 32, 7))
+    t = threading.Thread(target=testing.dp_transport_produce,
+                         args=(ffi.from_buffer(src.mapping), 0, n, frame_len, 32, 7))
     t.start()
     return t
 
@@ -116,6 +120,7 @@ def drain(rx: Arena, seqs: list[np.ndarray], want: int, timeout: float = 30.0) -
     return got
 
 
+@ROOT
 @pytest.mark.parametrize("mode", ["zerocopy", "send_zc", "copy"])
 def test_every_seq_arrives_once_in_order(lab: Lab, mode: str) -> None:
     n = 20000
@@ -153,6 +158,7 @@ def test_every_seq_arrives_once_in_order(lab: Lab, mode: str) -> None:
     src.close()
 
 
+@ROOT
 def test_receiver_restart_books_balance(lab: Lab, tmp_path: Path) -> None:
     n = 200000
     src = source_arena(lab)
@@ -194,6 +200,7 @@ def test_receiver_restart_books_balance(lab: Lab, tmp_path: Path) -> None:
     assert s["lost_batches"] == 0 or " lost: " in log_text, log_text
 
 
+@ROOT
 def test_garbage_is_a_bad_frame_and_receiver_carries_on(lab: Lab) -> None:
     src = source_arena(lab)
     with receiver(lab) as rx, sender(lab, src, "send_zc") as tx:
