@@ -52,7 +52,8 @@ from consumer_ceiling import machine  # perf/ is sys.path[0] when this script is
 
 from dataplane.consumers.loop import ConsumerLoop, ring_sources
 from dataplane.consumers.stats import TrafficStats
-from dataplane.shm.arena import PORT_COUNTERS, Arena, ArenaGeometry
+from dataplane.shm.arena import Arena, ArenaGeometry
+from dataplane.shm.layout import PORT_COUNTERS
 from dataplane.workers.spec import PortSpec, WorkerSpec
 
 REPO = Path(__file__).resolve().parent.parent

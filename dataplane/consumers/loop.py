@@ -19,7 +19,8 @@ from typing import Protocol
 
 import numpy as np
 
-from dataplane.shm.arena import Arena, RingReader
+from dataplane.shm.arena import Arena
+from dataplane.shm.ring import RingReader
 
 log = logging.getLogger(__name__)
 

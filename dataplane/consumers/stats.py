@@ -16,7 +16,8 @@ import numpy as np
 
 from dataplane._native import lib
 from dataplane.consumers.flows import SeqTracker, TopFlows
-from dataplane.shm.arena import DESC_DTYPE, Arena
+from dataplane.shm.arena import Arena
+from dataplane.shm.layout import DESC_DTYPE, TRAILER_DTYPE
 
 ETHERTYPES = ("ipv4", "ipv6", "arp", "other")
 L4PROTOS = ("tcp", "udp", "icmp", "icmpv6", "other", "none")
@@ -25,8 +26,6 @@ FLAGS = (("malformed", lib.DP_F_MALFORMED), ("truncated", lib.DP_F_TRUNCATED))
 LATENCY_EDGES = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
                  0.05, 0.1, 0.25, 0.5, 1.0)                  # seconds; a last bucket is +Inf
 LATENCY_ABSURD_NS = 60 * 10**9   # beyond this the clocks disagree: counted apart, not binned
-TRAILER_DTYPE = np.dtype([("seq", "<u8"), ("tx_ns", "<u8"), ("stream", "<u4"),
-                          ("magic", "<u4")])   # struct dp_gen_trailer, packed
 _TRAILER_RAW = np.dtype(f"V{TRAILER_DTYPE.itemsize}")
 _DESC_RAW = np.dtype(f"V{DESC_DTYPE.itemsize}")
 

@@ -22,15 +22,16 @@ from dataplane import config
 from dataplane.consumers.loop import ConsumerLoop, ring_sources
 from dataplane.consumers.stats import LATENCY_EDGES, TrafficStats
 from dataplane.host.proc import poll
-from dataplane.metrics.exporter import DataplaneCollector, MRCacheCollector, serve
+from dataplane.metrics.arenas import ArenaCollector
+from dataplane.metrics.consumers import ConsumerCollector
+from dataplane.metrics.mr_cache import MRCacheCollector
+from dataplane.metrics.rdma import RdmaCollector, mr_caches
+from dataplane.metrics.server import serve
+from dataplane.metrics.transports import TransportCollector
 from dataplane.run import lab
-from dataplane.transport.rdma.process import RdmaCollector, mr_caches
-from dataplane.transport.tcp import (
-    TransportCollector,
-    TransportProcess,
-    TransportSpec,
-    control_path,
-)
+from dataplane.shm.control import control_path
+from dataplane.transport.process import TransportProcess
+from dataplane.transport.spec import TransportSpec
 from dataplane.workers.supervisor import Supervisor
 
 log = logging.getLogger("dataplane.run")
@@ -106,14 +107,14 @@ class Run:
                    if (str(a.path), r.index) not in shipped]
         self.loop = ConsumerLoop(sources, [self.stats])
         self.loop.start()
-        collector = DataplaneCollector(
+        arenas = ArenaCollector(
             [(w.name, w.arena, self.labels[w.name]) for w in self.sup.workers.values()]
-            + [(t.spec.name, t.arena, [t.spec.label]) for t in receivers],
-            self.stats, self.loop)
+            + [(t.spec.name, t.arena, [t.spec.label]) for t in receivers])
         m = self.cfg.metrics
         controls = [(t.spec, t.control) for t in self.transports]
-        self.metrics = serve(collector, m.host, m.port, TransportCollector(controls),
-                             RdmaCollector(controls), MRCacheCollector(mr_caches(controls)))
+        self.metrics = serve(arenas, ConsumerCollector(self.stats, self.loop, arenas),
+                             TransportCollector(controls), RdmaCollector(controls),
+                             MRCacheCollector(mr_caches(controls)), host=m.host, port=m.port)
         log.info("metrics on http://%s:%d/metrics", *self.metrics.address)
         # receivers first, so the generators' first packets find someone listening
         self.sup.start()

@@ -44,7 +44,8 @@ def lab_lines(st: dict[str, Any]) -> Iterator[str]:
 
 def worker_line(name: str, dirs: list[Path]) -> str:
     """One worker, from the newest of its arena files in dirs."""
-    from dataplane.shm.arena import Arena, LayoutError
+    from dataplane.shm.arena import Arena
+    from dataplane.shm.layout import LayoutError
     found = find_arenas(name, dirs)
     if not found:
         return f"worker {name}: no arena (not running)"
@@ -62,9 +63,9 @@ def worker_line(name: str, dirs: list[Path]) -> str:
 
 def transport_lines(cfg: Config) -> Iterator[str]:
     """Each [[transport]] of the config, from its control file when a run has one."""
-    from dataplane.shm.arena import LayoutError
-    from dataplane.transport.rdma.process import status_line
-    from dataplane.transport.tcp import Control, control_path
+    from dataplane.metrics.rdma import status_line
+    from dataplane.shm.control import Control, control_path
+    from dataplane.shm.layout import LayoutError
     for x in cfg.transports:
         path = Path(control_path(x.name))
         where = f"{x.host}:{x.tcp_port}"

@@ -1,14 +1,14 @@
 """An RDMA transport end as a process of a run: `python -m dataplane.transport.rdma.process
-SPEC_JSON`, and what the scrape and `dataplane status` read of it.
+SPEC_JSON` polls an RdmaSender or RdmaReceiver and keeps its counters in the control file.
 
 A [[transport]] table with kind = "rdma" becomes a TransportSpec with mode "rdma" and a
-TransportProcess (dataplane/transport/tcp.py) that runs this module instead of the C TCP loop: the
-same control file (struct dp_transport: state, heartbeat, stop, error, counters that outlive
-the process), the same order in a run (receivers before workers, senders after), the same
-receiver arena, consumed and exported under the remote's label.  What RDMA adds (QPs, credits,
+TransportProcess (dataplane/transport/process.py) that runs this module instead of the C TCP
+loop: the same control file (struct dp_transport: state, heartbeat, stop, error, counters that
+outlive the process), the same order in a run (receivers before workers, senders after), the
+same receiver arena, consumed and exported under the remote's label.  What RDMA adds (QPs, credits,
 the memory-registration cache) goes in the control file's struct dp_rdma_counters, rewritten
-every few milliseconds from the RdmaSender / RdmaReceiver's stats(): the collectors below read
-it at scrape time, as they read the workers' arenas.
+every few milliseconds from the RdmaSender / RdmaReceiver's stats(): dataplane/metrics/rdma.py
+reads it at scrape time, as the arena collector reads the workers' arenas.
 
 Counters carry across restarts of the process: it adds its own counts to what the file held
 when it started.
@@ -20,24 +20,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from dataplane._native import lib
 from dataplane.shm.arena import Arena
-from dataplane.transport.tcp import (
-    COUNTERS,
-    EXIT_SETUP_FAILED,
-    RDMA_COUNTERS,
-    Control,
-    TransportSpec,
-    parse_spec,
-)
+from dataplane.shm.control import Control
+from dataplane.shm.layout import RDMA_COUNTERS, TRANSPORT_COUNTERS
+from dataplane.transport.process import RDMA_MODULE
+from dataplane.transport.spec import EXIT_SETUP_FAILED, TransportSpec, parse_spec
 
 PUBLISH_S = 0.01        # counters and heartbeat, as often as the C workers beat
 IDLE_SLEEP_S = 100e-6   # nothing to do: nap (the workers' adaptive polling does the same)
@@ -80,7 +73,7 @@ class _Books:
              "lost_packets": s.get("lost_packets", 0)}
         cur = np.zeros_like(self.c0)
         for k, v in c.items():
-            cur[COUNTERS.index(k)] = v
+            cur[TRANSPORT_COUNTERS.index(k)] = v
         self.ctl.counters[:] = self.c0 + cur
         reg = cache["registration_seconds"]
         grows = {"wc_errors": s.get("wc_errors", 0), "peer_errors": s.get("peer_errors", 0),
@@ -190,89 +183,8 @@ def run(spec: TransportSpec) -> int:
     return 0
 
 
-# ---- read side: the scrape and `dataplane status` ----
-
-RDMA_FAMILIES = {
-    "wc_errors": ("c", "dataplane_rdma_wc_errors_total",
-                  "Work completions with an error status (the QP was reconnected)."),
-    "peer_errors": ("c", "dataplane_rdma_peer_errors_total",
-                    "Peer gone, failed posts, completion timeouts, bad batches."),
-    "credit_waits": ("c", "dataplane_rdma_credit_waits_total",
-                     "Times the sender stopped at zero credits (the receiver's ring full)."),
-    "credit_updates": ("c", "dataplane_rdma_credit_updates_total",
-                       "Consumer indexes the receiver sent back."),
-    "credits": ("g", "dataplane_rdma_credits",
-                "Ring positions the sender may write now (send side)."),
-    "qps": ("g", "dataplane_rdma_queue_pairs", "RC queue pairs open."),
-    "max_qp": ("g", "dataplane_rdma_device_max_qp", "The RDMA device's max_qp."),
-}
-LABELS = ["transport", "role", "peer", "device"]
-
-
-class _ControlCache:
-    """An MR cache's stats() as dataplane.metrics.exporter.MRCacheCollector wants it, read from a
-    transport process's control file."""
-
-    def __init__(self, ctl: Control) -> None:
-        self.ctl = ctl
-
-    def stats(self) -> dict[str, Any]:
-        from dataplane.transport.rdma.mr_cache import SECONDS_BUCKETS
-        r = self.ctl.rdma_snapshot()
-        counts = r["mr_reg_buckets"][:len(SECONDS_BUCKETS)]
-        return {"hits": r["mr_hits"], "misses": r["mr_misses"], "evictions": r["mr_evictions"],
-                "registered_bytes": r["mr_registered_bytes"], "budget": r["mr_budget_bytes"],
-                "registration_seconds": {"sum": r["mr_reg_ns"] / 1e9, "count": r["mr_reg_count"],
-                                         "buckets": dict(zip(SECONDS_BUCKETS, counts,
-                                                             strict=True))}}
-
-
-def mr_caches(sources: Iterable[tuple[TransportSpec, Control]]) -> dict[str, _ControlCache]:
-    """For MRCacheCollector: each RDMA transport's cache, by transport name."""
-    return {spec.name: _ControlCache(ctl) for spec, ctl in sources if spec.mode == "rdma"}
-
-
-class RdmaCollector(Collector):
-    """dataplane_rdma_* of the RDMA transports, from their control files at scrape time."""
-
-    def __init__(self, sources: Iterable[tuple[TransportSpec, Control]]):
-        self.sources = [(s, c) for s, c in sources if s.mode == "rdma"]
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        fams = {k: (CounterMetricFamily if kind == "c" else GaugeMetricFamily)(
-            name, doc, labels=LABELS) for k, (kind, name, doc) in RDMA_FAMILIES.items()}
-        for spec, ctl in self.sources:
-            try:
-                r = ctl.rdma_snapshot()
-            except (AttributeError, TypeError, ValueError):
-                continue            # closed: a partial scrape, not a failed one
-            lab = [spec.name, spec.role, f"{spec.host}:{spec.tcp_port}", spec.device]
-            for k, fam in fams.items():
-                if k == "credits" and spec.role != "send":
-                    continue
-                fam.add_metric(lab, float(r[k]))
-        yield from fams.values()
-
-
-def status_line(role: str, device: str, ctl: Control) -> str:
-    """One line for `dataplane status`: the QP, credits and the MR cache."""
-    r, c = ctl.rdma_snapshot(), ctl.snapshot()
-    credits = f"credits {r['credits']}, waits {r['credit_waits']}" if role == "send" \
-        else f"credit updates {r['credit_updates']}"
-    mr = r["mr_hits"] + r["mr_misses"]
-    return (f"  rdma {device}: QPs {r['qps']}/{r['max_qp']}, {credits}; "
-            f"batches {c['batches']}, packets {c['packets']}; wc errors {r['wc_errors']}, "
-            f"peer errors {r['peer_errors']}, reconnects {c['reconnects']}, lost "
-            f"{c['lost_packets']}; MR cache "
-            f"{r['mr_hits']}/{mr} hits, {r['mr_registered_bytes'] >> 20} MiB registered of "
-            f"{r['mr_budget_bytes'] >> 20} MiB, {r['mr_evictions']} evictions")
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_spec(argv, "python -m dataplane.transport.rdma.process", rdma=True,
+    return run(parse_spec(argv, f"python -m {RDMA_MODULE}", rdma=True,
                           stop=f" (a sender first sends what its ring holds, for up to "
                                f"{DRAIN_S:g} s)"))
 

@@ -80,8 +80,9 @@ from typing import Any
 
 import numpy as np
 
-from dataplane._native import ffi, lib
+from dataplane._native import lib
 from dataplane.shm.arena import Arena
+from dataplane.shm.ring import slot_address
 from dataplane.transport.rdma.link import (
     CREDIT,
     END,
@@ -123,23 +124,20 @@ class RdmaReceiver:
         self.arena = arena
         self.ring_index = ring
         self.device = device
-        h = arena.header
-        self.size, self.slot_size = arena.ring_size, h.slot_size
-        self.mask = self.size - 1
-        self._ring = lib.dp_arena_ring(ffi.cast("void *", h), ring)
-        self.desc_off = h.rings_off + ring * h.ring_stride + ffi.sizeof("struct dp_ring")
-        self.slots_off = h.slots_off + ring * self.size * self.slot_size
-        self.desc = arena.rings[ring].desc
+        reader = arena.rings[ring]
+        self.size, self.slot_size = reader.size, reader.slot_size
+        self.mask = reader.mask
+        self._ring = reader.shared        # this end is the ring's producer
+        self.desc_off, self.slots_off, self.desc = reader.desc_off, reader.slots_off, reader.desc
         self.ring_id = _ring_id(arena, ring)
         # what a valid descriptor's addr is at each position: compared by slices, per batch
-        self._want = (np.uint64(self.slots_off)
-                      + np.arange(self.size, dtype=np.uint64) * np.uint64(self.slot_size))
+        self._want = slot_address(self.slots_off, self.slot_size, np.arange(self.size))
         self.ctx = Context(name=device)
         self.pd = PD(self.ctx)
         self.cache = cache or MRCache(self.ctx, self.pd)
         lo = self.desc_off
         hi = self.slots_off + self.size * self.slot_size
-        self.reg = self.cache.get(arena._mm, lo, hi - lo)     # once, for every connection
+        self.reg = self.cache.get(arena.mapping, lo, hi - lo)     # once, for every connection
         self.sink = MR(self.pd, 64, verbs().IBV_ACCESS_LOCAL_WRITE)   # RecvWRs need an SGE
         # built once: verbs copy a receive WR into the queue, so each can be posted again
         self._rwrs = [RecvWR(wr_id=i, num_sge=1, sg=[SGE(self.sink.buf, 8, self.sink.lkey)])

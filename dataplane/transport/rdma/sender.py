@@ -8,10 +8,11 @@ completion (RC completes in order, so completions are matched to the oldest batc
 Completions are reaped without blocking at each poll.  The send queue holds window *
 (max_batch + 2) WRs, the most `window` batches can take, so the window bounds it too.
 
-What Python does per batch is bounded, not per frame: the frame runs and the remote addresses
-come from numpy on the batch's descriptor view; the work requests and their SGEs are built once
-and rewritten in place (a pyverbs SendWR costs a constructor, a logger lookup and a malloc; the
-verbs copy a WR into the send queue at post time, so one set serves every batch).
+The ring is consumed through its RingReader (dataplane/shm/ring.py): batches are peeked from
+`sent`, the next position to post, ahead of the reader's `cons`, and released in order as they
+complete.  What Python does per batch is bounded, not per frame: the frame runs and the remote
+addresses come from numpy on the batch's descriptor view; the work requests
+(dataplane/transport/rdma/wrs.py) are built once and rewritten in place.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dataplane._native import lib
-from dataplane.shm.arena import DESC_DTYPE, Arena
+from dataplane.shm.arena import Arena
+from dataplane.shm.layout import DESC_DTYPE
+from dataplane.shm.ring import slot_address
 from dataplane.transport.rdma.link import (
     CREDIT,
     END,
@@ -39,14 +41,11 @@ from dataplane.transport.rdma.link import (
     recv_json,
     send_json,
     split_msgs,
-    verbs,
 )
 from dataplane.transport.rdma.mr_cache import MRCache
+from dataplane.transport.rdma.wrs import WorkRequests
 
 WINDOW = 8      # batches in flight: enough that the HCA (rxe: the kernel) never waits for us
-# a run of frames is split into WRs of at most this: rxe (measured in the guest, 64 KB frames)
-# moved 4 MB WRs at about half the rate of 256 KB ones, and 64 KB WRs cost more posts
-MAX_WR_BYTES = 256 << 10
 
 
 class _Batch(NamedTuple):
@@ -54,31 +53,6 @@ class _Batch(NamedTuple):
     n: int          # descriptors (local ring positions released on completion)
     nbytes: int
     end: int        # remote ring position after it
-
-
-class _WRs:
-    """The send WRs, built once: `frames[i]` writes frame run i, `desc` the descriptors before a
-    remote wrap, `imm` the (rest of the) descriptors with the immediate, signaled."""
-
-    def __init__(self, n_frames: int, lkey: int, desc_lkey: int) -> None:
-        from pyverbs.wr import SGE, SendWR
-        e = verbs()
-
-        def make(opcode: int, lk: int, flags: int = 0) -> tuple[Any, Any]:
-            sge = SGE(0, 0, lk)
-            return SendWR(wr_id=0, opcode=opcode, num_sge=1, sg=[sge], send_flags=flags), sge
-
-        self.frames = [make(e.IBV_WR_RDMA_WRITE, lkey) for _ in range(n_frames)]
-        self.desc = make(e.IBV_WR_RDMA_WRITE, desc_lkey)
-        self.imm = make(e.IBV_WR_RDMA_WRITE_WITH_IMM, desc_lkey, e.IBV_SEND_SIGNALED)
-
-    @staticmethod
-    def fill(pair: tuple[Any, Any], addr: int, length: int, rkey: int, raddr: int) -> Any:
-        wr, sge = pair
-        sge.addr, sge.length = addr, length
-        wr.sg_list = sge            # the WR's own copy of the SGE: set again after each change
-        wr.set_wr_rdma(rkey, raddr)
-        return wr
 
 
 class RdmaSender:
@@ -91,7 +65,6 @@ class RdmaSender:
         from pyverbs.pd import PD
         self.arena = arena
         self.reader = arena.rings[ring]
-        self._ring = self.reader._ring
         self.host, self.port, self.device = host, port, device
         self.max_batch = max(1, min(max_batch, MAX_BATCH))
         self.window = max(1, window)
@@ -99,11 +72,11 @@ class RdmaSender:
         self.ctx = Context(name=device)
         self.pd = PD(self.ctx)
         self.cache = cache or MRCache(self.ctx, self.pd)
-        self.local = self.cache.get(arena._mm)          # frames are sent from where they are
+        self.local = self.cache.get(arena.mapping)          # frames are sent from where they are
         # per batch in flight (row seq % window), its descriptors as the receiver must see them
         self._staging = np.zeros((self.window, self.max_batch), DESC_DTYPE)
         self._sreg = self.cache.get(self._staging)
-        self._wrs = _WRs(self.max_batch, self.local.lkey, self._sreg.lkey)
+        self._wrs = WorkRequests(self.max_batch, self.local.lkey, self._sreg.lkey)
         self.slot_size = arena.header.slot_size
         self.sock: socket.socket | None = None
         self.link: Link | None = None
@@ -111,7 +84,6 @@ class RdmaSender:
         self.tail = 0               # remote ring position of the next descriptor posted
         self.remote_cons = 0
         self.sent = self.reader.cons    # local ring position of the next descriptor posted
-        self._prod = self.sent
         self.inflight: deque[_Batch] = deque()
         self._seq = 0
         self._progress = 0.0        # when the oldest batch in flight last had a chance to move
@@ -164,11 +136,10 @@ class RdmaSender:
         self.tail, self.remote_cons = peer["prod"], peer["cons"]
         # the receiver's ring continues from its own prod; ours from the oldest unreleased
         # position: what was in flight on the old QP and not published is sent again
-        self.sent = self._prod = self.reader.cons
+        self.sent = self.reader.cons
         self.inflight.clear()
-        self._raddr = (np.uint64(peer["slots_off"])
-                       + np.arange(peer["ring_size"], dtype=np.uint64) * np.uint64(
-                           peer["slot_size"]))
+        self._raddr = slot_address(peer["slots_off"], peer["slot_size"],
+                                   np.arange(peer["ring_size"]))
         self._rxbuf, self._end_ack = b"", None
 
     def _settle(self, peer: dict[str, Any]) -> None:
@@ -283,19 +254,13 @@ class RdmaSender:
 
     def _next_batch(self) -> np.ndarray:
         """The contiguous descriptors from `sent` on, up to max_batch and the credits."""
-        avail = self._prod - self.sent
-        if avail == 0:
-            self._prod = lib.dp_ring_load_prod(self._ring)
-            avail = self._prod - self.sent
-        start = self.sent & self.reader.mask
-        n = min(avail, self.reader.size - start, self.max_batch, max(self.credits(), 0))
-        return self.reader.desc[start:start + n]
+        return self.reader.peek(min(self.max_batch, max(self.credits(), 0)), start=self.sent)
 
     def _post(self, wait: float) -> int:
         posted = 0
         while len(self.inflight) < self.window:
             if self.credits() <= 0:
-                if self._prod - self.sent or lib.dp_ring_load_prod(self._ring) - self.sent:
+                if self.reader.ready(self.sent):
                     if not self._waiting:
                         self.s["credits_wait"] += 1
                         self._waiting = True
@@ -316,57 +281,25 @@ class RdmaSender:
 
     def _write(self, batch: np.ndarray) -> None:
         """Post one batch as one chain of WRs: frame runs, descriptors, the immediate."""
-        p, w = self.peer, self._wrs
-        n, size, ss, rkey = len(batch), p["ring_size"], p["slot_size"], p["rkey"]
+        p = self.peer
+        n, size = len(batch), p["ring_size"]
         first = self.tail & (size - 1)
         cut = min(n, size - first)      # descriptors before the remote ring wraps
-        addr, lens = batch["addr"], batch["len"]
-        # a run: frames slot_size apart locally, consecutive remote slots, each but the last
-        # filling its slot to within 1/8 (the run writes whole slots: the padding goes too)
-        brk = np.flatnonzero((np.diff(addr) != ss) | (lens[:-1] < ss - ss // 8)) + 1
-        starts = brk.tolist()
-        if cut < n and cut not in starts:
-            starts = sorted([*starts, cut])
-        per_wr = max(1, MAX_WR_BYTES // ss)
-        ends = []
-        a = 0
-        for b in [*starts, n]:
-            ends.extend(range(a + per_wr, b, per_wr))
-            ends.append(b)
-            a = b
-        chain = []
-        base, slot_addr = self.local.addr, p["slot_addr"]
-        a = 0
-        for i, b in enumerate(ends):
-            length = (b - a - 1) * ss + int(lens[b - 1])
-            rpos = (first + a) & (size - 1)
-            chain.append(w.fill(w.frames[i], base + int(addr[a]), length, rkey,
-                                slot_addr + rpos * ss))
-            a = b
         seq = self._seq
         self._seq += 1
+        # the descriptors as the receiver must see them: addr is its slot of the position
         row = self._staging[seq % self.window]
         row[:n] = batch
         row["addr"][:cut] = self._raddr[first:first + cut]
         row["addr"][cut:n] = self._raddr[:n - cut]
-        dsz = DESC_DTYPE.itemsize
-        sbase = self._sreg.addr + (seq % self.window) * self.max_batch * dsz
-        if cut < n:
-            chain.append(w.fill(w.desc, sbase, cut * dsz, rkey, p["desc_addr"] + first * dsz))
-        imm_from = 0 if cut == n else cut
-        imm_pos = (first + imm_from) & (size - 1)
-        last = w.fill(w.imm, sbase + imm_from * dsz, (n - imm_from) * dsz, rkey,
-                      p["desc_addr"] + imm_pos * dsz)
-        last.wr_id, last.imm_data = seq, n
-        chain.append(last)
-        for x, y in zip(chain, chain[1:], strict=False):
-            x.next_wr = y
+        staged = self._sreg.addr + (seq % self.window) * self.max_batch * DESC_DTYPE.itemsize
+        chain = self._wrs.chain(batch, self.local.addr, staged, first, seq, p)
         if not self.inflight:
             self._progress = time.monotonic()
-        self.link.qp.post_send(chain[0])
+        self.link.qp.post_send(chain)
         self.sent += n
         self.tail += n
-        self.inflight.append(_Batch(seq, n, int(lens.sum()), self.tail))
+        self.inflight.append(_Batch(seq, n, int(batch["len"].sum()), self.tail))
 
     def finish(self, timeout: float = 10.0) -> bool:
         """End the stream on the current connection, explicitly: send what the ring holds now, wait
@@ -376,7 +309,7 @@ class RdmaSender:
         not within `timeout` or the connection failed meanwhile (it is not reconnected: what
         the ring still holds is the caller's to count)."""
         deadline = time.monotonic() + timeout
-        target = lib.dp_ring_load_prod(self._ring)     # what a producer adds meanwhile stays
+        target = self.reader.refresh()     # what a producer adds meanwhile stays
         while self.link is not None and (self.inflight or self.sent < target):
             self.poll(wait=0.01, post=self.sent < target)
             if time.monotonic() > deadline:
