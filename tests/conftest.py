@@ -3,8 +3,8 @@
 Root: a test (or a whole module, through `pytestmark`) that touches the kernel (namespaces,
 veth, hugepages, sysfs writes, DPDK, the guest) carries `@pytest.mark.root("what for")`; without
 root it is skipped with "needs root: what for" (shown by -ra).  Everything else runs as any
-user.  The kernel-touching fixtures below skip the same way, so a test using one needs no mark
-of its own to be skipped, only to be selected by `-m root`.
+user.  A test using one of the kernel-touching fixtures below (KERNEL_FIXTURES) is marked so at
+collection, and the fixture itself skips the same way.
 
 Imports of the project stay inside the fixtures: a module that only needs the root rule must
 not fail at collection because the native extension is not built.
@@ -38,9 +38,26 @@ def skip_without_root(why: str) -> None:
         pytest.skip(f"needs root: {why}")
 
 
+# fixtures that touch the kernel, and why: a test using one is marked root (and guest) at
+# collection, so `-m "not root"` selects exactly what runs as any user
+KERNEL_FIXTURES = {"veth": "namespaces and veth",
+                   "workers": "worker processes: DPDK vdevs, AF_PACKET, namespaces",
+                   "guest_lab": "the guest tool installs QEMU and the kernel with apt"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for name, why in KERNEL_FIXTURES.items():
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.root(why))
+                if name == "guest_lab":
+                    item.add_marker(pytest.mark.guest)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("root"):
         skip_without_root(mark.args[0] if mark.args else "touches the kernel")
+        return      # the first reason is enough
 
 
 # ---- arenas in /dev/shm, filled by the test (tests/helpers/frames.py) ----
@@ -75,7 +92,7 @@ def arena(new_arena: Callable[..., Arena]) -> Arena:
 def veth() -> Iterator[tuple[str, str, str, str]]:
     """Two namespaces joined by a veth pair, both ends up, IPv6 off (no router solicitations or
     MLD among the frames under test): (ns_a, ns_b, if_a, if_b)."""
-    skip_without_root("namespaces and veth")
+    skip_without_root(KERNEL_FIXTURES["veth"])
     uid = uuid.uuid4().hex[:6]
     ns_a, ns_b, if_a, if_b = f"dpwa{uid}", f"dpwb{uid}", f"dpwa{uid}", f"dpwb{uid}"
 
@@ -100,7 +117,7 @@ def veth() -> Iterator[tuple[str, str, str, str]]:
 def workers() -> Iterator[Callable[..., Worker]]:
     """workers(spec, netns=None, arena=None): a worker process (either backend) on its own
     arena (created unless given), stopped and its arena removed after the test."""
-    skip_without_root("worker processes: DPDK vdevs, AF_PACKET, namespaces")
+    skip_without_root(KERNEL_FIXTURES["workers"])
     from dataplane.shm.arena import Arena, ArenaGeometry
     from tests.helpers.workers import Worker
 
@@ -170,5 +187,5 @@ class GuestLab:
 @pytest.fixture(scope="session")
 def guest_lab() -> GuestLab:
     """The guest runner, for a module's own `guest` fixture (module scope: one boot a module)."""
-    skip_without_root("the guest tool installs QEMU and the kernel with apt")
+    skip_without_root(KERNEL_FIXTURES["guest_lab"])
     return GuestLab()

@@ -89,7 +89,7 @@ def test_status_reads_an_arena(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert "no arena (not running)" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")
+@pytest.mark.root("to drop to nobody, who must be refused")
 @pytest.mark.parametrize("args", [["lab", "up"], ["lab", "down"], ["run", "--duration", "1"]])
 def test_root_commands_refuse_non_root(args: list[str], tmp_path: Path) -> None:
     cfg = tmp_path / "lab.toml"
@@ -105,7 +105,7 @@ def test_root_commands_refuse_non_root(args: list[str], tmp_path: Path) -> None:
     assert not Path(f"/run/netns/{ns}").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, veth, DPDK")
+@pytest.mark.root("netns, veth, DPDK")
 def test_run_embedded_default_for_real() -> None:
     """The README's first command, minus the bootstrap: the embedded default lab, for real."""
     with socket.socket() as s:
@@ -124,6 +124,9 @@ def test_run_embedded_default_for_real() -> None:
     assert not left, f"arenas left in /dev/shm: {left}"
 
 
+# run and lab check the caller's capabilities before their flags and config: as anyone else
+# they stop at the privilege check, which test_root_commands_refuse_non_root covers
+@pytest.mark.root("run checks privileges before its flags")
 @pytest.mark.parametrize("args,msg", [(["--metrics", "nohost"], "--metrics nohost: expected"),
                                       (["--duration", "0"], "--duration 0: expected seconds")])
 def test_run_bad_flags(args: list[str], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,6 +134,7 @@ def test_run_bad_flags(args: list[str], msg: str, capsys: pytest.CaptureFixture[
     assert msg in capsys.readouterr().err
 
 
+@pytest.mark.root("lab up checks privileges before its config")
 def test_lab_without_lab_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[[worker]]\nname = "w"\n[[worker.port]]\nname = "p"\ndriver = "pci"\n'
@@ -139,8 +143,7 @@ def test_lab_without_lab_table(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "no [lab] table" in capsys.readouterr().err
 
 
-@pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces and veth")
+@pytest.mark.root("namespaces and veth")
 def test_lab_up_status_down(tmp_path: Path) -> None:
     cfg = tmp_path / "lab.toml"
     ns = f"dpt-{TAG}-cl"

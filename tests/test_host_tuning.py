@@ -42,8 +42,8 @@ from dataplane.host.sysctl import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = [pytest.mark.root,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: /proc/sys, tc, netns")]
+# what changes the host needs root; the profile checks at the end run as anyone
+NEEDS_ROOT = pytest.mark.root("/proc/sys, tc, netns")
 _seq = itertools.count()
 
 
@@ -88,6 +88,7 @@ def round_trip(want: dict[str, str], jdir: Path, ns: str | None = None) -> None:
     assert not res["left"], "journal left after undo"
 
 
+@NEEDS_ROOT
 @pytest.mark.parametrize("name", ["throughput", "latency"])
 def test_every_sysctl_of_the_profile_round_trips(name: str, tmp_path: Path) -> None:
     prof = load_profile(name)
@@ -111,6 +112,7 @@ def test_every_sysctl_of_the_profile_round_trips(name: str, tmp_path: Path) -> N
     assert {k: read(k) for k in host} == saved
 
 
+@NEEDS_ROOT
 def test_default_qdisc_round_trips(tmp_path: Path) -> None:
     """The profiles' fq may be missing (this lab's kernel lacks sch_fq); the mechanism is the
     same for any qdisc the kernel has, so pfifo stands in when fq cannot."""
@@ -126,6 +128,7 @@ def test_default_qdisc_round_trips(tmp_path: Path) -> None:
     assert read(QDISC_KEY) == saved
 
 
+@NEEDS_ROOT
 def test_missing_features_are_explained(tmp_path: Path) -> None:
     cc = Sysctl(CC_KEY, "nosuchcc")
     avail = read("net.ipv4.tcp_available_congestion_control")
@@ -157,6 +160,7 @@ def make_devices(ns: str) -> dict[str, str]:
     return {"v0": "noqueue", "ifb9": "pfifo_fast"}
 
 
+@NEEDS_ROOT
 @pytest.mark.parametrize("kind", ["fq", "pfifo", "htb"])
 def test_root_qdisc_round_trips(kind: str, tmp_path: Path) -> None:
     if (why := qdisc_problem(kind)):
@@ -174,6 +178,7 @@ def test_root_qdisc_round_trips(kind: str, tmp_path: Path) -> None:
             assert not (tmp_path / "journal.json").exists()
 
 
+@NEEDS_ROOT
 def test_someone_elses_qdisc_is_left_alone(tmp_path: Path) -> None:
     with netns() as ns:
         make_devices(ns)
@@ -202,6 +207,7 @@ print(json.dumps([before, during, resource.getrlimit(L)]))
 """
 
 
+@NEEDS_ROOT
 def test_memlock_round_trips(tmp_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     lower = (hard if hard != resource.RLIM_INFINITY else 1 << 33) // 2
@@ -219,6 +225,7 @@ def test_memlock_round_trips(tmp_path: Path) -> None:
         assert during[0] == limit and after == before
 
 
+@NEEDS_ROOT
 def test_memlock_of_another_process_and_of_a_dead_one(tmp_path: Path) -> None:
     child = subprocess.Popen(["sleep", "30"])
     try:

@@ -24,8 +24,7 @@ from dataplane.host.sysctl import read, write
 
 ROOT = Path(__file__).resolve().parent.parent
 NR = hp.pool(2048, None) / "nr_hugepages"
-pytestmark = [pytest.mark.root,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: sysfs, mount"),
+pytestmark = [pytest.mark.root("sysfs, mount"),
               pytest.mark.skipif(not NR.exists(), reason="kernel without 2 MB hugepages")]
 
 

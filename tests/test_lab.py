@@ -13,8 +13,7 @@ from dataplane import config
 from dataplane.host.proc import poll
 from dataplane.run import lab
 
-pytestmark = [pytest.mark.root,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces and veth")]
+ROOT = pytest.mark.root("namespaces and veth")     # lab.up/down; the rest run as anyone
 
 TAG = f"{os.getpid() % 100000}"      # unique per run, so parallel colleagues do not collide
 
@@ -72,6 +71,7 @@ def udp_across(cfg: config.Config) -> bytes:
     return out.encode()
 
 
+@ROOT
 def test_up_down_round_trip(cfg: config.Config) -> None:
     assert not lab.exists(cfg)
     lab.up(cfg)
@@ -95,6 +95,7 @@ def test_up_down_round_trip(cfg: config.Config) -> None:
     assert not os.path.exists(f"/run/netns/dpt-{TAG}-a")
 
 
+@ROOT
 def test_down_after_crash_half_built(cfg: config.Config) -> None:
     # A crash after the namespaces but before the veth: down removes what is there.
     for ns in cfg.lab.namespaces:
@@ -103,6 +104,7 @@ def test_down_after_crash_half_built(cfg: config.Config) -> None:
     assert not any(lab.status(cfg)["namespaces"].values())
 
 
+@ROOT
 def test_down_leaves_other_namespaces_alone(cfg: config.Config) -> None:
     other = lab_config(f"{TAG}x")
     lab.up(other)

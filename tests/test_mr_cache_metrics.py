@@ -18,10 +18,11 @@ def test_mr_cache_metrics_scraped_and_valid() -> None:
         cache.get(b)
     cache.get(bufs[-1], 100, 50)                     # a sub-range hit
     s = cache.stats()
-    # against what the stand-in for ibv_reg_mr saw: 12 buffers of a page, registered once
-    # each, a budget of 8 pages, so 4 evicted (each one closed)
+    # against what the stand-in for ibv_reg_mr saw: 12 buffers, each registered once (its
+    # pages), the evicted ones closed, what is left within the budget of 8 pages
     assert s["misses"] == len(made) == 12 and s["hits"] == 1, s
-    assert s["evictions"] == sum(m.closed for m in made) == 4, s
+    assert s["evictions"] == sum(m.closed for m in made) > 0, s
+    assert s["registered_bytes"] == sum(m.length for m in made if not m.closed) <= 8 * 4096, s
     with serve(MRCacheCollector({"arena": cache}), host="127.0.0.1", port=0) as srv:
         text = scrape(srv.address)
     got = {x.name: x.value for f in text_string_to_metric_families(text) for x in f.samples
