@@ -74,7 +74,7 @@ class RingFiller:
         rx = rx_ns if isinstance(rx_ns, list) else [rx_ns] * len(frames)
         for data, t in zip(frames, rx, strict=True):
             pos = self.prod & self.r.mask
-            addr = self.r.slots_off + pos * self.slot_size
+            addr = int(self.reader.slots(pos))
             self.arena.buf[addr:addr + len(data)] = np.frombuffer(data, np.uint8)
             d = self.reader.desc[pos]
             for k, v in {**describe(data), **fields}.items():

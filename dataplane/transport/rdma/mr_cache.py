@@ -133,6 +133,29 @@ class _Stats:
     seconds_buckets: list[int] = field(default_factory=lambda: [0] * len(SECONDS_BUCKETS))
 
 
+def _bytes_of(buffer: Any, offset: int, length: int | None) -> tuple[memoryview, int, int]:
+    """The buffer as a flat, writable byte view, its address, and the asked range's length
+    (the rest of the buffer when None); MRCacheError when it cannot be registered so."""
+    view = memoryview(buffer)
+    if view.readonly:
+        view.release()
+        raise MRCacheError("read-only buffer: the MR needs local write access")
+    if not view.c_contiguous:
+        view.release()
+        raise MRCacheError("buffer is not C-contiguous")
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    size = view.nbytes
+    if length is None:
+        length = size - offset
+    if offset < 0 or length <= 0 or offset + length > size:
+        raise MRCacheError(f"range [{offset}, {offset + length}) outside a buffer of "
+                           f"{size} bytes")
+    anchor = ctypes.c_char.from_buffer(view)
+    base = ctypes.addressof(anchor)
+    del anchor
+    return view, base, length
+
+
 class MRCache:
     """An LRU cache of memory registrations in one protection domain; close() is idempotent."""
 
@@ -247,25 +270,8 @@ class MRCache:
              ) -> tuple[Registration, _Entry]:
         if self._closed:
             raise MRCacheError("the MR cache is closed")
-        view = memoryview(buffer)
-        if view.readonly:
-            view.release()
-            raise MRCacheError("read-only buffer: the MR needs local write access")
-        if not view.c_contiguous:
-            view.release()
-            raise MRCacheError("buffer is not C-contiguous")
-        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-        size = view.nbytes
-        if length is None:
-            length = size - offset
-        if offset < 0 or length <= 0 or offset + length > size:
-            raise MRCacheError(f"range [{offset}, {offset + length}) outside a buffer of "
-                               f"{size} bytes")
-        anchor = ctypes.c_char.from_buffer(view)
-        base = ctypes.addressof(anchor)
-        del anchor
-        obj = view.obj
-        want = base + offset
+        view, base, length = _bytes_of(buffer, offset, length)
+        size, obj, want = view.nbytes, view.obj, base + offset
         with self._lock:
             while True:
                 e = self._lookup(id(obj), want, length)

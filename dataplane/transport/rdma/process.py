@@ -102,9 +102,81 @@ def _error(ctl: Control, msg: str) -> None:
     ctl.hdr.error = msg.encode()[:255]
 
 
+def _open(spec: TransportSpec) -> tuple[Any, int]:
+    """The end the spec asks for, on its arena, and its device's max_qp; raises what set-up
+    raised (RdmaError, MemlockError, OSError, pyverbs errors)."""
+    from dataplane.transport.rdma import RdmaError, RdmaReceiver, RdmaSender
+    why = check_device(spec.device)
+    if why:
+        raise RdmaError(why)
+    arena = Arena.open(Path(spec.arena_path))
+    end: Any
+    if spec.role == "recv":
+        end = RdmaReceiver(arena, ring=spec.ring, port=spec.tcp_port, host=spec.host,
+                           device=spec.device)
+    else:
+        end = RdmaSender(arena, ring=spec.ring, host=spec.host, port=spec.tcp_port,
+                         device=spec.device, max_batch=spec.max_batch)
+    try:
+        return end, int(end.ctx.query_device().max_qp)
+    except BaseException:
+        end.close()
+        raise
+
+
+def _serve(spec: TransportSpec, ctl: Control, end: Any, books: _Books, max_qp: int) -> None:
+    """Poll the end until the control file says stop; its counters and error into the file
+    every PUBLISH_S."""
+    from dataplane.transport.rdma import RdmaError
+    sending = spec.role == "send"
+    last_error, next_publish = "", 0.0
+    while True:
+        now = time.monotonic()
+        if ctl.hdr.stop:
+            # a receiver stops at once; a sender with a receiver first ends its stream
+            # (sends what its ring holds, END, acknowledged) for at most DRAIN_S
+            if sending and end.link is not None:
+                end.finish(DRAIN_S)
+            return
+        try:
+            if sending and end.link is None:
+                end.connect(timeout=0.5)       # short: the stop flag is seen between tries
+            n = end.poll()
+        except RdmaError as err:
+            n = 0
+            end.last_error = str(err)
+        if n == 0:
+            time.sleep(IDLE_SLEEP_S)
+        if now >= next_publish:
+            s = end.stats()
+            books.publish(s, end.cache.stats(), max_qp)
+            if s["last_error"] != last_error:
+                last_error = s["last_error"]
+                _error(ctl, last_error)
+                print(f"transport {spec.name}: {last_error}", file=sys.stderr, flush=True)
+            next_publish = now + PUBLISH_S
+
+
+def _stop(spec: TransportSpec, ctl: Control, end: Any, books: _Books, max_qp: int) -> None:
+    """The last counters (a sender's undelivered packets counted lost), then close."""
+    s = end.stats()
+    if spec.role == "send":
+        # what the ring still holds was taken from the worker and will never arrive (the
+        # drain ran out of time or of a receiver): lost, and counted so
+        left = end.reader.occupancy()
+        s["lost_packets"] = s.get("lost_packets", 0) + left
+        if left:
+            print(f"transport {spec.name}: stopped with {left} packets not delivered, "
+                  "counted lost", file=sys.stderr, flush=True)
+    books.publish(s, end.cache.stats(), max_qp)
+    ctl.hdr.connected = 0
+    ctl.rdma[RDMA_COUNTERS.index("qps")] = 0
+    end.close()
+    ctl.hdr.state = lib.DP_W_STOPPED
+
+
 def run(spec: TransportSpec) -> int:
     """Open the end, poll it until told to stop: the exit code."""
-    from dataplane.transport.rdma import RdmaError, RdmaReceiver, RdmaSender
     ctl = Control(Path(spec.control_path))
     hdr = ctl.hdr
     hdr.pid, hdr.state = os.getpid(), lib.DP_W_STARTING
@@ -114,72 +186,20 @@ def run(spec: TransportSpec) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    why = check_device(spec.device)
-    end: Any = None
     try:
-        if why:
-            raise RdmaError(why)
-        arena = Arena.open(Path(spec.arena_path))
-        if spec.role == "recv":
-            end = RdmaReceiver(arena, ring=spec.ring, port=spec.tcp_port, host=spec.host,
-                               device=spec.device)
-        else:
-            end = RdmaSender(arena, ring=spec.ring, host=spec.host, port=spec.tcp_port,
-                             device=spec.device, max_batch=spec.max_batch)
-        max_qp = int(end.ctx.query_device().max_qp)
+        end, max_qp = _open(spec)
     except Exception as err:   # noqa: BLE001 - RdmaError, MemlockError, OSError, pyverbs errors
         msg = f"transport {spec.name}: {err}"
         _error(ctl, msg)
         hdr.state = lib.DP_W_FAILED
         print(msg, file=sys.stderr)
-        if end is not None:
-            end.close()
         return EXIT_SETUP_FAILED
     books = _Books(ctl)
-    sending = spec.role == "send"
     hdr.state = lib.DP_W_RUNNING
-    last_error, next_publish = "", 0.0
     try:
-        while True:
-            now = time.monotonic()
-            if hdr.stop:
-                # a receiver stops at once; a sender with a receiver first ends its stream
-                # (sends what its ring holds, END, acknowledged) for at most DRAIN_S
-                if sending and end.link is not None:
-                    end.finish(DRAIN_S)
-                break
-            try:
-                if sending and end.link is None:
-                    end.connect(timeout=0.5)       # short: the stop flag is seen between tries
-                n = end.poll()
-            except RdmaError as err:
-                n = 0
-                end.last_error = str(err)
-            if n == 0:
-                time.sleep(IDLE_SLEEP_S)
-            if now >= next_publish:
-                s = end.stats()
-                books.publish(s, end.cache.stats(), max_qp)
-                if s["last_error"] != last_error:
-                    last_error = s["last_error"]
-                    _error(ctl, last_error)
-                    print(f"transport {spec.name}: {last_error}", file=sys.stderr, flush=True)
-                next_publish = now + PUBLISH_S
+        _serve(spec, ctl, end, books, max_qp)
     finally:
-        s = end.stats()
-        if spec.role == "send":
-            # what the ring still holds was taken from the worker and will never arrive (the
-            # drain above ran out of time or of a receiver): lost, and counted so
-            left = end.reader.occupancy()
-            s["lost_packets"] = s.get("lost_packets", 0) + left
-            if left:
-                print(f"transport {spec.name}: stopped with {left} packets not delivered, "
-                      "counted lost", file=sys.stderr, flush=True)
-        books.publish(s, end.cache.stats(), max_qp)
-        hdr.connected = 0
-        ctl.rdma[RDMA_COUNTERS.index("qps")] = 0
-        end.close()
-        hdr.state = lib.DP_W_STOPPED
+        _stop(spec, ctl, end, books, max_qp)
     return 0
 
 

@@ -136,7 +136,7 @@ class RdmaReceiver:
         self.pd = PD(self.ctx)
         self.cache = cache or MRCache(self.ctx, self.pd)
         lo = self.desc_off
-        hi = self.slots_off + self.size * self.slot_size
+        hi = int(slot_address(self.slots_off, self.slot_size, self.size))   # after the last slot
         self.reg = self.cache.get(arena.mapping, lo, hi - lo)     # once, for every connection
         self.sink = MR(self.pd, 64, verbs().IBV_ACCESS_LOCAL_WRITE)   # RecvWRs need an SGE
         # built once: verbs copy a receive WR into the queue, so each can be posted again
