@@ -6,28 +6,16 @@
 #include <linux/if_ether.h>
 #include <linux/if_packet.h>
 #include <net/if.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
-#include <time.h>
+#include "rx_baseline.h"
 
 #define BATCH 64
 #define SNAP 2048
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s IFACE SECONDS\n", argv[0]);
+    if (baseline_args(argc, argv))
         return 1;
-    }
     int fd = socket(AF_PACKET, SOCK_RAW, 0), one = 1, rb = 4 << 20;
     struct sockaddr_ll ll = { .sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ALL),
                               .sll_ifindex = (int)if_nametoindex(argv[1]) };
@@ -55,10 +43,6 @@ int main(int argc, char **argv)
         if (n > 0)
             pkts += (unsigned)n;
     }
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    unsigned long long cpu = (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000000ull +
-                             (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000ull;
-    printf("packets %llu bytes %llu cpu_ns %llu\n", pkts, bytes, cpu);
+    baseline_report(pkts, bytes);
     return 0;
 }

@@ -6,29 +6,17 @@
 #include <linux/if_packet.h>
 #include <net/if.h>
 #include <poll.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
-#include <time.h>
+#include "rx_baseline.h"
 
 #define NBLK 64
 #define BLK (1 << 20)
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s IFACE SECONDS\n", argv[0]);
+    if (baseline_args(argc, argv))
         return 1;
-    }
     int fd = socket(AF_PACKET, SOCK_RAW, 0), v = TPACKET_V3, one = 1;
     setsockopt(fd, SOL_PACKET, PACKET_VERSION, &v, sizeof(v));
     setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, sizeof(one));
@@ -66,10 +54,6 @@ int main(int argc, char **argv)
         __atomic_store_n(&b->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
         blk = (blk + 1) % NBLK;
     }
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    unsigned long long cpu = (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000000ull +
-                             (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000ull;
-    printf("packets %llu bytes %llu cpu_ns %llu\n", pkts, bytes, cpu);
+    baseline_report(pkts, bytes);
     return 0;
 }
