@@ -7,14 +7,14 @@
 rxe0 exists only in the project's QEMU guest: run from the host, the script runs itself there
 (scripts/guest --rdma --mem 2G) and prints the guest's output.
 --two-guests: two hosts instead of one device.  Two guests of one emulated CPU each, joined by a
-QEMU socket link (tests/guest_run.run_pair), each with rxh on its link NIC: the receivers (ours,
+QEMU socket link (scripts/guest_run.run_pair), each with rxh on its link NIC: the receivers (ours,
 ib_write_bw's server) run in guest A (10.6.6.1) on guest B's commands over the control port of
-tests/guest/rdma_pair_checks.py (its serve() loop, with `Procs` as the server), the senders and
+scripts/guest_link.py (its serve() loop, with `Procs` as the server), the senders and
 ib_write_bw's client in B (10.6.6.2), which measures and writes the JSON.
 
 Ours: two arenas whose slot_size is one message, frames of that size; the sender and the
 receiver are this script again in two processes (roles `send`, `recv`, each printing its JSON
-as its last line), like tests/guest/rdma_checks.py.  The sender's ring is kept full
+as its last line), like tests/guest/rdma_common.py's receiver.  The sender's ring is kept full
 (descriptors written once, prod set to cons + ring size after every poll: no producer cost in
 the figure); the receiver's consumer releases everything published after every poll (no
 consumer cost either).  Both loops nap IDLE_SLEEP_S when a poll moved nothing, as
@@ -131,17 +131,14 @@ def recv_role(device: str, port: int, slot: int, ring: int, warmup: float, secon
 
 def send_role(device: str, host: str, port: int, slot: int, ring: int, msg: int, limit: float,
               profile: bool) -> None:
-    from dataplane._native import ffi, lib
-
     from dataplane.transport.rdma import RdmaSender
     from dataplane.transport.rdma.process import IDLE_SLEEP_S
     a = make_arena("tx", ring, slot)
     r = a.rings[0]
     d = r.desc
-    d["addr"] = a.header.slots_off + np.arange(ring, dtype=np.uint64) * slot
+    d["addr"] = r.slots(np.arange(ring))
     d["len"] = msg
-    ring_c = lib.dp_arena_ring(ffi.cast("void *", a.header), 0)
-    ring_c.prod = ring                          # full: every slot holds a frame to send
+    r.shared.prod = ring                        # full: every slot holds a frame to send
     tx = RdmaSender(a, host=host, port=port, device=device)
     tx.connect()
     until = time.monotonic() + limit
@@ -150,7 +147,7 @@ def send_role(device: str, host: str, port: int, slot: int, ring: int, msg: int,
         while time.monotonic() < until:
             if not tx.poll():
                 time.sleep(IDLE_SLEEP_S)
-            ring_c.prod = int(ring_c.cons) + ring    # refill what was released: always full
+            r.shared.prod = int(r.shared.cons) + ring    # refill what was released: always full
             if tx.link is None:                       # the receiver has measured and gone
                 return
 
@@ -164,12 +161,11 @@ def send_role(device: str, host: str, port: int, slot: int, ring: int, msg: int,
 class Procs:
     """Processes of one end by name, started now and waited for later: the receivers (ours,
     ib_write_bw's server) and our sender.  In the two-guest mode guest A runs one of these behind
-    tests/guest/rdma_pair_checks.serve(), and guest B calls it through `Remote`."""
+    scripts/guest_link.serve(), and guest B calls it through `Remote`."""
 
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Any] = {}
-        self.handled: list[str] = []        # serve() records the commands it ran here
 
     def start(self, name: str, argv: list[str], port: int = 0) -> dict[str, Any]:
         """Start argv, its output in a file; with a port, answer once something listens there
@@ -203,11 +199,11 @@ class Procs:
 
 
 class Remote:
-    """Guest A's Procs, over the control port of tests/guest/rdma_pair_checks (its Control):
-    the same calls, with keyword arguments."""
+    """Guest A's Procs, over the control port of scripts/guest_link (its Control): the same
+    calls, with keyword arguments."""
 
     def __init__(self, peer: str) -> None:
-        from tests.guest.rdma_pair_checks import Control
+        from scripts.guest_link import Control
         self.ctl = Control(peer)
 
     def __getattr__(self, cmd: str) -> Any:
@@ -322,9 +318,9 @@ def pair_role(args: argparse.Namespace) -> None:
     runs the senders and the clients, and writes the figures."""
     role, out = args.pair
     if role == "serve":
-        from tests.guest import rdma_pair_checks
-        rdma_pair_checks.Server = Procs       # its serve() loop, with our commands
-        Path(out).write_text(json.dumps({"served": rdma_pair_checks.serve()}))
+        from scripts.guest_link import serve
+        served = serve(Procs(), os.environ["GUEST_LINK_ADDR"].split("/")[0])
+        Path(out).write_text(json.dumps({"served": served}))
         return
     remote = Remote(PAIR_PEER)
     try:
