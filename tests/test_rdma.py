@@ -56,9 +56,11 @@ def test_rxe_end_to_end(guest):
     d = guest.ok("end_to_end")
     print(d)
     s = d["sender"]
-    assert d["frames"] == 2000 and s["packets"] == 2000 and s["bytes"] == 2000 * 256
+    # each end's own count (d["frames"] is the check's constant, not a measurement)
+    assert s["packets"] == d["receiver"]["packets"] == 2000
+    assert s["bytes"] == d["receiver"]["bytes"] == 2000 * 256
     assert s["wc_errors"] == s["peer_errors"] == s["reconnects"] == 0
-    assert d["receiver"]["packets"] == 2000 and d["receiver"]["bad_batches"] == 0
+    assert d["receiver"]["bad_batches"] == 0
     assert s["ends"] == d["receiver"]["ends"] == 1 and d["receiver"]["peer_errors"] == 0
 
 
