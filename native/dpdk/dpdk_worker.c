@@ -71,17 +71,7 @@ static inline int dpw_describe(struct dpw *w, struct dpw_ring *q, struct rte_mbu
         frame = (const uint8_t *)w->base + addr;
         flags |= DP_F_COPIED;
     }
-    memset(d, 0, sizeof(*d));
-    d->addr = addr;
-    d->rx_ns = ns;
-    d->len = (uint16_t)len;
-    d->port = q->port;
-    d->queue = (uint8_t)q->queue;
-    if (dp_parse(frame, len, d) < 0)
-        c->malformed++;
-    flags |= dp_gen_flag(frame, len, d->l4proto, flags);
-    d->flags |= flags;
-    c->truncated += !!(d->flags & DP_F_TRUNCATED);   /* ours (slot) or the parser's (IP length) */
+    dp_describe(d, frame, addr, len, flags, ns, q->port, q->queue, 0, c);
     return copy;
 }
 

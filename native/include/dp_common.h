@@ -6,8 +6,10 @@
 
 #include <stdarg.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 
+#include "dp_gen.h"
 #include "dp_ring.h"
 #include "dp_worker.h"
 
@@ -27,6 +29,29 @@ static inline uint64_t dp_real_ns(void) { return dp_clock_ns(CLOCK_REALTIME); }
 static inline void dp_heartbeat(volatile uint64_t *heartbeat_ns)
 {
     __atomic_store_n(heartbeat_ns, dp_mono_ns(), __ATOMIC_RELEASE);
+}
+
+/* Describe a received frame in d: the len bytes at frame, at byte offset addr of the arena,
+ * received at ns on (port, queue), with the flags the receiver already knows (truncated,
+ * copied).  l4proto 0: an Ethernet frame, parsed (malformed ones counted in c); otherwise the
+ * frame is that protocol's payload (a UDP socket's datagram) and is not parsed.  Our
+ * generator's trailer is flagged; truncation (ours or the parser's) is counted in c. */
+static inline void dp_describe(struct dp_desc *d, const uint8_t *frame, uint64_t addr,
+                               uint32_t len, uint16_t flags, uint64_t ns, uint16_t port,
+                               uint16_t queue, uint8_t l4proto, struct dp_ring_counters *c)
+{
+    memset(d, 0, sizeof(*d));
+    d->addr = addr;
+    d->rx_ns = ns;
+    d->len = (uint16_t)len;
+    d->port = port;
+    d->queue = (uint8_t)queue;
+    d->l4proto = l4proto;
+    if (l4proto == 0 && dp_parse(frame, len, d) < 0)
+        c->malformed++;
+    flags |= dp_gen_flag(frame, len, d->l4proto, flags);
+    d->flags |= flags;
+    c->truncated += !!(d->flags & DP_F_TRUNCATED);
 }
 
 /* Record why set-up failed: the message in error[DP_ERR_LEN], *state = DP_W_FAILED, and, when

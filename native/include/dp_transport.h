@@ -88,6 +88,19 @@ int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *
 void dp_t_log(const struct dp_transport_config *cfg, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 int  dp_t_fail(struct dp_transport *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* What both ends hold: the arena and the ring they publish on or consume, their control file,
+ * their config, the connection (-1: none). */
+struct dp_t_end {
+    struct dp_arena *a;
+    struct dp_ring *r;
+    struct dp_transport *t;
+    const struct dp_transport_config *cfg;
+    int fd;
+};
+/* The start both ends share: pid, DP_W_STARTING, ring in range, *e filled.  0, or -1
+ * (failed, in t->error). */
+int  dp_t_start(struct dp_t_end *e, void *arena_base, uint32_t ring, struct dp_transport *t,
+                const struct dp_transport_config *cfg);
 struct iovec;
 /* Step iov and n past k bytes written or read (partial sends and reads). */
 void dp_t_iov_advance(struct iovec **iov, int *n, size_t k);

@@ -41,12 +41,9 @@ static int stopping(const struct dp_transport *t)
 /* -- receiver -- */
 
 struct rx {
-    struct dp_arena *a;
-    struct dp_ring *r;
+    struct dp_t_end e;
     struct dp_prod p;
-    struct dp_transport *t;
-    const struct dp_transport_config *cfg;
-    int lfd, fd;
+    int lfd;
     char peer[64];
     struct dp_desc d[DP_TW_MAX_BATCH];
     struct iovec iov[DP_TW_MAX_BATCH];
@@ -54,25 +51,25 @@ struct rx {
 
 static void rx_beat(struct rx *x)
 {
-    dp_heartbeat(&x->t->heartbeat_ns);
-    x->a->heartbeat_ns = x->t->heartbeat_ns;   /* the arena looks like a running worker too */
+    dp_heartbeat(&x->e.t->heartbeat_ns);
+    x->e.a->heartbeat_ns = x->e.t->heartbeat_ns;   /* the arena looks like a running worker too */
 }
 
 static void rx_close(struct rx *x, const char *why)
 {
-    if (x->fd < 0)
+    if (x->e.fd < 0)
         return;
-    dp_t_log(x->cfg, "connection from %s closed: %s", x->peer, why);
-    close(x->fd);
-    x->fd = -1;
-    x->t->connected = 0;
-    x->t->c.disconnects++;
+    dp_t_log(x->e.cfg, "connection from %s closed: %s", x->peer, why);
+    close(x->e.fd);
+    x->e.fd = -1;
+    x->e.t->connected = 0;
+    x->e.t->c.disconnects++;
 }
 
 static int rx_send_msg(struct rx *x, uint16_t type, uint64_t seq, uint64_t session)
 {
     struct dp_tw_msg m = { DP_TW_ACK_MAGIC, DP_TW_VERSION, type, seq, session };
-    return send(x->fd, &m, sizeof(m), MSG_NOSIGNAL) == (ssize_t)sizeof(m) ? 0 : -1;
+    return send(x->e.fd, &m, sizeof(m), MSG_NOSIGNAL) == (ssize_t)sizeof(m) ? 0 : -1;
 }
 
 static void rx_accept(struct rx *x)
@@ -83,18 +80,18 @@ static void rx_accept(struct rx *x)
     if (fd < 0)
         return;
     rx_close(x, "replaced by a new connection");
-    x->fd = fd;
+    x->e.fd = fd;
     snprintf(x->peer, sizeof(x->peer), "%s:%u", inet_ntoa(sa.sin_addr), ntohs(sa.sin_port));
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));   /* acks are tiny */
     struct timeval tv = { 0, 20000 };     /* reads wake every 20 ms to look at stop/listen */
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    if (x->t->c.last_session || x->t->connected || x->t->c.disconnects)
-        x->t->c.reconnects++;
-    x->t->connected = 1;
-    dp_t_log(x->cfg, "connection from %s (last published: session %llx seq %llu)", x->peer,
-             (unsigned long long)x->t->c.last_session, (unsigned long long)x->t->c.last_seq);
-    if (rx_send_msg(x, DP_TW_HELLO, x->t->c.last_seq, x->t->c.last_session) < 0)
+    if (x->e.t->c.last_session || x->e.t->connected || x->e.t->c.disconnects)
+        x->e.t->c.reconnects++;
+    x->e.t->connected = 1;
+    dp_t_log(x->e.cfg, "connection from %s (last published: session %llx seq %llu)", x->peer,
+             (unsigned long long)x->e.t->c.last_session, (unsigned long long)x->e.t->c.last_seq);
+    if (rx_send_msg(x, DP_TW_HELLO, x->e.t->c.last_seq, x->e.t->c.last_session) < 0)
         rx_close(x, "cannot send hello");
 }
 
@@ -110,7 +107,7 @@ static int rx_read(struct rx *x, struct iovec *iov, int n, uint64_t *got_out)
 {
     uint64_t got = 0;
     while (n > 0) {
-        ssize_t k = readv(x->fd, iov, n > 1024 ? 1024 : n);
+        ssize_t k = readv(x->e.fd, iov, n > 1024 ? 1024 : n);
         if (k > 0) {
             got += (uint64_t)k;
             dp_t_iov_advance(&iov, &n, (size_t)k);
@@ -128,7 +125,7 @@ static int rx_read(struct rx *x, struct iovec *iov, int n, uint64_t *got_out)
             return got ? -1 : 0;
         }
         rx_beat(x);
-        if (stopping(x->t) || listen_pending(x->lfd)) {
+        if (stopping(x->e.t) || listen_pending(x->lfd)) {
             *got_out = got;
             errno = ECANCELED;
             return got ? -1 : 0;
@@ -146,11 +143,11 @@ static const char *rx_check_header(const struct rx *x, const struct dp_tw_frame 
         return "unsupported version";
     if (h->header_len != sizeof(*h))
         return "bad header_len";
-    if (h->count == 0 || h->count > DP_TW_MAX_BATCH || h->count > x->r->size)
+    if (h->count == 0 || h->count > DP_TW_MAX_BATCH || h->count > x->e.r->size)
         return "count out of range";
-    if ((uint64_t)h->payload_len > (uint64_t)h->count * x->a->slot_size)
+    if ((uint64_t)h->payload_len > (uint64_t)h->count * x->e.a->slot_size)
         return "payload_len larger than count slots";
-    if (h->session == x->t->c.last_session && h->batch_seq <= x->t->c.last_seq)
+    if (h->session == x->e.t->c.last_session && h->batch_seq <= x->e.t->c.last_seq)
         return "batch_seq did not move forward";
     return NULL;
 }
@@ -171,8 +168,8 @@ static int rx_frame(struct rx *x)
         goto short_read;
     const char *bad = rx_check_header(x, &h);
     if (bad) {
-        x->t->c.bad_frames++;
-        dp_t_log(x->cfg, "bad frame from %s: %s (magic %08x version %u header_len %u count %u "
+        x->e.t->c.bad_frames++;
+        dp_t_log(x->e.cfg, "bad frame from %s: %s (magic %08x version %u header_len %u count %u "
                  "payload_len %u)", x->peer, bad, h.magic, h.version, h.header_len, h.count,
                  h.payload_len);
         rx_close(x, "bad frame");
@@ -184,26 +181,26 @@ static int rx_frame(struct rx *x)
         goto short_read;
     uint64_t sum = 0;
     for (uint32_t i = 0; i < h.count; i++) {
-        if (x->d[i].len > x->a->slot_size) {
-            x->t->c.bad_frames++;
-            dp_t_log(x->cfg, "bad frame from %s: descriptor %u len %u > slot size %u", x->peer,
-                     i, x->d[i].len, x->a->slot_size);
+        if (x->d[i].len > x->e.a->slot_size) {
+            x->e.t->c.bad_frames++;
+            dp_t_log(x->e.cfg, "bad frame from %s: descriptor %u len %u > slot size %u", x->peer,
+                     i, x->d[i].len, x->e.a->slot_size);
             rx_close(x, "bad frame");
             return -1;
         }
         sum += x->d[i].len;
     }
     if (sum != h.payload_len) {
-        x->t->c.bad_frames++;
-        dp_t_log(x->cfg, "bad frame from %s: descriptor lengths sum to %llu, header says %u",
+        x->e.t->c.bad_frames++;
+        dp_t_log(x->e.cfg, "bad frame from %s: descriptor lengths sum to %llu, header says %u",
                  x->peer, (unsigned long long)sum, h.payload_len);
         rx_close(x, "bad frame");
         return -1;
     }
     if (dp_ring_reserve(&x->p, h.count) < h.count) {
-        x->t->c.ring_waits++;
+        x->e.t->c.ring_waits++;
         while (dp_ring_reserve(&x->p, h.count) < h.count) {
-            if (stopping(x->t))
+            if (stopping(x->e.t))
                 return -1;
             rx_beat(x);
             usleep(50);
@@ -213,50 +210,50 @@ static int rx_frame(struct rx *x)
     for (uint32_t i = 0; i < h.count; i++) {
         if (x->d[i].len == 0)
             continue;
-        uint64_t off = dp_ring_slot(x->a, x->r, x->p.prod + i);
-        x->iov[n].iov_base = (char *)x->a + off;
+        uint64_t off = dp_ring_slot(x->e.a, x->e.r, x->p.prod + i);
+        x->iov[n].iov_base = (char *)x->e.a + off;
         x->iov[n++].iov_len = x->d[i].len;
     }
     if (n && rx_read(x, x->iov, n, &got) != 1)
         goto short_read;
     uint64_t rx_ns = dp_real_ns();
     for (uint32_t i = 0; i < h.count; i++) {
-        struct dp_desc *d = dp_ring_at(x->r, x->p.prod + i);
+        struct dp_desc *d = dp_ring_at(x->e.r, x->p.prod + i);
         *d = x->d[i];
-        d->addr = dp_ring_slot(x->a, x->r, x->p.prod + i);
+        d->addr = dp_ring_slot(x->e.a, x->e.r, x->p.prod + i);
         d->rx_ns = rx_ns;
-        d->port = x->cfg->port_index;
-        d->queue = (uint8_t)x->r->queue;
+        d->port = x->e.cfg->port_index;
+        d->queue = (uint8_t)x->e.r->queue;
         d->flags |= DP_F_COPIED;
     }
     dp_ring_submit(&x->p, h.count);
-    struct dp_ring_counters *rc_ = &x->r->c;
+    struct dp_ring_counters *rc_ = &x->e.r->c;
     rc_->rx_packets += h.count;
     rc_->rx_bytes += h.payload_len;
     rc_->copied += h.count;
     rc_->bursts++;
-    x->t->c.batches++;
-    x->t->c.packets += h.count;
-    x->t->c.bytes += h.payload_len;
-    x->t->c.last_session = h.session;
-    x->t->c.last_seq = h.batch_seq;
+    x->e.t->c.batches++;
+    x->e.t->c.packets += h.count;
+    x->e.t->c.bytes += h.payload_len;
+    x->e.t->c.last_session = h.session;
+    x->e.t->c.last_seq = h.batch_seq;
     if (rx_send_msg(x, DP_TW_ACK, h.batch_seq, h.session) < 0) {
         rx_close(x, "cannot send ack (peer gone)");
         return -1;
     }
-    x->t->c.acks++;
+    x->e.t->c.acks++;
     return 0;
 
 short_read:
     if (errno == ECANCELED) {
-        if (!stopping(x->t)) {
-            x->t->c.short_reads++;
+        if (!stopping(x->e.t)) {
+            x->e.t->c.short_reads++;
             rx_close(x, "abandoned mid-frame for a new connection");
         }
         return -1;
     }
-    x->t->c.short_reads++;
-    dp_t_log(x->cfg, "short read from %s: connection ended mid-frame (%s)", x->peer,
+    x->e.t->c.short_reads++;
+    dp_t_log(x->e.cfg, "short read from %s: connection ended mid-frame (%s)", x->peer,
              errno ? strerror(errno) : "EOF");
     rx_close(x, "short read");
     return -1;
@@ -264,16 +261,16 @@ short_read:
 
 static int rx_listen(struct rx *x)
 {
-    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(x->cfg->tcp_port) };
-    if (inet_pton(AF_INET, x->cfg->host, &sa.sin_addr) != 1)
-        return dp_t_fail(x->t, "listen address %s is not an IPv4 address", x->cfg->host);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(x->e.cfg->tcp_port) };
+    if (inet_pton(AF_INET, x->e.cfg->host, &sa.sin_addr) != 1)
+        return dp_t_fail(x->e.t, "listen address %s is not an IPv4 address", x->e.cfg->host);
     x->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
     setsockopt(x->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
     if (bind(x->lfd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(x->lfd, 8) < 0) {
         int e = errno;
         close(x->lfd);
-        return dp_t_fail(x->t, "listen on %s:%u: %s", x->cfg->host, x->cfg->tcp_port,
+        return dp_t_fail(x->e.t, "listen on %s:%u: %s", x->e.cfg->host, x->e.cfg->tcp_port,
                          strerror(e));
     }
     return 0;
@@ -284,26 +281,19 @@ int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *
 {
     static struct rx x;   /* 64 KB of scratch: one receiver per process */
     memset(&x, 0, sizeof(x));
-    x.a = arena_base;
-    x.t = t;
-    x.cfg = cfg;
-    x.fd = -1;
-    t->pid = getpid();
-    x.a->pid = t->pid;
-    __atomic_store_n(&t->state, DP_W_STARTING, __ATOMIC_RELEASE);
-    if (ring >= x.a->n_rings)
-        return dp_t_fail(t, "ring %u: the arena has %u", ring, x.a->n_rings);
-    x.r = dp_arena_ring(arena_base, ring);
-    dp_prod_init(&x.p, x.r);
+    if (dp_t_start(&x.e, arena_base, ring, t, cfg) < 0)
+        return -1;
+    x.e.a->pid = t->pid;   /* the arena looks like a running worker's too */
+    dp_prod_init(&x.p, x.e.r);
     if (rx_listen(&x) < 0)
         return -1;
     dp_t_log(cfg, "listening on %s:%u", cfg->host, cfg->tcp_port);
     rx_beat(&x);
     __atomic_store_n(&t->state, DP_W_RUNNING, __ATOMIC_RELEASE);
-    x.a->state = DP_W_RUNNING;
+    x.e.a->state = DP_W_RUNNING;
     while (!stopping(t)) {
         rx_beat(&x);
-        if (x.fd < 0 || listen_pending(x.lfd)) {
+        if (x.e.fd < 0 || listen_pending(x.lfd)) {
             struct pollfd pf = { x.lfd, POLLIN, 0 };
             if (poll(&pf, 1, 10) > 0)
                 rx_accept(&x);
@@ -313,7 +303,7 @@ int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *
     }
     rx_close(&x, "stopping");
     close(x.lfd);
-    x.a->state = DP_W_STOPPED;
+    x.e.a->state = DP_W_STOPPED;
     __atomic_store_n(&t->state, DP_W_STOPPED, __ATOMIC_RELEASE);
     return 0;
 }

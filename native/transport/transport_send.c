@@ -64,11 +64,8 @@ struct txb {
 };
 
 struct tx {
-    struct dp_arena *a;
-    struct dp_ring *r;
-    struct dp_transport *t;
-    const struct dp_transport_config *cfg;
-    int fd, have_uring, hello;
+    struct dp_t_end e;
+    int have_uring, hello;
     struct io_uring ring;
     struct dp_cons c;          /* c.next: the next descriptor to ship; c.cons: released */
     uint64_t seq, session;
@@ -101,8 +98,8 @@ static void tx_retire(struct tx *x)
 {
     while (x->head < x->tail) {
         struct txb *b = &x->b[x->head % INFL];
-        int zc = x->cfg->mode == DP_TM_ZEROCOPY ? (int32_t)(b->zc_last - x->zc_done) < 0
-               : x->cfg->mode == DP_TM_SEND_ZC ? b->notifs == 0 : 1;
+        int zc = x->e.cfg->mode == DP_TM_ZEROCOPY ? (int32_t)(b->zc_last - x->zc_done) < 0
+               : x->e.cfg->mode == DP_TM_SEND_ZC ? b->notifs == 0 : 1;
         if (!(b->sent && b->acked && zc))
             break;
         dp_ring_release(&x->c, b->count);   /* b->start == c.cons: slots back to producer */
@@ -112,20 +109,20 @@ static void tx_retire(struct tx *x)
 
 static void tx_lose(struct tx *x, struct txb *b, const char *why)
 {
-    x->t->c.lost_batches++;
-    x->t->c.lost_packets += b->count;
-    dp_t_log(x->cfg, "batch %llu (%u packets) lost: %s", (unsigned long long)b->seq, b->count,
+    x->e.t->c.lost_batches++;
+    x->e.t->c.lost_packets += b->count;
+    dp_t_log(x->e.cfg, "batch %llu (%u packets) lost: %s", (unsigned long long)b->seq, b->count,
              why);
 }
 
 static void tx_disconnect(struct tx *x, const char *why)
 {
-    if (x->fd < 0)
+    if (x->e.fd < 0)
         return;
-    dp_t_log(x->cfg, "connection to %s:%u ended: %s; %llu batch(es) unacknowledged",
-             x->cfg->host, x->cfg->tcp_port, why, (unsigned long long)(x->tail - x->head));
+    dp_t_log(x->e.cfg, "connection to %s:%u ended: %s; %llu batch(es) unacknowledged",
+             x->e.cfg->host, x->e.cfg->tcp_port, why, (unsigned long long)(x->tail - x->head));
     if (x->uring_busy) {          /* let the send in flight finish (it fails) before close */
-        shutdown(x->fd, SHUT_RDWR);
+        shutdown(x->e.fd, SHUT_RDWR);
         struct io_uring_cqe *cqe;
         while (x->uring_busy && io_uring_wait_cqe(&x->ring, &cqe) == 0) {
             if (!(cqe->flags & IORING_CQE_F_NOTIF))
@@ -137,12 +134,12 @@ static void tx_disconnect(struct tx *x, const char *why)
     }
     if (x->head != x->tail) {   /* RST, send queue purged: the kernel lets go of our pages */
         struct linger lg = { 1, 0 };
-        setsockopt(x->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        setsockopt(x->e.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
     }
-    close(x->fd);
-    x->fd = -1;
-    x->t->connected = 0;
-    x->t->c.disconnects++;
+    close(x->e.fd);
+    x->e.fd = -1;
+    x->e.t->connected = 0;
+    x->e.t->c.disconnects++;
     /* The kernel has let go; completions for this socket will not come.  A batch half sent
      * was never received whole: it is lost now, and later batches were never sent. */
     for (uint64_t i = x->head; i < x->tail; i++) {
@@ -162,14 +159,14 @@ static void tx_disconnect(struct tx *x, const char *why)
 
 static int tx_connect(struct tx *x)
 {
-    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(x->cfg->tcp_port) };
-    inet_pton(AF_INET, x->cfg->host, &sa.sin_addr);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(x->e.cfg->tcp_port) };
+    inet_pton(AF_INET, x->e.cfg->host, &sa.sin_addr);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
     struct timeval tv = { 1, 0 };  /* connect gives up after 1 s: stop stays responsive */
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (x->cfg->mode == DP_TM_ZEROCOPY &&
+    if (x->e.cfg->mode == DP_TM_ZEROCOPY &&
         setsockopt(fd, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof(one)) < 0) {
         close(fd);
         return -2;
@@ -182,7 +179,7 @@ static int tx_connect(struct tx *x)
     }
     int fl = 1;
     ioctl(fd, FIONBIO, &fl);
-    x->fd = fd;
+    x->e.fd = fd;
     return 0;
 }
 
@@ -190,7 +187,7 @@ static int tx_connect(struct tx *x)
 static int tx_read_acks(struct tx *x)
 {
     for (;;) {
-        ssize_t k = recv(x->fd, x->rbuf + x->rlen, sizeof(x->rbuf) - x->rlen, MSG_DONTWAIT);
+        ssize_t k = recv(x->e.fd, x->rbuf + x->rlen, sizeof(x->rbuf) - x->rlen, MSG_DONTWAIT);
         if (k == 0) {
             tx_disconnect(x, "receiver closed the connection");
             return -1;
@@ -207,7 +204,7 @@ static int tx_read_acks(struct tx *x)
             struct dp_tw_msg m;
             memcpy(&m, x->rbuf + off, sizeof(m));
             if (m.magic != DP_TW_ACK_MAGIC || m.version != DP_TW_VERSION) {
-                x->t->c.bad_frames++;
+                x->e.t->c.bad_frames++;
                 tx_disconnect(x, "bad message from the receiver");
                 return -1;
             }
@@ -220,7 +217,7 @@ static int tx_read_acks(struct tx *x)
                         continue;
                     b->acked = 1;
                     if (m.session == x->session && b->seq <= m.seq)
-                        x->t->c.acks++;
+                        x->e.t->c.acks++;
                     else
                         tx_lose(x, b, "sent, but the receiver did not publish it");
                 }
@@ -229,7 +226,7 @@ static int tx_read_acks(struct tx *x)
                 struct txb *b = tx_find(x, m.seq);
                 if (b && !b->acked) {
                     b->acked = 1;
-                    x->t->c.acks++;
+                    x->e.t->c.acks++;
                 }
             }
         }
@@ -244,7 +241,7 @@ static void tx_errqueue(struct tx *x)
     for (;;) {
         char ctl[128];
         struct msghdr m = { .msg_control = ctl, .msg_controllen = sizeof(ctl) };
-        if (recvmsg(x->fd, &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0)
+        if (recvmsg(x->e.fd, &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0)
             return;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
             if (!((c->cmsg_level == SOL_IP && c->cmsg_type == IP_RECVERR) ||
@@ -255,9 +252,9 @@ static void tx_errqueue(struct tx *x)
             if (ee.ee_origin != SO_EE_ORIGIN_ZEROCOPY || ee.ee_errno != 0)
                 continue;
             uint32_t n = ee.ee_data - ee.ee_info + 1;
-            x->t->c.completions += n;
+            x->e.t->c.completions += n;
             if (ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED)
-                x->t->c.copied_completions += n;
+                x->e.t->c.copied_completions += n;
             if ((int32_t)(x->zc_base + ee.ee_data + 1 - x->zc_done) > 0)
                 x->zc_done = x->zc_base + ee.ee_data + 1;
         }
@@ -271,9 +268,9 @@ static void tx_sent(struct tx *x, struct txb *b, size_t k)
     if (x->niov == 0) {
         b->sent = 1;
         x->cur = 0;
-        x->t->c.batches++;
-        x->t->c.packets += b->count;
-        x->t->c.bytes += b->bytes;
+        x->e.t->c.batches++;
+        x->e.t->c.packets += b->count;
+        x->e.t->c.bytes += b->bytes;
     }
 }
 
@@ -283,9 +280,9 @@ static void tx_cqes(struct tx *x)
     while (io_uring_peek_cqe(&x->ring, &cqe) == 0) {
         struct txb *b = tx_find(x, cqe->user_data);
         if (cqe->flags & IORING_CQE_F_NOTIF) {
-            x->t->c.completions++;
+            x->e.t->c.completions++;
             if (cqe->res & IORING_NOTIF_USAGE_ZC_COPIED)
-                x->t->c.copied_completions++;
+                x->e.t->c.copied_completions++;
             if (b && b->notifs)
                 b->notifs--;
         } else {
@@ -312,16 +309,16 @@ static void tx_cqes(struct tx *x)
 static int tx_take(struct tx *x)
 {
     uint64_t start;
-    uint32_t n = dp_ring_peek(&x->c, x->cfg->max_batch, &start);
+    uint32_t n = dp_ring_peek(&x->c, x->e.cfg->max_batch, &start);
     if (n == 0)
         return 0;
     uint32_t bytes = 0, i;
     int v = 2;
     for (i = 0; i < n; i++) {
-        const struct dp_desc *d = dp_ring_at(x->r, start + i);
-        if (i && bytes + d->len > x->cfg->max_bytes)
+        const struct dp_desc *d = dp_ring_at(x->e.r, start + i);
+        if (i && bytes + d->len > x->e.cfg->max_bytes)
             break;
-        char *p = (char *)x->a + d->addr;
+        char *p = (char *)x->e.a + d->addr;
         if (v > 2 && (char *)x->iov[v - 1].iov_base + x->iov[v - 1].iov_len == p)
             x->iov[v - 1].iov_len += d->len;   /* adjacent frames: one iovec */
         else if (d->len)
@@ -335,7 +332,7 @@ static int tx_take(struct tx *x)
     b->hdr = (struct dp_tw_frame){ DP_TW_MAGIC, DP_TW_VERSION, sizeof(b->hdr), n, bytes,
                                    b->seq, x->session };
     x->iov[0] = (struct iovec){ &b->hdr, sizeof(b->hdr) };
-    x->iov[1] = (struct iovec){ dp_ring_at(x->r, start), n * sizeof(struct dp_desc) };
+    x->iov[1] = (struct iovec){ dp_ring_at(x->e.r, start), n * sizeof(struct dp_desc) };
     x->msg = (struct msghdr){ .msg_iov = x->iov, .msg_iovlen = (size_t)v };
     x->niov = v;
     x->tail++;
@@ -347,28 +344,28 @@ static int tx_take(struct tx *x)
 static int tx_push(struct tx *x)
 {
     struct txb *b = &x->b[(x->tail - 1) % INFL];
-    if (x->cfg->mode == DP_TM_SEND_ZC) {
+    if (x->e.cfg->mode == DP_TM_SEND_ZC) {
         if (x->uring_busy)
             return 0;
         struct io_uring_sqe *sqe = io_uring_get_sqe(&x->ring);
         x->msg.msg_iovlen = (size_t)(x->niov > 1024 ? 1024 : x->niov);   /* UIO_MAXIOV */
-        io_uring_prep_sendmsg_zc(sqe, x->fd, &x->msg, MSG_NOSIGNAL | MSG_WAITALL);
+        io_uring_prep_sendmsg_zc(sqe, x->e.fd, &x->msg, MSG_NOSIGNAL | MSG_WAITALL);
         sqe->ioprio |= IORING_SEND_ZC_REPORT_USAGE;
         sqe->user_data = b->seq;
         io_uring_submit(&x->ring);
         x->uring_busy = 1;
         return 1;
     }
-    int flags = MSG_NOSIGNAL | MSG_DONTWAIT | (x->cfg->mode == DP_TM_ZEROCOPY ? MSG_ZEROCOPY : 0);
+    int flags = MSG_NOSIGNAL | MSG_DONTWAIT | (x->e.cfg->mode == DP_TM_ZEROCOPY ? MSG_ZEROCOPY : 0);
     x->msg.msg_iovlen = (size_t)(x->niov > 1024 ? 1024 : x->niov);
-    ssize_t k = sendmsg(x->fd, &x->msg, flags);
+    ssize_t k = sendmsg(x->e.fd, &x->msg, flags);
     if (k < 0) {
         if (errno == EAGAIN || errno == ENOBUFS || errno == EINTR)
             return 0;   /* ENOBUFS: too many zero-copy sends pending; completions free them */
         tx_disconnect(x, strerror(errno));
         return -1;
     }
-    if (x->cfg->mode == DP_TM_ZEROCOPY)
+    if (x->e.cfg->mode == DP_TM_ZEROCOPY)
         b->zc_last = x->zc_next++;
     tx_sent(x, b, (size_t)k);
     return 1;
@@ -376,10 +373,10 @@ static int tx_push(struct tx *x)
 
 static void tx_wait(struct tx *x, int busy)
 {
-    struct pollfd pf = { x->fd, POLLIN | (x->cur && !x->uring_busy ? POLLOUT : 0), 0 };
+    struct pollfd pf = { x->e.fd, POLLIN | (x->cur && !x->uring_busy ? POLLOUT : 0), 0 };
     if (poll(&pf, 1, busy ? 0 : 1) <= 0)
         return;
-    if (pf.revents & POLLERR && x->cfg->mode == DP_TM_ZEROCOPY)
+    if (pf.revents & POLLERR && x->e.cfg->mode == DP_TM_ZEROCOPY)
         tx_errqueue(x);
     if (pf.revents & (POLLIN | POLLHUP | POLLERR))
         tx_read_acks(x);
@@ -390,14 +387,8 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
 {
     static struct tx x;   /* large (iovecs, batches): one sender per process */
     memset(&x, 0, sizeof(x));
-    x.a = arena_base;
-    x.t = t;
-    x.cfg = cfg;
-    x.fd = -1;
-    t->pid = getpid();
-    __atomic_store_n(&t->state, DP_W_STARTING, __ATOMIC_RELEASE);
-    if (ring >= x.a->n_rings)
-        return dp_t_fail(t, "ring %u: the arena has %u", ring, x.a->n_rings);
+    if (dp_t_start(&x.e, arena_base, ring, t, cfg) < 0)
+        return -1;
     if (cfg->max_batch == 0 || cfg->max_batch > DP_TW_MAX_BATCH || cfg->max_inflight == 0 ||
         cfg->max_inflight > INFL)
         return dp_t_fail(t, "max_batch %u (1..%u), max_inflight %u (1..%u)", cfg->max_batch,
@@ -411,8 +402,7 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
             return dp_t_fail(t, "io_uring_queue_init: %s", strerror(-e));
         x.have_uring = 1;
     }
-    x.r = dp_arena_ring(arena_base, ring);
-    dp_cons_init(&x.c, x.r);
+    dp_cons_init(&x.c, x.e.r);
     x.session = cfg->session ? cfg->session : dp_real_ns();
     uint64_t backoff = cfg->backoff_min_ms, retry_at = 0, connects = 0, since = 0;
     uint64_t drain_until = 0;
@@ -425,9 +415,9 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
         int stop = __atomic_load_n(&t->stop, __ATOMIC_RELAXED) != 0;
         if (stop && !drain_until)
             drain_until = now + 2000000000ull;
-        if (stop && (x.head == x.tail || x.fd < 0 || now > drain_until))
+        if (stop && (x.head == x.tail || x.e.fd < 0 || now > drain_until))
             break;
-        if (x.fd < 0) {
+        if (x.e.fd < 0) {
             if (dp_mono_ns() < retry_at) {
                 usleep(2000);
                 continue;
@@ -456,17 +446,17 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
             busy |= tx_take(&x);
         if (x.hello && x.cur && tx_push(&x) < 0)
             continue;
-        if (x.fd >= 0 && x.have_uring)
+        if (x.e.fd >= 0 && x.have_uring)
             tx_cqes(&x);
-        if (x.fd >= 0 && cfg->mode == DP_TM_ZEROCOPY && x.zc_next != x.zc_done)
+        if (x.e.fd >= 0 && cfg->mode == DP_TM_ZEROCOPY && x.zc_next != x.zc_done)
             tx_errqueue(&x);
-        if (x.fd >= 0)
+        if (x.e.fd >= 0)
             tx_wait(&x, busy || x.cur);
         if (x.hello)   /* a connection that got as far as the hello resets the backoff */
             backoff = cfg->backoff_min_ms;
         tx_retire(&x);
     }
-    if (x.fd >= 0)
+    if (x.e.fd >= 0)
         tx_disconnect(&x, "stopping");
     for (uint64_t i = x.head; i < x.tail; i++) {   /* never acknowledged: lost, said so */
         struct txb *b = &x.b[i % INFL];

@@ -87,21 +87,9 @@ static inline void urw_describe(struct urw *w, struct urw_ring *q, uint16_t bid,
         flags |= DP_F_TRUNCATED;
     }
     q->bid[idx & q->r->mask] = bid;
-    memset(d, 0, sizeof(*d));
-    d->addr = addr;
-    d->rx_ns = ns;
-    d->len = (uint16_t)len;
-    d->port = q->port;
-    d->queue = (uint8_t)q->queue;
-    if (q->kind == URW_RAW) {
-        if (dp_parse(frame, len, d) < 0)
-            c->malformed++;
-    } else {
-        d->l4proto = 17;
-    }
-    flags |= dp_gen_flag(frame, len, d->l4proto, flags);
-    d->flags |= flags;
-    c->truncated += !!(d->flags & DP_F_TRUNCATED);
+    /* UDP: the datagram's payload, l4proto 17, not parsed */
+    dp_describe(d, frame, addr, len, flags, ns, q->port, q->queue,
+                q->kind == URW_RAW ? 0 : 17, c);
     q->bytes += res;
     q->n++;
 }
