@@ -26,8 +26,9 @@ import pytest
 ROOT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT_DIR / "config" / "default.toml"
 
-pytestmark = [pytest.mark.root("netns and veth for the default lab"),
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns and veth")]
+# the builds run the lab (tests/conftest.py skips them without root); the config check at the
+# end runs as anyone
+ROOT = pytest.mark.root("netns and veth for the default lab")
 
 # Runs in the no-DPDK install: the default lab (renamed for this test) for a few seconds.
 RUN = """
@@ -111,6 +112,7 @@ def no_dpdk_python(no_dpdk_install: Path) -> Path:
     return venv / "bin" / "python"
 
 
+@ROOT
 def test_no_dpdk_build_has_no_dpdk_worker_and_no_libdpdk(no_dpdk_install: Path) -> None:
     pkg = no_dpdk_install / "dataplane"
     built = sorted(p.name.split(".")[0] for p in pkg.glob("_*.so"))
@@ -125,6 +127,7 @@ def test_no_dpdk_build_has_no_dpdk_worker_and_no_libdpdk(no_dpdk_install: Path) 
         assert str(p.relative_to(ROOT_DIR)) in listed, p
 
 
+@ROOT
 def test_no_dpdk_build_runs_the_default_lab_on_uring(no_dpdk_install: Path, no_dpdk_python: Path,
                                                      tmp_path: Path) -> None:
     tag = f"{os.getpid() % 10000}"
@@ -148,3 +151,37 @@ def test_no_dpdk_build_runs_the_default_lab_on_uring(no_dpdk_install: Path, no_d
     assert s["sent"] > 10_000 and s["unique"] > 0 and s["duplicates"] == 0, out["report"]
     assert s["sent"] - s["unique"] <= out["drops"], out["report"]
     assert out["ok"], out["report"]
+
+
+ONE_PORT_WORKER = """
+[[worker]]
+name = "w"
+{backend}
+  [[worker.port]]
+  name = "p"
+  driver = "{driver}"
+  {where}
+"""
+
+
+def worker_config(driver: str, backend: str = "") -> str:
+    where = 'iface = "eth0"' if driver in ("af_packet", "af_xdp") else 'pci = "0000:00:03.0"'
+    return ONE_PORT_WORKER.format(driver=driver, where=where, backend=backend)
+
+
+def test_without_the_dpdk_worker_auto_is_uring_and_dpdk_a_config_error(monkeypatch) -> None:
+    """The config side of an install without dataplane._dpdk, in this process."""
+    from dataplane import config
+    from dataplane.config import backends
+
+    monkeypatch.setattr(backends, "dpdk_worker_built", lambda: False)
+    w = config.loads(worker_config("af_packet")).workers[0]
+    assert (w.backend, w.backend_reason) == ("uring", backends.NO_DPDK_WORKER)
+    with pytest.raises(config.ConfigError, match="no DPDK worker.*use backend = .uring"):
+        config.loads(worker_config("af_packet", 'backend = "dpdk"'))
+    for driver in ("af_xdp", "pci"):
+        with pytest.raises(config.ConfigError, match=f"driver {driver} .*no DPDK worker"):
+            config.loads(worker_config(driver))
+    monkeypatch.setattr(backends, "dpdk_worker_built", lambda: True)
+    assert config.loads(worker_config("af_packet", 'backend = "dpdk"')).workers[0].backend == \
+        "dpdk"
