@@ -49,7 +49,8 @@ def test_pair_peer_killed_then_reconnect(pair):
     d = pair[1].ok("pair_peer_killed")
     print(d)
     assert d["after_kill"]["wc_errors"] + d["after_kill"]["peer_errors"] == 1 and d["error"]
-    assert d["sender"]["reconnects"] == 1 and d["sender"]["packets"] == 3000
+    s = d["sender"]
+    assert s["reconnects"] == s["wc_errors"] + s["peer_errors"] >= 1 and s["packets"] == 3000
     assert d["restarted_first_seq"] == d["acked"] > 1000
     assert d["restarted_first_seq"] + d["restarted_frames"] == 3000
 
@@ -58,5 +59,6 @@ def test_pair_link_down_then_reconnect(pair):
     d = pair[1].ok("pair_link_down")
     print(d)
     assert d["wc_status"] == "IBV_WC_RETRY_EXC_ERR" and d["after_error"]["wc_errors"] == 1
-    assert d["sender"]["reconnects"] == 1 and d["receiver"]["packets"] == 3000
-    assert d["receiver"]["connects"] == 2
+    s, r = d["sender"], d["receiver"]
+    assert s["reconnects"] == s["wc_errors"] + s["peer_errors"] >= 1 and r["packets"] == 3000
+    assert r["connects"] == 1 + s["reconnects"]

@@ -236,8 +236,11 @@ def pair_peer_killed() -> dict[str, Any]:
     assert in_order(seqs, acked, n - 1), _seqs_wrong(seqs, acked, n - 1, before, s, r)
     assert before["wc_errors"] + before["peer_errors"] == 1 and err, before
     assert before["packets"] == acked > 1000, (before, acked)
-    assert s["reconnects"] == 1 and s["packets"] == n, s
-    assert r["packets"] == n - acked and r["connects"] == 1 and r["bad_batches"] == 0, r
+    # the kill's error and reconnect, and any later one (an emulated host short of CPU can miss
+    # its ACK deadline) only after an error that was counted; the books stay exact either way
+    assert s["reconnects"] == s["wc_errors"] + s["peer_errors"] >= 1 and s["packets"] == n, s
+    assert r["packets"] == n - acked and r["connects"] == s["reconnects"], (s, r)
+    assert r["bad_batches"] == 0 and s["ends"] == r["ends"] == 1, r
     return {"error": err, "wc_status": _wc_status(err), "detect_seconds": detect,
             "after_kill": before, "acked": acked, "restarted_first_seq": seqs[0],
             "restarted_frames": len(seqs), "sender": s, "receiver": r}
@@ -277,9 +280,12 @@ def pair_link_down() -> dict[str, Any]:
     # second), before the 5 s completion timeout: a WC error, not a timeout nor a TCP error
     assert status == "IBV_WC_RETRY_EXC_ERR", err
     assert before["wc_errors"] == 1 and before["peer_errors"] == 0, before
-    assert s["reconnects"] == 1 and s["packets"] == n and s["bytes"] == n * FRAME, s
-    # the receiver learns of the old connection by its FIN once the link is back
-    assert r["packets"] == n and r["connects"] == 2 and r["bad_batches"] == 0, r
+    # every reconnect follows a counted error (the drop's, and any later one of a starved
+    # emulated link); the same receiver took each new connection, and every packet once
+    assert s["reconnects"] == s["wc_errors"] + s["peer_errors"] >= 1, s
+    assert s["packets"] == n and s["bytes"] == n * FRAME, s
+    assert r["packets"] == n and r["connects"] == 1 + s["reconnects"], (s, r)
+    assert r["bad_batches"] == 0 and s["ends"] == r["ends"] == 1, r
     return {"error": err, "wc_status": status, "detect_seconds": detect,
             "resume_seconds": resumed, "link": link, "after_error": before, "acked": acked,
             "sender": s, "receiver": r}
