@@ -119,10 +119,16 @@ def receiver(port: int, ring_size: int, last: int, stall: int, out: Path,
 
 
 def spawn(port: int, ring_size: int, last: int, stall: int, out: Path,
-          device: str = "rxe0", **popen: Any) -> subprocess.Popen:
-    """A receiver process (the role above) on `device`."""
-    return subprocess.Popen([sys.executable, __file__, "recv", str(port), str(ring_size),
-                             str(last), str(stall), str(out), device], **popen)
+          device: str = "rxe0") -> subprocess.Popen:
+    """A receiver process (the role above) on `device`, returned once it listens: a sender that
+    connects before gives up after its connect timeout (starting Python with pyverbs took over
+    30 s once in the emulated guest on a busy host)."""
+    p = subprocess.Popen([sys.executable, __file__, "recv", str(port), str(ring_size),
+                          str(last), str(stall), str(out), device], stdout=subprocess.PIPE,
+                         text=True)
+    line = p.stdout.readline()      # "recv PORT: listening", or "" when it died first
+    assert line.startswith("recv"), f"receiver on port {port} ended before listening: {p.wait()}"
+    return p
 
 
 # ---- the sender ----
