@@ -152,12 +152,61 @@ static const char *rx_check_header(const struct rx *x, const struct dp_tw_frame 
     return NULL;
 }
 
+/* The descriptors read into x->d for header h: each fits a slot, their lengths sum to the
+ * payload.  NULL when they do, else what is wrong (written into why). */
+static const char *rx_check_descs(const struct rx *x, const struct dp_tw_frame *h, char *why,
+                                  size_t n)
+{
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < h->count; i++) {
+        if (x->d[i].len > x->e.a->slot_size) {
+            snprintf(why, n, "descriptor %u len %u > slot size %u", i, x->d[i].len,
+                     x->e.a->slot_size);
+            return why;
+        }
+        sum += x->d[i].len;
+    }
+    if (sum != h->payload_len) {
+        snprintf(why, n, "descriptor lengths sum to %llu, header says %u",
+                 (unsigned long long)sum, h->payload_len);
+        return why;
+    }
+    return NULL;
+}
+
+/* The frames are in their slots: write the descriptors, publish them, count the batch. */
+static void rx_publish(struct rx *x, const struct dp_tw_frame *h)
+{
+    uint64_t rx_ns = dp_real_ns();
+    for (uint32_t i = 0; i < h->count; i++) {
+        struct dp_desc *d = dp_ring_at(x->e.r, x->p.prod + i);
+        *d = x->d[i];
+        d->addr = dp_ring_slot(x->e.a, x->e.r, x->p.prod + i);
+        d->rx_ns = rx_ns;
+        d->port = x->e.cfg->port_index;
+        d->queue = (uint8_t)x->e.r->queue;
+        d->flags |= DP_F_COPIED;
+    }
+    dp_ring_submit(&x->p, h->count);
+    struct dp_ring_counters *rc = &x->e.r->c;
+    rc->rx_packets += h->count;
+    rc->rx_bytes += h->payload_len;
+    rc->copied += h->count;
+    rc->bursts++;
+    x->e.t->c.batches++;
+    x->e.t->c.packets += h->count;
+    x->e.t->c.bytes += h->payload_len;
+    x->e.t->c.last_session = h->session;
+    x->e.t->c.last_seq = h->batch_seq;
+}
+
 /* One frame.  0 on success, -1 when the connection was closed (logged, counted). */
 static int rx_frame(struct rx *x)
 {
     struct dp_tw_frame h;
     struct iovec v = { &h, sizeof(h) };
     uint64_t got;
+    char why[96];
     int rc = rx_read(x, &v, 1, &got);
     if (rc == 0) {   /* between frames: not a short read */
         if (errno != ECANCELED)
@@ -168,35 +217,17 @@ static int rx_frame(struct rx *x)
         goto short_read;
     const char *bad = rx_check_header(x, &h);
     if (bad) {
-        x->e.t->c.bad_frames++;
-        dp_t_log(x->e.cfg, "bad frame from %s: %s (magic %08x version %u header_len %u count %u "
-                 "payload_len %u)", x->peer, bad, h.magic, h.version, h.header_len, h.count,
+        snprintf(why, sizeof(why), "%s (magic %08x version %u header_len %u count %u "
+                 "payload_len %u)", bad, h.magic, h.version, h.header_len, h.count,
                  h.payload_len);
-        rx_close(x, "bad frame");
-        return -1;
+        goto bad_frame;
     }
     v.iov_base = x->d;
     v.iov_len = h.count * sizeof(struct dp_desc);
     if (rx_read(x, &v, 1, &got) != 1)
         goto short_read;
-    uint64_t sum = 0;
-    for (uint32_t i = 0; i < h.count; i++) {
-        if (x->d[i].len > x->e.a->slot_size) {
-            x->e.t->c.bad_frames++;
-            dp_t_log(x->e.cfg, "bad frame from %s: descriptor %u len %u > slot size %u", x->peer,
-                     i, x->d[i].len, x->e.a->slot_size);
-            rx_close(x, "bad frame");
-            return -1;
-        }
-        sum += x->d[i].len;
-    }
-    if (sum != h.payload_len) {
-        x->e.t->c.bad_frames++;
-        dp_t_log(x->e.cfg, "bad frame from %s: descriptor lengths sum to %llu, header says %u",
-                 x->peer, (unsigned long long)sum, h.payload_len);
-        rx_close(x, "bad frame");
-        return -1;
-    }
+    if (rx_check_descs(x, &h, why, sizeof(why)))
+        goto bad_frame;
     if (dp_ring_reserve(&x->p, h.count) < h.count) {
         x->e.t->c.ring_waits++;
         while (dp_ring_reserve(&x->p, h.count) < h.count) {
@@ -216,33 +247,19 @@ static int rx_frame(struct rx *x)
     }
     if (n && rx_read(x, x->iov, n, &got) != 1)
         goto short_read;
-    uint64_t rx_ns = dp_real_ns();
-    for (uint32_t i = 0; i < h.count; i++) {
-        struct dp_desc *d = dp_ring_at(x->e.r, x->p.prod + i);
-        *d = x->d[i];
-        d->addr = dp_ring_slot(x->e.a, x->e.r, x->p.prod + i);
-        d->rx_ns = rx_ns;
-        d->port = x->e.cfg->port_index;
-        d->queue = (uint8_t)x->e.r->queue;
-        d->flags |= DP_F_COPIED;
-    }
-    dp_ring_submit(&x->p, h.count);
-    struct dp_ring_counters *rc_ = &x->e.r->c;
-    rc_->rx_packets += h.count;
-    rc_->rx_bytes += h.payload_len;
-    rc_->copied += h.count;
-    rc_->bursts++;
-    x->e.t->c.batches++;
-    x->e.t->c.packets += h.count;
-    x->e.t->c.bytes += h.payload_len;
-    x->e.t->c.last_session = h.session;
-    x->e.t->c.last_seq = h.batch_seq;
+    rx_publish(x, &h);
     if (rx_send_msg(x, DP_TW_ACK, h.batch_seq, h.session) < 0) {
         rx_close(x, "cannot send ack (peer gone)");
         return -1;
     }
     x->e.t->c.acks++;
     return 0;
+
+bad_frame:
+    x->e.t->c.bad_frames++;
+    dp_t_log(x->e.cfg, "bad frame from %s: %s", x->peer, why);
+    rx_close(x, "bad frame");
+    return -1;
 
 short_read:
     if (errno == ECANCELED) {

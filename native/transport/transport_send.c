@@ -18,6 +18,10 @@
  * arena pages it still referenced), then reconnect with backoff (backoff_min_ms doubling to
  * backoff_max_ms).  The ring is not consumed while disconnected: it fills and the worker
  * feeding it drops and counts.
+ *
+ * One file of ~500 lines on purpose: the batch bookkeeping, the two zero-copy completion paths
+ * and the connection handling all work on struct tx, which would otherwise need a private
+ * header of its own.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -80,6 +84,8 @@ struct tx {
     uint32_t zc_next, zc_done, zc_base;
     uint8_t rbuf[sizeof(struct dp_tw_msg) * 64];
     uint32_t rlen;
+    /* connecting: the next attempt not before retry_at, after backoff ms; since: connected */
+    uint64_t backoff, retry_at, connects, since;
 };
 
 /* Batch seqs are consecutive in b[], so a seq finds its batch by subtraction. */
@@ -382,12 +388,11 @@ static void tx_wait(struct tx *x, int busy)
         tx_read_acks(x);
 }
 
-int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *t,
-                          const struct dp_transport_config *cfg)
+/* Checks the config and sets up what the chosen mode needs; -1 with the error in t. */
+static int tx_setup(struct tx *x, void *arena_base, uint32_t ring, struct dp_transport *t,
+                    const struct dp_transport_config *cfg)
 {
-    static struct tx x;   /* large (iovecs, batches): one sender per process */
-    memset(&x, 0, sizeof(x));
-    if (dp_t_start(&x.e, arena_base, ring, t, cfg) < 0)
+    if (dp_t_start(&x->e, arena_base, ring, t, cfg) < 0)
         return -1;
     if (cfg->max_batch == 0 || cfg->max_batch > DP_TW_MAX_BATCH || cfg->max_inflight == 0 ||
         cfg->max_inflight > INFL)
@@ -397,14 +402,68 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
     if (inet_pton(AF_INET, cfg->host, &ia) != 1)
         return dp_t_fail(t, "peer address %s is not an IPv4 address", cfg->host);
     if (cfg->mode == DP_TM_SEND_ZC) {
-        int e = io_uring_queue_init(64, &x.ring, 0);
+        int e = io_uring_queue_init(64, &x->ring, 0);
         if (e < 0)
             return dp_t_fail(t, "io_uring_queue_init: %s", strerror(-e));
-        x.have_uring = 1;
+        x->have_uring = 1;
     }
-    dp_cons_init(&x.c, x.e.r);
-    x.session = cfg->session ? cfg->session : dp_real_ns();
-    uint64_t backoff = cfg->backoff_min_ms, retry_at = 0, connects = 0, since = 0;
+    dp_cons_init(&x->c, x->e.r);
+    x->session = cfg->session ? cfg->session : dp_real_ns();
+    x->backoff = cfg->backoff_min_ms;
+    return 0;
+}
+
+/* Not connected: connect when the backoff allows.  1 connected now, 0 not yet, -1 a fatal
+ * error (in t). */
+static int tx_reconnect(struct tx *x)
+{
+    const struct dp_transport_config *cfg = x->e.cfg;
+    if (dp_mono_ns() < x->retry_at) {
+        usleep(2000);
+        return 0;
+    }
+    int rc = tx_connect(x);
+    if (rc == -2)
+        return dp_t_fail(x->e.t, "SO_ZEROCOPY: %s", strerror(errno));
+    if (rc < 0) {
+        dp_t_log(cfg, "connect to %s:%u: %s; reconnecting in %llu ms", cfg->host, cfg->tcp_port,
+                 strerror(errno), (unsigned long long)x->backoff);
+        x->retry_at = dp_mono_ns() + x->backoff * 1000000u;
+        x->backoff = x->backoff * 2 > cfg->backoff_max_ms ? cfg->backoff_max_ms : x->backoff * 2;
+        return 0;
+    }
+    x->e.t->c.reconnects += x->connects++ > 0;
+    x->e.t->connected = 1;
+    x->since = dp_mono_ns();
+    dp_t_log(cfg, "connected to %s:%u", cfg->host, cfg->tcp_port);
+    return 1;
+}
+
+/* Stopped: what was never acknowledged is lost, and said so. */
+static void tx_finish(struct tx *x)
+{
+    if (x->e.fd >= 0)
+        tx_disconnect(x, "stopping");
+    for (uint64_t i = x->head; i < x->tail; i++) {
+        struct txb *b = &x->b[i % INFL];
+        if (!b->acked) {
+            b->acked = 1;
+            tx_lose(x, b, "unacknowledged at stop");
+        }
+    }
+    tx_retire(x);
+    if (x->have_uring)
+        io_uring_queue_exit(&x->ring);
+    __atomic_store_n(&x->e.t->state, DP_W_STOPPED, __ATOMIC_RELEASE);
+}
+
+int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *t,
+                          const struct dp_transport_config *cfg)
+{
+    static struct tx x;   /* large (iovecs, batches): one sender per process */
+    memset(&x, 0, sizeof(x));
+    if (tx_setup(&x, arena_base, ring, t, cfg) < 0)
+        return -1;
     uint64_t drain_until = 0;
     __atomic_store_n(&t->state, DP_W_RUNNING, __ATOMIC_RELEASE);
     for (;;) {
@@ -418,26 +477,13 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
         if (stop && (x.head == x.tail || x.e.fd < 0 || now > drain_until))
             break;
         if (x.e.fd < 0) {
-            if (dp_mono_ns() < retry_at) {
-                usleep(2000);
+            int rc = tx_reconnect(&x);
+            if (rc < 0)
+                return -1;
+            if (rc == 0)
                 continue;
-            }
-            int rc = tx_connect(&x);
-            if (rc == -2)
-                return dp_t_fail(t, "SO_ZEROCOPY: %s", strerror(errno));
-            if (rc < 0) {
-                dp_t_log(cfg, "connect to %s:%u: %s; reconnecting in %llu ms", cfg->host,
-                         cfg->tcp_port, strerror(errno), (unsigned long long)backoff);
-                retry_at = dp_mono_ns() + backoff * 1000000u;
-                backoff = backoff * 2 > cfg->backoff_max_ms ? cfg->backoff_max_ms : backoff * 2;
-                continue;
-            }
-            t->c.reconnects += connects++ > 0;
-            t->connected = 1;
-            since = dp_mono_ns();
-            dp_t_log(cfg, "connected to %s:%u", cfg->host, cfg->tcp_port);
         }
-        if (!x.hello && now > since && now - since > 3000000000ull) {
+        if (!x.hello && now > x.since && now - x.since > 3000000000ull) {
             tx_disconnect(&x, "no hello from the receiver within 3 s");
             continue;
         }
@@ -453,21 +499,9 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
         if (x.e.fd >= 0)
             tx_wait(&x, busy || x.cur);
         if (x.hello)   /* a connection that got as far as the hello resets the backoff */
-            backoff = cfg->backoff_min_ms;
+            x.backoff = cfg->backoff_min_ms;
         tx_retire(&x);
     }
-    if (x.e.fd >= 0)
-        tx_disconnect(&x, "stopping");
-    for (uint64_t i = x.head; i < x.tail; i++) {   /* never acknowledged: lost, said so */
-        struct txb *b = &x.b[i % INFL];
-        if (!b->acked) {
-            b->acked = 1;
-            tx_lose(&x, b, "unacknowledged at stop");
-        }
-    }
-    tx_retire(&x);
-    if (x.have_uring)
-        io_uring_queue_exit(&x.ring);
-    __atomic_store_n(&t->state, DP_W_STOPPED, __ATOMIC_RELEASE);
+    tx_finish(&x);
     return 0;
 }
