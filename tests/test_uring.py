@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from dataplane._native import lib
 
 from dataplane import config
 from dataplane.shm.layout import PORT_COUNTERS, URING_COUNTERS
@@ -38,7 +39,7 @@ from tests.helpers.workers import (
 # what starts workers needs root; the config tests below run as any user
 ROOT = pytest.mark.root("AF_PACKET, veth and netns")
 
-GEN_MAGIC = 0x31475044
+GEN_MAGIC = lib.DP_GEN_MAGIC
 
 
 def uring_spec(tag: str, port: PortSpec, gen: GenSpec | None = None, **kw):

@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dataplane._native import lib
 
 from dataplane.shm.arena import Arena
-from dataplane.shm.layout import PORT_COUNTERS
+from dataplane.shm.layout import PORT_COUNTERS, TRAILER_DTYPE
 from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
 
 REPO = Path(__file__).resolve().parents[2]
-F_GENERATED = 0x0080
-TRAILER = 24
+F_GENERATED = lib.DP_F_GENERATED
+TRAILER = TRAILER_DTYPE.itemsize
 
 
 def udp_template(size: int = 128) -> str:

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from dataplane._native import lib
 
 from dataplane.shm.arena import Arena
-from dataplane.shm.layout import PORT_COUNTERS
+from dataplane.shm.layout import PORT_COUNTERS, TRAILER_DTYPE
 from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
 
-F_COPIED, F_GENERATED = 0x0040, 0x0080
-TRAILER = 24
+F_COPIED, F_GENERATED = lib.DP_F_COPIED, lib.DP_F_GENERATED
+TRAILER = TRAILER_DTYPE.itemsize
 COUNT, RATE = 3000, 10000
 
 
