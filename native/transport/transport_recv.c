@@ -206,7 +206,7 @@ static int rx_frame(struct rx *x)
     struct dp_tw_frame h;
     struct iovec v = { &h, sizeof(h) };
     uint64_t got;
-    char why[96];
+    char why[192];
     int rc = rx_read(x, &v, 1, &got);
     if (rc == 0) {   /* between frames: not a short read */
         if (errno != ECANCELED)
