@@ -124,12 +124,12 @@ class Link:
         a.ah_attr = AHAttr(gr=GlobalRoute(dgid=GID(remote["gid"]), sgid_index=self.gidx),
                            is_global=1, port_num=1)
         self.qp.to_rtr(a)
-        # ACK timeout 4.096 us * 2^15 = 134 ms, 6 retries: a peer is declared lost after ~1 s.
+        # ACK timeout 4.096 us * 2^16 = 268 ms, 6 retries: a peer is declared lost after ~2 s.
         # 12 (17 ms) x 3 gave false IBV_WC_RETRY_EXC_ERR on a healthy emulated link, whose ACKs
-        # take longer than 17 ms, and 14 (67 ms) x 6 still did now and then with both emulated
-        # hosts short of CPU; retry_cnt 7 is "retry forever" on rxe, so a vanished peer would
-        # never show as a work completion
-        a.qp_state, a.sq_psn, a.timeout, a.retry_cnt, a.rnr_retry = e.IBV_QPS_RTS, 0, 15, 6, 7
+        # take longer than 17 ms; 14 (67 ms) and 15 (134 ms) x 6 still did now and then with
+        # both emulated hosts short of CPU; retry_cnt 7 is "retry forever" on rxe, so a
+        # vanished peer would never show as a work completion
+        a.qp_state, a.sq_psn, a.timeout, a.retry_cnt, a.rnr_retry = e.IBV_QPS_RTS, 0, 16, 6, 7
         a.max_rd_atomic = 1
         self.qp.to_rts(a)
 
