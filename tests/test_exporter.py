@@ -104,6 +104,25 @@ def test_closed_arena_gives_partial_scrape(arenas):
     assert got[("dataplane_exporter_source_errors_total", (("source", "w1"),))] == 1
 
 
+class ConsumerWatch:
+    """A collector that, in the middle of a scrape, waits until the consumer has taken more
+    descriptors: it proves consumption goes on while a scrape is in progress (a scrape holding
+    anything the consumer needs would never see progress). No wall-clock threshold: the
+    timeout only bounds how long a broken build takes to fail."""
+
+    def __init__(self, loop: ConsumerLoop) -> None:
+        self.loop = loop
+        self.progressed: list[bool] = []
+
+    def collect(self):
+        before = self.loop.descriptors
+        deadline = time.monotonic() + 30
+        while self.loop.descriptors <= before and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self.progressed.append(self.loop.descriptors > before)
+        return iter(())
+
+
 def test_scrapes_do_not_stall_the_consumer(arenas):
     a = arenas[0]
     filler = RingFiller(a)
@@ -118,17 +137,18 @@ def test_scrapes_do_not_stall_the_consumer(arenas):
 
     stats = TrafficStats()
     loop = ConsumerLoop(ring_sources([a]), [stats], max_batch=256)
+    watch = ConsumerWatch(loop)
     both = collectors([("w0", a, [])], stats, loop)
     producer = threading.Thread(target=produce)
-    with loop, serve(*both, port=0) as server:
+    with loop, serve(*both, watch, port=0) as server:
         producer.start()
-        progress = []
-        for _ in range(50):
-            before = loop.descriptors
-            scrape(server.address)
-            progress.append(loop.descriptors - before)
-        stop.set()
-        producer.join()
-    assert sum(p > 0 for p in progress) >= 45, progress
+        try:
+            for _ in range(20):
+                got = samples(scrape(server.address))
+                assert got[("dataplane_consumer_batches_total", ())] > 0
+        finally:
+            stop.set()
+            producer.join()
+    assert watch.progressed == [True] * 20
     assert stats.rings[(a.path, 0, 0)].marginals()["l4_packets"].sum() > 0
     assert loop.errors == 0
