@@ -150,6 +150,21 @@ def cmd_config(args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_transport(args: argparse.Namespace) -> int:
+    from dataplane.transport.auth import generate_key, write_key
+
+    try:
+        write_key(Path(args.file), generate_key())
+    except FileExistsError:
+        raise Usage(f"{args.file} exists: a key is never overwritten (remove it first, and "
+                    "give the new one to both ends)") from None
+    except OSError as e:
+        raise Usage(f"{args.file}: {e.strerror}") from None
+    print(f"{args.file}: new transport key (0600); copy it to the other end over a channel "
+          "you trust and set key_file = \"<its absolute path>\" on both [[transport]] tables")
+    return OK
+
+
 EPILOG_MAIN = """examples:
   sudo dataplane lab up                    # namespaces dp-gen, dp-rx and a veth pair
   sudo dataplane run --duration 10         # the default lab: generate and receive for 10 s
@@ -181,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub, parents, fmt)
     _add_host_commands(sub, parents, fmt)
     _add_config_command(sub, common, fmt)
+    _add_transport_command(sub, common, fmt)
     return p
 
 
@@ -274,6 +290,23 @@ def _add_config_command(sub, common: argparse.ArgumentParser, fmt: type) -> None
     sh.add_argument("file", metavar="FILE", nargs="?", help="default: the embedded default lab")
     sh.add_argument("--json", action="store_true", help="the WorkerSpecs as JSON")
     c.set_defaults(func=cmd_config)
+
+
+def _add_transport_command(sub, common: argparse.ArgumentParser, fmt: type) -> None:
+    """transport keygen."""
+    t = sub.add_parser("transport", parents=[common], formatter_class=fmt,
+                       help="make the pre-shared key a transport link authenticates with",
+                       description="keygen: write a new random key (32 bytes, base64) to FILE, "
+                       "mode 0600, never over an existing file. Both ends of a link use the "
+                       "same key file (key_file in their [[transport]] tables); each proves "
+                       "it holds the key before anything crosses the connection.",
+                       epilog="example:\n  dataplane transport keygen /etc/dataplane/link.key")
+    tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
+    kg = tsub.add_parser("keygen", parents=[common], help="write a new key to FILE",
+                         epilog="example:\n  dataplane transport keygen /etc/dataplane/link.key",
+                         formatter_class=fmt)
+    kg.add_argument("file", metavar="FILE")
+    t.set_defaults(func=cmd_transport)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@
     peer = "10.77.0.1:7100"
     mode = "zerocopy"              # copy | zerocopy (MSG_ZEROCOPY) | send_zc (io_uring)
     netns = "dp-rx"                # where the sender runs (it must reach peer)
+    key_file = "/etc/dataplane/collector.key"   # `dataplane transport keygen FILE`, 0600
 
     [[transport]]
     name = "collector"
@@ -15,6 +16,12 @@
     listen = "10.77.0.1:7100"
     label = "from-rx"              # the port name its packets carry in metrics
     netns = "dp-gen"
+    key_file = "/etc/dataplane/collector.key"   # the same key on both ends
+
+Both ends of a link hold the same key: each proves it to the other before anything else crosses
+the connection (dataplane/transport/auth.py).  `insecure = true` instead of a key runs without
+authentication (anyone who reaches the port may then send or receive): status and the metrics
+say so.
 
 The same over RDMA (RC queue pairs, dataplane/transport/rdma/receiver.py): `kind = "rdma"` on both
 ends, the RDMA device that reaches the peer, no `mode` (the NIC writes into the receiver's slots):
@@ -47,6 +54,8 @@ class TransportCfg:
     label: str = ""
     kind: str = "tcp"               # "tcp" | "rdma"
     device: str = ""                # rdma: the RDMA device
+    key_file: str = ""              # the link's pre-shared key (dataplane/transport/auth.py)
+    insecure: bool = False          # no key: no authentication, said so in status and metrics
 
 
 def _addr(v: str) -> str | None:
@@ -57,6 +66,11 @@ def _addr(v: str) -> str | None:
         return 'expected IPv4:PORT like "10.77.0.1:7100" (the transport speaks IPv4)'
     return None if sep and port.isdigit() and 1 <= int(port) <= 65535 else \
         'expected IPv4:PORT like "10.77.0.1:7100"'
+
+
+def _key_path(v: str) -> str | None:
+    return None if v.startswith("/") else \
+        'expected an absolute path, e.g. "/etc/dataplane/collector.key"'
 
 
 def parse(t) -> TransportCfg:
@@ -91,6 +105,14 @@ def parse(t) -> TransportCfg:
         cfg = TransportCfg(name or "", role or "recv", "", 0, mode="rdma" if kind == "rdma"
                            else "zerocopy", netns=netns, label=label or "")
     cfg.kind, cfg.device = kind or "tcp", device or ""
+    cfg.key_file = t.get("key_file", str, "", check=_key_path)
+    cfg.insecure = t.get("insecure", bool, False)
+    if cfg.key_file and cfg.insecure:
+        t.refuse("insecure", "not with key_file (a keyed transport authenticates its peer)")
+    elif not cfg.key_file and not cfg.insecure and name:
+        t.error("key_file", None, "missing: every transport authenticates its peer with a "
+                "pre-shared key (make one with `dataplane transport keygen FILE`, the same file "
+                "on both ends), or says `insecure = true` to let anyone who reaches it connect")
     if addr and not _addr(addr):
         host, _, port = addr.rpartition(":")
         cfg.host, cfg.tcp_port = host, int(port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from dataplane._native import lib
 
@@ -31,6 +32,19 @@ class TransportSpec:
     backoff_min_ms: int = 100
     backoff_max_ms: int = 5000
     label: str = ""            # recv: metric label of its port 0 (the remote's name)
+    key_file: str = ""         # the link's pre-shared key (dataplane/transport/auth.py)
+    insecure: bool = False     # no key_file: run without authentication (config says so)
+
+    def load_key(self) -> bytes | None:
+        """The key this end authenticates with; None when insecure.  KeyFileError (a
+        ValueError) when the file is unsafe, or when neither a key nor insecure is set."""
+        from dataplane.transport.auth import KeyFileError, load_key
+
+        if self.insecure:
+            return None
+        if not self.key_file:
+            raise KeyFileError(f"transport {self.name}: no key_file and not insecure")
+        return load_key(Path(self.key_file))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -157,7 +157,7 @@ struct dp_gen_trailer {
  * a file of its own keeps the counters across restarts of either side without a new arena
  * layout.  It has its own version; struct dp_arena (DP_LAYOUT_VERSION) is unchanged. */
 #define DP_TRANSPORT_MAGIC   0x3154524e41525444ull  /* "DTRANRT1" little-endian */
-#define DP_TRANSPORT_VERSION 2u
+#define DP_TRANSPORT_VERSION 3u  /* 3: struct dp_auth_counters */
 
 struct dp_transport_counters {
     uint64_t batches;            /* send: batches sent whole; recv: batches published */
@@ -176,6 +176,17 @@ struct dp_transport_counters {
     uint64_t last_session;       /* recv: session and seq of the last batch published, sent */
     uint64_t last_seq;           /*   to every new sender so it knows what arrived */
     uint64_t pad0;
+};
+
+/* The connection handshake (dataplane/transport/auth.py, Python, both kinds of transport):
+ * failures[i] counts reason i of auth.REASONS; insecure is 1 when the transport runs without a
+ * key (config `insecure = true`), for the metrics and `status`. */
+#define DP_AUTH_REASONS 8
+struct dp_auth_counters {
+    uint64_t ok;                 /* handshakes a peer passed */
+    uint64_t failures[DP_AUTH_REASONS];
+    uint32_t insecure;
+    uint32_t pad0;
 };
 
 /* What an RDMA transport (dataplane/transport/rdma/process.py, Python) adds to the counters
@@ -215,6 +226,7 @@ struct dp_transport {
     char     error[DP_ERR_LEN];
     _Alignas(DP_CACHE_LINE) struct dp_transport_counters c;
     _Alignas(DP_CACHE_LINE) struct dp_rdma_counters r;   /* RDMA transports only */
+    _Alignas(DP_CACHE_LINE) struct dp_auth_counters auth;
 };
 
 /* cffi: end */
