@@ -14,6 +14,7 @@ from dataplane.config import templates as template
 from dataplane.config.loader import Config
 from dataplane.config.tables import ConfigError
 from dataplane.config.workers import RUN_DIR, Port, WorkerTable
+from dataplane.host.files import private_dir
 from dataplane.host.hugepages import free_hugepages_2m, hugetlbfs_mounts
 from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
 
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def ensure_run_dir(path: Path = RUN_DIR) -> Path:
-    """Create the run directory 0700 (memif sockets live there; no other user may connect)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create the run directory 0700 (memif sockets and the run locks live there; no other user
+    may connect or plant a file); an existing one must be root's own, not a link."""
+    private_dir(path, "the run directory")
     os.chmod(path, 0o700)
     return path
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from dataplane.config.loader import Config, Lab, Veth
 from dataplane.host.proc import poll
+from dataplane.run.lock import RUN_LOCK, HostLock
 
 log = logging.getLogger(__name__)
 NETNS_DIR = Path("/run/netns")     # where `ip netns add` bind-mounts a namespace
@@ -66,8 +67,14 @@ def _lab(cfg: Config) -> Lab:
 
 
 def up(cfg: Config) -> None:
-    """Create the lab's namespaces and veth pairs, address them and bring them up.  Idempotent."""
+    """Create the lab's namespaces and veth pairs, address them and bring them up.  Idempotent.
+    Refused (lock.Locked) while another process runs: its lab is not ours to change."""
     lab = _lab(cfg)
+    with HostLock(RUN_LOCK, "dataplane lab up", cfg.source):
+        _up(lab)
+
+
+def _up(lab: Lab) -> None:
     for ns in lab.namespaces:
         if not netns_exists(ns):
             log.info("netns add %s", ns)
@@ -96,8 +103,14 @@ def up(cfg: Config) -> None:
 
 
 def down(cfg: Config) -> None:
-    """Delete the lab's veth pairs and namespaces, by name only.  Idempotent; safe after a crash."""
+    """Delete the lab's veth pairs and namespaces, by name only.  Idempotent; safe after a crash.
+    Refused (lock.Locked) while another process runs: it would lose its links mid-run."""
     lab = _lab(cfg)
+    with HostLock(RUN_LOCK, "dataplane lab down", cfg.source):
+        _down(lab)
+
+
+def _down(lab: Lab) -> None:
     for v in lab.veths:
         for name, ns, _, _ in _ends(v):
             if link(name, ns) is not None:     # deleting one end deletes its peer too

@@ -29,6 +29,7 @@ from dataplane.metrics.rdma import RdmaCollector, mr_caches
 from dataplane.metrics.server import serve
 from dataplane.metrics.transports import TransportCollector
 from dataplane.run import lab
+from dataplane.run.lock import RUN_LOCK, HostLock
 from dataplane.shm.control import control_path
 from dataplane.transport.process import TransportProcess
 from dataplane.transport.spec import TransportSpec
@@ -71,6 +72,17 @@ class Run:
     """One run of a config.  `with Run(cfg) as r: r.start(); ...; result = r.finish()`."""
 
     def __init__(self, cfg: config.Config, out: TextIO = sys.stdout):
+        # first, before any file is made or removed: a second run refuses here (lock.Locked)
+        # and touches nothing of the first; close() releases it
+        self.lock = HostLock(RUN_LOCK, "dataplane run", cfg.source)
+        self.lock.acquire()
+        try:
+            self._setup(cfg, out)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg: config.Config, out: TextIO) -> None:
         self.cfg = cfg
         self.out = out
         self.specs = config.plan(cfg)
@@ -114,8 +126,9 @@ class Run:
         controls = [(t.spec, t.control) for t in self.transports]
         self.metrics = serve(arenas, ConsumerCollector(self.stats, self.loop, arenas),
                              TransportCollector(controls), RdmaCollector(controls),
-                             MRCacheCollector(mr_caches(controls)), host=m.host, port=m.port)
-        log.info("metrics on http://%s:%d/metrics", *self.metrics.address)
+                             MRCacheCollector(mr_caches(controls)), host=m.host, port=m.port,
+                             web=m.web, max_connections=m.max_connections)
+        log.info("metrics on %s", self.metrics.url)
         # receivers first, so the generators' first packets find someone listening
         self.sup.start()
         self.sup.wait_running()
@@ -128,21 +141,28 @@ class Run:
     def _transports(self) -> list[TransportProcess]:
         """[[transport]] tables as processes: a sender ships the first ring of a worker's
         port; a receiver owns a one-ring arena whose port carries the remote's label."""
-        out = []
+        out: list[TransportSpec] = []
         specs = {s.name: s for s in self.specs}
         for x in self.cfg.transports:
             ctl = control_path(x.name)
             spec = TransportSpec(name=x.name, role=x.role, control_path=ctl,
                                  arena_path=ctl.removesuffix(".ctl"), host=x.host,
                                  tcp_port=x.tcp_port, mode=x.mode, netns=x.netns,
-                                 label=x.label, device=x.device)
+                                 label=x.label, device=x.device, key_file=x.key_file,
+                                 insecure=x.insecure)
             if x.role == "send":
                 w = specs[x.worker]
                 port = [p.label or p.name for p in w.ports].index(x.port)
                 spec.arena_path = w.arena_path
                 spec.ring = w.rings().index((port, 0))
-            out.append(TransportProcess(spec, self.cfg.arena.ring_size, self.cfg.arena.slot_size))
-        return out
+            out.append(spec)
+        for spec in out:   # an unusable key refuses the run before any file is made
+            try:
+                spec.load_key()
+            except ValueError as e:
+                raise RuntimeError(f"transport {spec.name}: {e}") from None
+        return [TransportProcess(spec, self.cfg.arena.ring_size, self.cfg.arena.slot_size)
+                for spec in out]
 
     # -- while running --
     def totals(self) -> Totals:
@@ -295,10 +315,13 @@ class Run:
             for t in self.transports:
                 t.close()
             self.sup.close()
-            if self.lab_created:
-                lab.down(self.cfg)
-                self.lab_created = False
-                log.info("lab down")
+            try:
+                if self.lab_created:
+                    lab.down(self.cfg)
+                    self.lab_created = False
+                    log.info("lab down")
+            finally:
+                self.lock.release()
 
     def __enter__(self) -> Run:
         return self
@@ -317,7 +340,12 @@ def run(cfg: config.Config, duration: float | None = None, out: TextIO = sys.std
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with Run(cfg, out) as r:
+        try:
+            run_ = Run(cfg, out)
+        except RuntimeError as e:   # refused before anything was made (a transport's key)
+            log.error("%s", e)
+            return 1
+        with run_ as r:
             try:
                 r.start()
             except RuntimeError as e:

@@ -20,8 +20,10 @@ from typing import Any
 
 from dataplane import host
 from dataplane.host import Journal, PlanLine
+from dataplane.host.files import open_private
 from dataplane.host.plan import host_changes, problems
 from dataplane.host.proc import poll, start_time
+from dataplane.run.lock import HOST_LOCK, RUN_LOCK, HostLock, Locked, holder
 
 log = logging.getLogger("dataplane.up")
 
@@ -57,7 +59,7 @@ class RunProcess:
         argv = [sys.executable, "-m", "dataplane.cli", "run"]
         if self.config_path:
             argv += ["--config", str(Path(self.config_path).resolve())]
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = open_private(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
                                          start_new_session=True)
@@ -89,11 +91,22 @@ def running(journal: Journal) -> int | None:
 
 
 def up(cfg, config_path: str | None) -> list[str]:
+    """Apply the host changes and start the run; refused (Locked) while another `up` or `down`
+    runs, or while a `dataplane run` of someone else's runs, before anything changes."""
+    with HostLock(HOST_LOCK, "dataplane up", cfg.source):
+        return _up(cfg, config_path)
+
+
+def _up(cfg, config_path: str | None) -> list[str]:
     journal = Journal(cfg.host.journal_dir)
     pid = running(journal)
     if pid:
         return [f"already up: dataplane run is pid {pid}; nothing to do (`dataplane down` "
                 "first to change anything)"]
+    other = holder(RUN_LOCK)
+    if other:
+        raise Locked(f"dataplane up: refused, nothing was touched: {other} is running; stop "
+                     "it first (its host and lab are not ours to change under it)")
     out = []
     if journal.entries:
         out.append(f"{journal.path}: an earlier `up` did not finish (crashed or killed); "
@@ -110,7 +123,10 @@ def up(cfg, config_path: str | None) -> list[str]:
             out.append(_start_run(cfg, config_path, journal))
     except BaseException as e:
         log.error("up failed (%s); restoring what it had changed", e)
-        host.undo(journal)
+        try:
+            host.undo(journal)
+        except Exception as undo_error:     # the first failure is what the user must see
+            log.error("restoring failed too (%s); `dataplane down` undoes the rest", undo_error)
         raise
     return out
 
@@ -151,6 +167,12 @@ def _worker_running(path: Path) -> bool:
 
 
 def down(cfg) -> list[str]:
+    """Undo the journal; refused (Locked) while an `up` or another `down` runs."""
+    with HostLock(HOST_LOCK, "dataplane down", cfg.source):
+        return _down(cfg)
+
+
+def _down(cfg) -> list[str]:
     journal = Journal(cfg.host.journal_dir)
     if not journal.entries:
         return ["nothing to undo: no journal (the host is as `up` found it)"]
