@@ -43,7 +43,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if bad:
             raise Usage(f"--metrics {args.metrics}: {bad}")
         host, _, port = args.metrics.rpartition(":")
-        cfg.metrics = config.Metrics(args.metrics, host.strip("[]"), int(port))
+        # only the address: the config's web_config (TLS, auth) and max_connections still hold
+        m = cfg.metrics
+        m.listen, m.host, m.port = args.metrics, host.strip("[]"), int(port)
     if args.duration is not None and args.duration <= 0:
         raise Usage(f"--duration {args.duration:g}: expected seconds > 0")
     from dataplane.run import runner  # here, not at the top: --help stays fast

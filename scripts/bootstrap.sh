@@ -9,7 +9,7 @@ ROOT=$PWD
 
 PKGS="gcc pkg-config python3-venv python3-dev dpdk dpdk-dev libdpdk-dev liburing-dev libbpf-dev
 libxdp-dev iproute2 ethtool prometheus rdma-core ibverbs-providers python3-pyverbs
-qemu-system-x86 busybox-static cpio kmod iperf3 perftest"
+qemu-system-x86 busybox-static cpio kmod iperf3 perftest openssl"
 
 missing=""
 for p in $PKGS; do
@@ -50,7 +50,7 @@ if [ "$(cat .venv/.dataplane-stamp 2>/dev/null)" != "$stamp" ] || \
     echo "bootstrap: installing Python dependencies and building native code"
     .venv/bin/pip install -q --disable-pip-version-check setuptools wheel "cffi>=1.16"
     .venv/bin/pip install -q --disable-pip-version-check "numpy>=1.26" "scapy>=2.5" \
-        "prometheus-client>=0.19" "pytest>=7" "hypothesis>=6" "ruff>=0.4"
+        "prometheus-client>=0.19" "pyyaml>=6" "bcrypt>=4" "pytest>=7" "hypothesis>=6" "ruff>=0.4"
     .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e "$ROOT"
     echo "$stamp" > .venv/.dataplane-stamp
 fi

@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from dataplane.config import host as host_cfg
 from dataplane.config import transports as transport_cfg
@@ -54,6 +55,9 @@ class Metrics:
     listen: str = "127.0.0.1:9477"
     host: str = "127.0.0.1"
     port: int = 9477
+    web_config: str | None = None     # TLS and basic auth: docs/metrics.md
+    web: Any = None                   # dataplane.metrics.webconfig.WebConfig, read at load
+    max_connections: int = 8          # served at once; more are closed and counted
 
 
 @dataclass
@@ -141,13 +145,28 @@ def _lab(t: Table) -> Lab:
 
 def _metrics(t: Table) -> Metrics:
     listen = t.get("listen", str, Metrics.listen, check=checks.host_port)
+    web_config = t.get("web_config", str, None)
+    max_connections = t.get("max_connections", int, Metrics.max_connections,
+                            check=checks.between(1, 1024))
     t.close()
+    web = None
+    if web_config is not None:
+        from dataplane.metrics import webconfig  # here: only a config that names one pays
+        try:
+            web = webconfig.load(web_config)
+        except ConfigError as e:
+            for problem in e.problems:
+                t.error("web_config", web_config, problem)
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
-    if host not in ("127.0.0.1", "::1", "localhost"):
+    if host not in ("127.0.0.1", "::1", "localhost") and not (web and web.authenticates):
         t.p.warning(f"metrics.listen = \"{listen}\": not loopback; anyone who can reach it "
-                    "reads the counters")
-    return Metrics(listen, host, int(port))
+                    "reads the counters (metrics.web_config can require a password or a "
+                    "client certificate)")
+    if web and web.users and web.tls is None:
+        t.p.warning(f"metrics.web_config = \"{web_config}\": basic auth without TLS sends "
+                    "the password in clear")
+    return Metrics(listen, host, int(port), web_config, web, max_connections)
 
 
 def _arena(t: Table) -> ArenaCfg:
