@@ -242,3 +242,40 @@ def test_fuzz_hello_mutations(pos: int, value: int):
         auth.parse_hello(bytes(msg), 0)
     except AuthError as e:
         assert e.reason in auth.REASONS
+
+
+def test_acceptor_serves_an_authenticated_peer_while_others_stall():
+    """Silent peers fill the pending handshakes (the next is refused as busy), yet a peer with
+    the key that comes once one expired is handed over; nothing reaches the transport unproven."""
+    from dataplane._native import ffi
+
+    key = generate_key()
+    counts = ffi.new("struct dp_auth_counters *")
+    lines: list[str] = []
+    ls = socket.create_server(("127.0.0.1", 0))
+    acc = auth.Acceptor(ls, key, "collector", auth.AuthBook(counts, "collector", lines.append),
+                        max_pending=2, timeout=1.0).start()
+    silent = [socket.create_connection(ls.getsockname()) for _ in range(3)]
+    try:
+        with pytest.raises(Exception):          # noqa: B017 - nothing comes out unproven
+            acc.ready.get(timeout=0.3)
+        deadline = time.monotonic() + 10
+        while counts.failures[auth.REASONS.index("busy")] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert counts.failures[auth.REASONS.index("busy")] == 1
+        while counts.failures[auth.REASONS.index("timeout")] < 2 and \
+                time.monotonic() < deadline:   # the two silent ones time out, freeing slots
+            time.sleep(0.01)
+        with socket.create_connection(ls.getsockname()) as c:
+            assert authenticate_client(c, key, "to-collector") == "collector"
+            sock, peer, _ = acc.ready.get(timeout=10)
+            assert peer == "to-collector"
+            sock.close()
+        assert counts.ok == 1
+        assert counts.failures[auth.REASONS.index("timeout")] == 2   # the two that held a slot
+    finally:
+        for s in silent:
+            s.close()
+        acc.close()
+        ls.close()
+    assert any("busy" in ln for ln in lines)

@@ -38,11 +38,15 @@ import base64
 import hashlib
 import hmac
 import os
+import queue
 import secrets
+import select
 import socket
 import stat
 import struct
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MAGIC = b"DPAUTH1\n"
@@ -253,3 +257,75 @@ class AuthBook:
         self._last[err.reason] = now
         more = f" ({quiet} more like it not logged)" if quiet else ""
         self.log(f"transport {self.name}: {addr} failed authentication: {err}{more}")
+
+
+Ready = Callable[[socket.socket, str, str], None]   # (authenticated socket, peer name, address)
+
+
+class Acceptor:
+    """The listening end's front door, shared by both transports: accepts on `lsock` in a
+    thread of its own and authenticates each connection in a short-lived thread, at most
+    `max_pending` at once (more are closed unheard and counted as "busy"), each within auth's
+    deadline.  Only an authenticated connection reaches the transport: `on_ready(sock, peer,
+    addr)` or, without one, the `ready` queue.  So a newcomer never displaces the current sender
+    before it proved the key, and a peer that connects and says nothing holds one pending slot
+    for `timeout` seconds, never the data path."""
+
+    def __init__(self, lsock: socket.socket, key: bytes | None, name: str, book: AuthBook,
+                 on_ready: Ready | None = None, max_pending: int = 8,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.lsock, self.key, self.name, self.book = lsock, key, name, book
+        self.ready: queue.SimpleQueue[tuple[socket.socket, str, str]] = queue.SimpleQueue()
+        self.on_ready = on_ready or (lambda sock, peer, addr: self.ready.put((sock, peer, addr)))
+        self.max_pending, self.timeout = max_pending, timeout
+        self._pending = threading.BoundedSemaphore(max_pending)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"auth-{name}", daemon=True)
+
+    def start(self) -> Acceptor:
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not select.select([self.lsock], [], [], 0.2)[0]:
+                continue
+            try:
+                conn, addr = self.lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            where = f"{addr[0]}:{addr[1]}"
+            if not self._pending.acquire(blocking=False):
+                conn.close()
+                self.book.failed(AuthError("busy", f"{self.max_pending} handshakes already "
+                                           "pending"), where)
+                continue
+            threading.Thread(target=self._handshake, args=(conn, where), daemon=True).start()
+
+    def _handshake(self, conn: socket.socket, where: str) -> None:
+        try:
+            conn.setblocking(True)
+            peer = authenticate_server(conn, self.key, self.name, self.timeout)
+        except AuthError as e:
+            conn.close()
+            self.book.failed(e, where)
+            return
+        finally:
+            self._pending.release()
+        if self._stop.is_set():
+            conn.close()
+            return
+        self.book.ok(peer, where)
+        self.on_ready(conn, peer, where)
+
+    def close(self) -> None:
+        """Stop accepting; connections authenticated but not taken are closed."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        while not self.ready.empty():
+            self.ready.get_nowait()[0].close()
