@@ -16,14 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from dataplane.config.tables import Table, checks
+from dataplane.host.files import dir_problem
 from dataplane.host.journal import DEFAULT_DIR
+from dataplane.host.profile import ProfileError, load_profile
 from dataplane.host.settings import Bind, Host, Hugepages, normalise_pci
+from dataplane.host.sysctl import TuningError
 
 
 def parse(t: Table) -> Host:
     """Read the [host] table; problems go to t's problem list."""
     h = Host(
-        journal_dir=Path(t.get("journal_dir", str, str(DEFAULT_DIR), check=_abs_path)),
+        journal_dir=Path(t.get("journal_dir", str, str(DEFAULT_DIR), check=_journal_dir)),
         profile=t.get("profile", str, None, check=_profile),
         fq_interfaces=t.get("fq_interfaces", list, [], check=checks.names_list))
     for hp in t.tables("hugepages"):
@@ -54,10 +57,25 @@ def parse(t: Table) -> Host:
 
 
 def _profile(v: str) -> str | None:
-    """A profile name (config/profiles/NAME.toml) or an absolute path to a .toml file."""
+    """A profile name (config/profiles/NAME.toml) or an absolute path to a .toml file, that
+    loads: its sysctl keys stay inside /proc/sys and this kernel has them."""
     if v.startswith("/"):
-        return None if v.endswith(".toml") else "expected a profile name or a path to a .toml"
-    return checks.name(v)
+        if not v.endswith(".toml"):
+            return "expected a profile name or a path to a .toml"
+    elif checks.name(v):
+        return checks.name(v)
+    try:
+        load_profile(v)
+    except (ProfileError, TuningError) as e:
+        return str(e)
+    return None
+
+
+def _journal_dir(v: str) -> str | None:
+    """An absolute path to a directory root alone may write: it holds what root will undo."""
+    why = _abs_path(v) or dir_problem(Path(v))
+    return (f"{why}; journal_dir must be root's (the running user's) and writable by no one "
+            "else" if why else None)
 
 
 def _abs_path(v: str) -> str | None:

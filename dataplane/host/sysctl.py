@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dataplane.host import UNDO, PlanLine
+from dataplane.host.files import write_all
 
 PROC_SYS = Path("/proc/sys")
 CC_KEY = "net.ipv4.tcp_congestion_control"
@@ -39,8 +40,22 @@ class TuningError(RuntimeError):
 
 def path(key: str) -> Path:
     """net.core.rmem_max -> /proc/sys/net/core/rmem_max ('/' also accepted, as sysctl does,
-    for keys whose parts contain dots such as interface names: net/ipv4/conf/eth0.5/rp_filter)."""
-    return PROC_SYS / (key if "/" in key else key.replace(".", "/"))
+    for keys whose parts contain dots such as interface names: net/ipv4/conf/eth0.5/rp_filter).
+
+    Confined to /proc/sys: a key with an empty, "." or ".." part, or one whose real path (links
+    resolved) leaves /proc/sys, is refused (TuningError), so a profile cannot make root write
+    /etc/x through "../../etc/x"."""
+    rel = key if "/" in key else key.replace(".", "/")
+    parts = rel.split("/")
+    if not key or "\0" in key or any(x in ("", ".", "..") for x in parts):
+        raise TuningError(f"sysctl key {key!r}: not a key (an empty, '.' or '..' part); a key "
+                          "is like net.core.rmem_max or net/ipv4/conf/eth0.5/rp_filter")
+    p = PROC_SYS / rel
+    real = os.path.realpath(p)
+    if not real.startswith(f"{os.path.realpath(PROC_SYS)}/"):
+        raise TuningError(f"sysctl key {key!r}: resolves to {real}, outside {PROC_SYS}; "
+                          "refused")
+    return p
 
 
 def normalise(value: object) -> str:
@@ -56,7 +71,12 @@ def read(key: str) -> str:
 
 def write(key: str, value: object) -> None:
     try:
-        path(key).write_text(normalise(value) + "\n")
+        # O_NOFOLLOW: path() resolved the key a moment ago; never follow a link at write time
+        fd = os.open(path(key), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            write_all(fd, (normalise(value) + "\n").encode())
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise TuningError(missing(key)) from None
     except PermissionError:
@@ -129,6 +149,7 @@ class Sysctl:
     kind = "sysctl"
 
     def __init__(self, key: str, value: object):
+        path(key)                   # refuses a key outside /proc/sys before anything is planned
         self.key = key
         self.value = normalise(value)
 
