@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from dataplane.shm.arena import Arena
-from dataplane.shm.ring import RingReader
+from dataplane.shm.ring import RingCorrupted, RingReader
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class ConsumerLoop:
         self.descriptors = 0
         self.errors = 0
         self.last_error = ""
+        self.ring_faults: list[str] = []   # rings dropped as corrupted, why (also in errors)
 
     def set_sources(self, sources: Iterable[Source]) -> None:
         """Swap the rings drained (after a worker's arena was replaced): takes effect at the
@@ -82,7 +83,11 @@ class ConsumerLoop:
         for arena, ring in self.sources:
             budget = ring.size
             while budget > 0:
-                batch = ring.peek(min(self.max_batch, budget))
+                try:
+                    batch = ring.peek(min(self.max_batch, budget))
+                except RingCorrupted as e:   # that ring stops; the others go on
+                    self._ring_failed(ring, e)
+                    break
                 n = len(batch)
                 if n == 0:
                     break
@@ -99,6 +104,15 @@ class ConsumerLoop:
         self.passes += 1
         self.descriptors += total
         return total
+
+    def _ring_failed(self, ring: RingReader, e: RingCorrupted) -> None:
+        """Drop a corrupted ring from the sweep (replacing the list, as set_sources does), count
+        it and log it; its worker stops on its own check of the same indices."""
+        self.sources = [s for s in self.sources if s[1] is not ring]
+        self.ring_faults.append(str(e))
+        self.errors += 1
+        self.last_error = str(e)
+        log.error("ring stopped: %s", e)
 
     def _failed(self, consumer: Consumer, e: Exception) -> None:
         self.errors += 1

@@ -1,5 +1,10 @@
 """A worker's packet arena (native/include/dp_layout.h) from Python: create or map the file,
-check its header, reach its rings (dataplane/shm/ring.py) and counters (dtypes: layout.py)."""
+check its header, reach its rings (dataplane/shm/ring.py) and counters (dtypes: layout.py).
+
+Nothing in an existing file is trusted: it is opened without following a link, must be a
+regular file of the running user (or root) that nobody else may read or write, and every offset
+of its header must be the one C computes for the header's geometry (which ends at the file's
+size) before any view past the header is made."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dataplane._native import ffi, lib
+from dataplane.host.files import open_private
 from dataplane.host.hugepages import free_hugepages_2m, hugetlbfs_mounts
 from dataplane.shm.layout import (
     DESC_DTYPE,
@@ -83,7 +89,8 @@ class Arena:
         layout = cls.layout(geo)
         size = layout.arena_size
         path = Path(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
             os.fchmod(fd, 0o600)   # umask cannot widen it, but be explicit
             # the backing file's page: hugetlbfs reports its huge page as the block size,
@@ -105,12 +112,15 @@ class Arena:
     def open(cls, path: Path) -> Arena:
         check_layout()
         path = Path(path)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = open_private(path, os.O_RDWR)   # no link, ours or root's, nobody else may write
         try:
             st = os.fstat(fd)
             if stat.S_IMODE(st.st_mode) & 0o077:
                 raise LayoutError(f"{path}: mode {stat.S_IMODE(st.st_mode):o} lets other users in; "
                                   "arenas are created 0600")
+            if st.st_size < ffi.sizeof("struct dp_arena"):
+                raise LayoutError(f"{path}: {st.st_size} bytes, shorter than an arena header "
+                                  f"({ffi.sizeof('struct dp_arena')}): truncated or not an arena")
             mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
@@ -128,6 +138,36 @@ class Arena:
         if h.arena_size != len(self._mm):
             raise LayoutError(f"{self.path}: file is {len(self._mm)} bytes, header says "
                               f"{h.arena_size}")
+        self._verify_offsets()
+
+    def _verify_offsets(self) -> None:
+        """Every offset of the header is the one C computes for its geometry (so, with
+        arena_size equal to the file's size, each region lies inside the file), and each ring's
+        header agrees: checked before any view of rings, slots or the pool is made."""
+        h = self._hdr
+        want = ffi.new("struct dp_arena *")
+        # Python's ints do not wrap: a geometry whose slots alone pass the file's end is refused
+        # before C's u64 arithmetic could wrap it into plausible offsets
+        too_big = h.n_rings * h.ring_size * h.slot_size > len(self._mm)
+        if too_big or lib.dp_arena_layout(want, h.n_ports, h.n_rings, h.ring_size, h.slot_size,
+                                          h.pool_len) != 0:
+            raise LayoutError(f"{self.path}: impossible geometry in the header ({h.n_ports} "
+                              f"ports, {h.n_rings} rings of {h.ring_size}, slots of "
+                              f"{h.slot_size} bytes)")
+        for name in ("rings_off", "ring_stride", "slots_off", "pool_off", "pool_len",
+                     "arena_size"):
+            got, exp = getattr(h, name), getattr(want, name)
+            if got != exp:
+                raise LayoutError(f"{self.path}: header {name} is {got}, its geometry gives "
+                                  f"{exp} (file of {len(self._mm)} bytes)")
+        for i in range(h.n_rings):
+            r = lib.dp_arena_ring(ffi.cast("void *", h), i)
+            slots = h.slots_off + i * h.ring_size * h.slot_size
+            if r.size != h.ring_size or r.mask != h.ring_size - 1 or r.slots_off != slots \
+                    or r.port >= h.n_ports:
+                raise LayoutError(f"{self.path}: ring {i} header (size {r.size}, mask {r.mask}, "
+                                  f"slots at {r.slots_off}, port {r.port}) is not the arena's "
+                                  f"(size {h.ring_size}, slots at {slots}, {h.n_ports} ports)")
 
     # -- worker control, read at any time without locks --
     @property
@@ -144,6 +184,21 @@ class Arena:
 
     def worker_error(self) -> str:
         return ffi.string(self._hdr.error).decode(errors="replace")
+
+    def ring_faults(self) -> list[str]:
+        """Rings whose shared indices no worker and consumer could have left (cons ahead of
+        prod, or prod more than the ring ahead of cons), one line each; [] when none.  A worker
+        stopped on such a ring would stop again at once if restarted."""
+        out = []
+        for ring in self.rings:
+            r = ring.shared
+            prod, cons = r.prod, r.cons
+            if cons > prod:
+                out.append(f"ring {ring.index}: consumer index {cons} ahead of producer {prod}")
+            elif prod - cons > ring.size:
+                out.append(f"ring {ring.index}: consumer index {cons} more than the ring's "
+                           f"{ring.size} behind producer {prod}")
+        return out
 
     def request_stop(self) -> None:
         self._hdr.stop = 1

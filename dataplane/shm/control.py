@@ -1,5 +1,8 @@
 """A transport process's control file (struct dp_transport in native/include/dp_layout.h),
-mapped: state, stop, error and counters, shared by the process, its run and the scrape."""
+mapped: state, stop, error and counters, shared by the process, its run and the scrape.
+
+An existing file is not trusted: opened without following a link, a regular file of the running
+user (or root) nobody else may write, exactly one struct long, before it is mapped."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from dataplane._native import ffi, lib
+from dataplane.host.files import open_private
 from dataplane.shm.layout import (
     RDMA_COUNTERS,
     TRANSPORT_COUNTERS,
@@ -22,8 +26,10 @@ from dataplane.shm.layout import (
 
 
 def control_path(name: str) -> str:
-    """Where a run keeps transport NAME's control file (its receiver arena: without .ctl)."""
-    return f"/dev/shm/dataplane-transport-{name}.ctl"
+    """Where a run keeps transport NAME's control file (its receiver arena: without .ctl).
+    "dataplane." then the kind: a worker's arena is "dataplane-NAME", and no name has a dot
+    (config checks.label), so no worker, transport or receiver arena shares a file."""
+    return f"/dev/shm/dataplane.transport.{name}.ctl"
 
 
 class Control:
@@ -34,11 +40,15 @@ class Control:
         check_layout()
         self.path = Path(path)
         size = ffi.sizeof("struct dp_transport")
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(self.path, flags, 0o600)
+        # O_EXCL refuses an existing file or link; open_private a link, a stranger's file, or
+        # one others may write
+        fd = open_private(self.path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0))
         try:
             if create:
                 os.ftruncate(fd, size)
+            elif os.fstat(fd).st_size != size:
+                raise LayoutError(f"{self.path}: {os.fstat(fd).st_size} bytes, a version "
+                                  f"{lib.DP_TRANSPORT_VERSION} transport control file has {size}")
             self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)

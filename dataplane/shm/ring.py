@@ -1,5 +1,9 @@
 """The consumer side of a ring (native/include/dp_ring.h) from Python: peek a batch as a numpy view,
 release it, with a cached producer index; and slot_address(), where ring position i's slot is.
+
+The producer index is another process's shared memory and is never taken on its word: each read
+must not go back and must stay within one ring of the consumer index (dp_ring.h checks the same
+in C).  An impossible value raises RingCorrupted; the reader stays stopped from then on.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ def slot_address(slots_off: int, slot_size: int, pos: np.ndarray | int) -> np.nd
     """Arena offsets of the copy-mode slots of ring positions `pos` (already masked): slot i <->
     ring position i, slot_size apart from the ring's slots_off (native/include/dp_layout.h)."""
     return np.uint64(slots_off) + np.asarray(pos, dtype=np.uint64) * np.uint64(slot_size)
+
+
+class RingCorrupted(RuntimeError):
+    """A ring's shared indices are impossible (prod behind what was seen, or more than the ring
+    ahead of cons): corrupted memory or a foreign writer.  Nothing more is read from that ring."""
 
 
 class RingReader:
@@ -52,6 +61,12 @@ class RingReader:
                                    offset=off + ffi.offsetof("struct dp_ring", "c"))
         self.cons = self._ring.cons
         self._prod_cache = self.cons
+        self.fault = ""        # why the ring was found corrupted; sticky
+
+    def _corrupted(self, why: str) -> RingCorrupted:
+        self.fault = (f"{self.arena.path} ring {self.index} (port {self.port} queue "
+                      f"{self.queue}): {why} (corrupted or foreign writer)")
+        return RingCorrupted(self.fault)
 
     @property
     def shared(self):
@@ -59,15 +74,27 @@ class RingReader:
         return self._ring
 
     def refresh(self) -> int:
-        """Read the producer index (acquire: the descriptors before it are visible), cache it."""
-        self._prod_cache = lib.dp_ring_load_prod(self._ring)
-        return self._prod_cache
+        """Read the producer index (acquire: the descriptors before it are visible), check it
+        (never back, at most size ahead of cons: else RingCorrupted), cache it."""
+        if self.fault:
+            raise RingCorrupted(self.fault)
+        prod = lib.dp_ring_load_prod(self._ring)
+        if prod < self.cons:
+            raise self._corrupted(f"producer index {prod} behind consumer {self.cons}")
+        if prod < self._prod_cache:
+            raise self._corrupted(f"producer index {prod} went back from {self._prod_cache} "
+                                  f"(consumer {self.cons})")
+        if prod - self.cons > self.size:
+            raise self._corrupted(f"producer index {prod} more than the ring's {self.size} "
+                                  f"ahead of consumer {self.cons}")
+        self._prod_cache = prod
+        return prod
 
     def ready(self, start: int | None = None) -> int:
         """Descriptors ready from ring index `start` (default: the oldest not released); the
         shared producer index is read only when the cached one has nothing more."""
         at = self.cons if start is None else start
-        if self._prod_cache == at:
+        if self._prod_cache == at or self.fault:
             self.refresh()
         return self._prod_cache - at
 

@@ -142,7 +142,11 @@ class Supervisor:
             log.warning("worker %s %s", w.name, why)
             self._reap(w)
             recent = [t for t in w.starts if now - t < self.restart_window]
-            if state == "failed" and rc == 2 and len(w.starts) == 1:
+            faults = w.arena.ring_faults() if state == "failed" else []
+            if faults:   # a restart would stop at once on the same indices
+                w.gave_up = ("stopped: shared memory corrupted: "
+                             f"{w.arena.worker_error() or '; '.join(faults)}")
+            elif state == "failed" and rc == 2 and len(w.starts) == 1:
                 w.gave_up = f"set-up failed: {w.arena.worker_error()}"
             elif len(recent) >= self.max_restarts:
                 w.gave_up = (f"{len(recent)} starts in {self.restart_window:.0f} s; "

@@ -77,12 +77,21 @@ void dp_ring_store_prod(struct dp_ring *r, uint64_t prod)
 
 void *dp_arena_map(const char *path, uint64_t *len_out)
 {
-    int fd = open(path, O_RDWR | O_CLOEXEC);
+    /* Not through a link (ELOOP), and only a regular file of ours or root's that nobody else
+     * may touch (EPERM), at least one header long (EINVAL): the same as Arena.open. */
+    int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
         return NULL;
     struct stat st;
     if (fstat(fd, &st) < 0) {
         close(fd);
+        return NULL;
+    }
+    int why = !S_ISREG(st.st_mode) || (size_t)st.st_size < sizeof(struct dp_arena) ? EINVAL :
+              (st.st_uid != 0 && st.st_uid != geteuid()) || (st.st_mode & 077) ? EPERM : 0;
+    if (why) {
+        close(fd);
+        errno = why;
         return NULL;
     }
     size_t len = (size_t)st.st_size;
@@ -119,14 +128,19 @@ int dp_arena_unmap(void *base, uint64_t len)
 /* A dead predecessor may have left descriptors the consumer has not given back yet; their
  * frames live in slots or buffers the new worker is about to reuse, and cons belongs to the
  * consumer: so wait for it to catch up, beating the heart meanwhile, and never write cons.
- * Returns 0 when drained, -1 after `seconds`, -2 when told to stop; *left: still held. */
+ * Returns 0 when drained, -1 after `seconds`, -2 when told to stop, -3 at once when prod - cons
+ * is more than the ring holds (cons ahead of prod, or far behind it: no wait would end that);
+ * *left: still held. */
 int dp_ring_wait_drained(void *base, uint32_t i, uint32_t seconds, uint64_t *left)
 {
     struct dp_arena *a = base;
     struct dp_ring *r = dp_arena_ring(base, i);
     uint64_t deadline = dp_mono_ns() + seconds * 1000000000ull;
-    while (__atomic_load_n(&r->cons, __ATOMIC_ACQUIRE) != r->prod) {
-        *left = r->prod - r->cons;
+    uint64_t cons;
+    while ((cons = __atomic_load_n(&r->cons, __ATOMIC_ACQUIRE)) != r->prod) {
+        *left = r->prod - cons;
+        if (*left > r->size)
+            return -3;
         if (a->stop)
             return -2;
         if (dp_mono_ns() > deadline)

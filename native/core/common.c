@@ -1,6 +1,7 @@
 /* common.c: recording a failure and attaching a worker to its arena (dp_common.h), the set-up
  * both workers (DPDK and io_uring) share. */
 #include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "dp_common.h"
@@ -29,6 +30,33 @@ int dp_worker_fail(struct dp_arena *a, const struct dp_worker_config *cfg, const
     return -1;
 }
 
+void dp_ring_why(char *out, unsigned long len, int producer_side, uint64_t bad, uint64_t mine,
+                 uint64_t last, uint32_t size)
+{
+    const char *of = producer_side ? "consumer" : "producer";
+    const char *me = producer_side ? "producer" : "consumer";
+    unsigned long long b = bad, m = mine, l = last;
+    int64_t ahead = (int64_t)(bad - mine);   /* of the other side's index over mine */
+    if (producer_side ? ahead > 0 : ahead < 0)
+        snprintf(out, len, "%s index %llu %s %s %llu", of, b, producer_side ? "ahead of" :
+                 "behind", me, m);
+    else if ((producer_side ? mine - bad : bad - mine) > size)
+        snprintf(out, len, "%s index %llu more than the ring's %u %s %s %llu", of, b, size,
+                 producer_side ? "behind" : "ahead of", me, m);
+    else
+        snprintf(out, len, "%s index %llu went back from %llu (%s %llu)", of, b, l, me, m);
+    size_t n = strlen(out);
+    snprintf(out + n, len - n, " (corrupted or foreign writer)");
+}
+
+int dp_worker_ring_fault(struct dp_arena *a, const struct dp_worker_config *cfg, const char *kind,
+                         uint32_t i, const struct dp_prod *p)
+{
+    char why[DP_ERR_LEN];
+    dp_ring_why(why, sizeof(why), 1, p->bad, p->prod, p->cons_cache, p->size);
+    return dp_worker_fail(a, cfg, kind, "ring %u: %s", i, why);
+}
+
 int dp_worker_attach(struct dp_arena *a, const struct dp_worker_config *cfg, const char *kind,
                      uint32_t max_burst, uint32_t max_ring_size, struct dp_prod *prod)
 {
@@ -53,7 +81,17 @@ int dp_worker_attach(struct dp_arena *a, const struct dp_worker_config *cfg, con
     for (uint32_t i = 0; i < a->n_rings; i++) {
         struct dp_ring *r = dp_arena_ring(a, i);
         uint64_t left;
+        if (r->size != a->ring_size || r->mask != r->size - 1 ||
+            r->slots_off != a->slots_off + (uint64_t)i * a->ring_size * a->slot_size)
+            return dp_worker_fail(a, cfg, kind, "ring %u: size %u mask %u slots at %llu, the "
+                                  "arena says size %u (corrupted or foreign writer)", i, r->size,
+                                  r->mask, (unsigned long long)r->slots_off, a->ring_size);
         int rc = dp_ring_wait_drained(a, i, DP_DRAIN_WAIT_S, &left);
+        if (rc == -3) {   /* impossible indices: waiting would not end it */
+            char why[DP_ERR_LEN];
+            dp_ring_why(why, sizeof(why), 1, r->cons, r->prod, r->prod, r->size);
+            return dp_worker_fail(a, cfg, kind, "ring %u: %s", i, why);
+        }
         if (rc < 0)
             return dp_worker_fail(a, cfg, kind, "ring %u (port %u queue %u): consumer still "
                                   "holds %lu descriptors of a previous worker %s", i, r->port,

@@ -22,19 +22,19 @@
 /* ---- receive ---- */
 
 /* Free the mbufs behind ring positions the consumer has given back.  Called before every RX
- * burst, so even a pool drained to zero (rx_burst returning nothing) refills. */
+ * burst, so even a pool drained to zero (rx_burst returning nothing) refills.  Only up to a
+ * checked cons (dp_ring.h): freed <= cons_cache <= prod, so no mbuf is freed twice, and after a
+ * fault nothing more is freed (the loop then stops the worker). */
 static inline void dpw_reclaim(struct dpw_ring *q)
 {
-    if (q->freed == q->p.prod)
+    if (q->freed == q->p.prod || dp_prod_load_cons(&q->p) < 0)
         return;
-    /* acquire: the consumer's reads of these frames happen before we recycle the mbufs */
-    uint64_t cons = __atomic_load_n(&q->r->cons, __ATOMIC_ACQUIRE);
-    q->p.cons_cache = cons;
+    uint64_t cons = q->p.cons_cache;
     while (q->freed != cons) {
-        uint32_t pos = (uint32_t)(q->freed & q->r->mask);
+        uint32_t pos = (uint32_t)(q->freed & (q->p.size - 1));
         uint32_t n = (uint32_t)(cons - q->freed);
-        if (n > q->r->size - pos)
-            n = q->r->size - pos;
+        if (n > q->p.size - pos)
+            n = q->p.size - pos;
         rte_pktmbuf_free_bulk(&q->shadow[pos], n);
         q->freed += n;
     }
@@ -58,10 +58,10 @@ static inline int dpw_describe(struct dpw *w, struct dpw_ring *q, struct rte_mbu
     int copy = !w->zero_copy || len <= w->cfg->copybreak;
     if (!copy) {
         addr = (uint64_t)(frame - (const uint8_t *)w->base);
-        q->shadow[idx & q->r->mask] = m;
+        q->shadow[idx & (q->p.size - 1)] = m;
     } else {
         if (w->zero_copy)
-            q->shadow[idx & q->r->mask] = NULL;   /* nothing to free on release */
+            q->shadow[idx & (q->p.size - 1)] = NULL;   /* nothing to free on release */
         addr = dp_ring_slot(w->a, q->r, idx);
         if (len > w->a->slot_size) {
             len = w->a->slot_size;
@@ -174,8 +174,20 @@ static inline uint32_t dpw_gen(struct dpw *w, struct dpw_gen *g, uint64_t now)
 
 /* ---- the loop ---- */
 
-static void dpw_loop(struct dpw *w, struct dpw_gen *g)
+/* A ring whose consumer index was impossible (dp_ring.h) stops the worker: 0, or -1 with the
+ * error recorded.  Checked with the periodic work: until then the ring only drops. */
+static int dpw_check_rings(struct dpw *w)
 {
+    for (uint32_t i = 0; i < w->n_rings; i++)
+        if (w->ring[i].p.fault)
+            return dp_worker_ring_fault(w->a, w->cfg, "dpdk", i, &w->ring[i].p);
+    return 0;
+}
+
+/* Until stopped (0), or until a ring's consumer index is impossible (-1, recorded). */
+static int dpw_loop(struct dpw *w, struct dpw_gen *g)
+{
+    int rc = 0;
     struct dp_arena *a = w->a;
     uint64_t hz = rte_get_tsc_hz(), tick = hz / 100, idle_after = hz / 1000;
     uint64_t prev = rte_rdtsc(), next_tick = prev, last_move = prev;
@@ -203,6 +215,8 @@ static void dpw_loop(struct dpw *w, struct dpw_gen *g)
             loops = busy = total = 0;
             dp_heartbeat(&a->heartbeat_ns);
             dpw_nic_stats(w);
+            if ((rc = dpw_check_rings(w)) < 0)
+                break;
             if (g->on && !g->link_up) {   /* memif: nobody to send to before the peer connects */
                 struct rte_eth_link link;
                 if (rte_eth_link_get_nowait(g->port_id, &link) == 0 && link.link_status) {
@@ -218,6 +232,7 @@ static void dpw_loop(struct dpw *w, struct dpw_gen *g)
     a->loops += loops;
     a->busy_cycles += busy;
     a->total_cycles += total;
+    return rc;
 }
 
 int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg)
@@ -234,8 +249,10 @@ int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg)
         return -1;
     }
     __atomic_store_n(&w.a->state, DP_W_RUNNING, __ATOMIC_RELEASE);
-    dpw_loop(&w, &g);
+    int rc = dpw_loop(&w, &g);
     dpw_close(&w);
+    if (rc < 0)
+        return -1;   /* failed, the reason in the arena's error */
     __atomic_store_n(&w.a->state, DP_W_STOPPED, __ATOMIC_RELEASE);
     return 0;
 }

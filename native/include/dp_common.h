@@ -62,11 +62,17 @@ int dp_vfail(char *error, volatile uint32_t *state, const char *who, const char 
 int dp_worker_fail(struct dp_arena *a, const struct dp_worker_config *cfg, const char *kind,
                    const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
+/* A worker's ring i gave an impossible consumer index (p->fault): "ring <i>: <why>" recorded as
+ * dp_worker_fail does.  Returns -1. */
+int dp_worker_ring_fault(struct dp_arena *a, const struct dp_worker_config *cfg, const char *kind,
+                         uint32_t i, const struct dp_prod *p);
+
 /* Attach a worker to its arena: check cfg's ports and burst (1..max_burst) and the arena's
  * ring size (at most max_ring_size) against the arena, record pid and DP_W_STARTING, and for
  * every ring wait until the consumer released what a dead predecessor published there (its
  * frames live in slots or buffers this worker is about to reuse, and cons is the consumer's:
- * never written here), then check the ring's (port, queue) against cfg and start prod[i] on it.
+ * never written here; indices that cannot be a ring's, or a size or slots that are not the
+ * arena's, fail at once), then check the ring's (port, queue) against cfg and start prod[i].
  * 0, or -1 after dp_worker_fail. */
 int dp_worker_attach(struct dp_arena *a, const struct dp_worker_config *cfg, const char *kind,
                      uint32_t max_burst, uint32_t max_ring_size, struct dp_prod *prod);

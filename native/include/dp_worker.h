@@ -9,6 +9,11 @@
 
 /* cffi: begin */
 #define DP_NAME_LEN   128
+/* Limits a worker refuses beyond (dp_worker_attach); the config checks them through cffi. */
+#define DP_MAX_BURST  256         /* packets per burst: the workers' on-stack mbuf/CQE arrays */
+#define DP_URING_MAX_BUFS 32768   /* io_uring's provided-buffer ring: the kernel refuses 65536
+                                     entries or more, and a power of two below that is 32768;
+                                     the io_uring worker's slots are its buffers: ring_size */
 #define DP_TMPL_MAX   2048
 #define DP_EAL_ARGS   48
 
@@ -56,7 +61,9 @@ struct dp_worker_config {
     const char *eal_argv[DP_EAL_ARGS];  /* built by Python as a list, never by a shell */
 };
 
-/* Map an arena file MAP_SHARED; the pool region ends up 2 MB aligned.  NULL + errno on error. */
+/* Map an arena file MAP_SHARED; the pool region ends up 2 MB aligned.  NULL + errno on error:
+ * ELOOP a symbolic link, EPERM not ours or root's or open to others, EINVAL not a regular file
+ * or shorter than a header. */
 void *dp_arena_map(const char *path, uint64_t *len_out);
 int   dp_arena_unmap(void *base, uint64_t len);
 
@@ -70,7 +77,8 @@ void  dp_arena_format(void *base, const struct dp_arena *layout, const uint16_t 
 struct dp_ring *dp_arena_ring(void *base, uint32_t i);
 
 /* Wait (heartbeat beating) until the consumer released what a dead predecessor published on
- * ring i.  0: drained; -1: not after `seconds`; -2: told to stop.  *left: still held. */
+ * ring i.  0: drained; -1: not after `seconds`; -2: told to stop; -3: prod - cons is more than
+ * the ring holds (corrupted).  *left: still held. */
 int dp_ring_wait_drained(void *base, uint32_t i, uint32_t seconds, uint64_t *left);
 
 /* Consumer side for Python: one call per batch, with the same barriers as dp_ring.h. */

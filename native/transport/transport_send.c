@@ -490,6 +490,11 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
         int busy = 0;
         if (!stop && x.hello && !x.cur && x.tail - x.head < cfg->max_inflight)
             busy |= tx_take(&x);
+        if (x.c.fault) {   /* the worker's prod was impossible (dp_ring.h): read nothing on */
+            char why[DP_ERR_LEN];
+            dp_ring_why(why, sizeof(why), 0, x.c.bad, x.c.cons, x.c.prod_cache, x.c.size);
+            return dp_t_fail(t, "ring %u: %s", ring, why);
+        }
         if (x.hello && x.cur && tx_push(&x) < 0)
             continue;
         if (x.e.fd >= 0 && x.have_uring)

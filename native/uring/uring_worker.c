@@ -36,19 +36,19 @@ static inline uint64_t cycles(void)
 #endif
 }
 
-/* Give back the buffers behind ring positions the consumer has released. */
+/* Give back the buffers behind ring positions the consumer has released: only up to a checked
+ * cons (dp_ring.h), returned <= cons_cache <= prod, so no buffer id goes back to the kernel
+ * twice; after a fault none does (the loop then stops the worker). */
 static inline void urw_reclaim(struct urw *w, struct urw_ring *q)
 {
-    if (q->returned == q->p.prod)
+    if (q->returned == q->p.prod || dp_prod_load_cons(&q->p) < 0)
         return;
-    /* acquire: the consumer's reads of these frames happen before the kernel may refill them */
-    uint64_t cons = __atomic_load_n(&q->r->cons, __ATOMIC_ACQUIRE);
-    q->p.cons_cache = cons;
+    uint64_t cons = q->p.cons_cache;
     uint32_t n = (uint32_t)(cons - q->returned);
     if (n == 0)
         return;
     for (uint32_t i = 0; i < n; i++)
-        urw_give_back(w, q, q->bid[(q->returned + i) & q->r->mask], i);
+        urw_give_back(w, q, q->bid[(q->returned + i) & (q->p.size - 1)], i);
     io_uring_buf_ring_advance(q->br, (int)n);   /* release store: the kernel sees them now */
     q->returned = cons;
 }
@@ -56,7 +56,7 @@ static inline void urw_reclaim(struct urw *w, struct urw_ring *q)
 /* (Re-)submit the multishot receive, once the kernel has at least one buffer to fill. */
 static inline void urw_arm(struct urw *w, struct urw_ring *q, uint32_t i)
 {
-    if (q->p.prod - q->returned >= q->r->size)
+    if (q->p.prod - q->returned >= q->p.size)
         return;   /* every slot is with the consumer: arming would only end in ENOBUFS again */
     struct io_uring_sqe *sqe = io_uring_get_sqe(&w->uring);
     if (sqe == NULL)
@@ -86,7 +86,7 @@ static inline void urw_describe(struct urw *w, struct urw_ring *q, uint16_t bid,
         len = w->a->slot_size;
         flags |= DP_F_TRUNCATED;
     }
-    q->bid[idx & q->r->mask] = bid;
+    q->bid[idx & (q->p.size - 1)] = bid;
     /* UDP: the datagram's payload, l4proto 17, not parsed */
     dp_describe(d, frame, addr, len, flags, ns, q->port, q->queue,
                 q->kind == URW_RAW ? 0 : 17, c);
@@ -121,7 +121,7 @@ static uint32_t urw_reap(struct urw *w)
             continue;
         }
         uint16_t bid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
-        if (q->p.prod + q->n - q->p.cons_cache >= q->r->size &&
+        if (q->p.prod + q->n - q->p.cons_cache >= q->p.size &&
             dp_ring_reserve(&q->p, q->n + 1) < q->n + 1) {
             /* cannot happen while kernel-held + published = ring_size; never overwrite */
             q->r->c.ring_full_drops++;
@@ -172,8 +172,20 @@ static uint32_t urw_gen(struct urw *w, uint64_t now_ns)
     return (uint32_t)k;
 }
 
-static void urw_loop(struct urw *w)
+/* A ring whose consumer index was impossible (dp_ring.h) stops the worker: 0, or -1 with the
+ * error recorded.  Checked with the periodic work: until then the ring only drops. */
+static int urw_check_rings(struct urw *w)
 {
+    for (uint32_t i = 0; i < w->n_rings; i++)
+        if (w->ring[i].p.fault)
+            return dp_worker_ring_fault(w->a, w->cfg, "uring", i, &w->ring[i].p);
+    return 0;
+}
+
+/* Until stopped (0), or until a ring's consumer index is impossible (-1, recorded). */
+static int urw_loop(struct urw *w)
+{
+    int rc = 0;
     struct dp_arena *a = w->a;
     uint64_t prev = cycles(), loops = 0, busy = 0, total = 0;
     uint64_t t = dp_mono_ns(), next_tick = t, last_move = t;
@@ -207,6 +219,8 @@ static void urw_loop(struct urw *w)
             loops = busy = total = 0;
             dp_heartbeat(&a->heartbeat_ns);
             urw_sock_drops(w);
+            if ((rc = urw_check_rings(w)) < 0)
+                break;
         }
         /* idle: wait for a completion (or the nap's end) in the kernel instead of spinning */
         if (!moved && w->cfg->idle_sleep_us && t - last_move > 1000000ull) {
@@ -220,6 +234,7 @@ static void urw_loop(struct urw *w)
     a->loops += loops;
     a->busy_cycles += busy;
     a->total_cycles += total;
+    return rc;
 }
 
 int dp_uring_worker_run(void *arena_base, const struct dp_worker_config *cfg)
@@ -236,8 +251,10 @@ int dp_uring_worker_run(void *arena_base, const struct dp_worker_config *cfg)
         return -1;
     }
     __atomic_store_n(&w.a->state, DP_W_RUNNING, __ATOMIC_RELEASE);
-    urw_loop(&w);
+    int rc = urw_loop(&w);
     urw_close(&w);
+    if (rc < 0)
+        return -1;   /* failed, the reason in the arena's error */
     __atomic_store_n(&w.a->state, DP_W_STOPPED, __ATOMIC_RELEASE);
     return 0;
 }
