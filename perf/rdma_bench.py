@@ -98,7 +98,7 @@ def recv_role(device: str, port: int, slot: int, ring: int, warmup: float, secon
     from dataplane.transport.rdma import RdmaReceiver
     from dataplane.transport.rdma.process import IDLE_SLEEP_S
     a = make_arena("rx", ring, slot)
-    rx = RdmaReceiver(a, port=port, device=device)
+    rx = RdmaReceiver(a, port=port, device=device, key=None)
     r = a.rings[0]
 
     def loop() -> dict[str, Any]:
@@ -139,7 +139,7 @@ def send_role(device: str, host: str, port: int, slot: int, ring: int, msg: int,
     d["addr"] = r.slots(np.arange(ring))
     d["len"] = msg
     r.shared.prod = ring                        # full: every slot holds a frame to send
-    tx = RdmaSender(a, host=host, port=port, device=device)
+    tx = RdmaSender(a, host=host, port=port, device=device, key=None)
     tx.connect()
     until = time.monotonic() + limit
 

@@ -86,3 +86,11 @@ def test_rxe_wc_error_then_reconnect(guest):
     print(d)
     assert d["after_error"]["wc_errors"] == 1 and "status" in d["error"]
     assert d["sender"]["reconnects"] == 1 and d["receiver"]["packets"] == 600
+
+
+def test_rxe_rogue_peers_learn_nothing(guest):
+    """Peers without the key get no rkey and displace nobody; the real stream arrives whole."""
+    d = guest.ok("rogue_without_key")
+    print(d)
+    assert d["auth"]["ok"] == 1 and d["auth"]["bad_proof"] == 1 and d["auth"]["closed"] >= 1
+    assert d["sender"]["packets"] == 800 and d["sender"]["reconnects"] == 0

@@ -26,6 +26,7 @@ kind = "rdma"
 role = "send"
 from = "rx.in"
 peer = "10.9.9.1:18515"
+key_file = "/etc/dataplane/link.key"
 '''
 RECV = '''
 [[transport]]
@@ -33,6 +34,7 @@ name = "col"
 kind = "rdma"
 role = "recv"
 listen = "10.9.9.1:18515"
+key_file = "/etc/dataplane/link.key"
 '''
 
 

@@ -162,7 +162,7 @@ def parse_hello(msg: bytes, flags: int) -> tuple[bytes, str]:
     return nonce, name
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         left = deadline - time.monotonic()
@@ -181,7 +181,7 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     return bytes(buf)
 
 
-def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
+def send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
     sock.settimeout(max(deadline - time.monotonic(), 0.001))
     try:
         sock.sendall(data)
@@ -198,14 +198,14 @@ def authenticate_client(sock: socket.socket, key: bytes | None, name: str,
     deadline = time.monotonic() + timeout
     flags = INSECURE if key is None else 0
     hello = _hello(flags, secrets.token_bytes(NONCE), name)
-    _send(sock, hello, deadline)
-    challenge = _recv_exact(sock, CHALLENGE_SIZE, deadline)
+    send_all(sock, hello, deadline)
+    challenge = recv_exact(sock, CHALLENGE_SIZE, deadline)
     _, peer = parse_hello(challenge, flags)
     body, mac_s = challenge[:HELLO_SIZE], challenge[HELLO_SIZE:]
     if key is not None and not hmac.compare_digest(mac_s, _mac(key, b"server", hello, body)):
         raise AuthError("bad_proof", f"receiver {peer!r} does not hold our key")
-    _send(sock, _mac(key, b"client", hello, challenge), deadline)
-    if _recv_exact(sock, len(OK), deadline) != OK:
+    send_all(sock, _mac(key, b"client", hello, challenge), deadline)
+    if recv_exact(sock, len(OK), deadline) != OK:
         raise AuthError("bad_proof", f"receiver {peer!r} refused our proof")
     sock.settimeout(None)
     return peer
@@ -217,15 +217,15 @@ def authenticate_server(sock: socket.socket, key: bytes | None, name: str,
     the handshake's own messages is sent before that."""
     deadline = time.monotonic() + timeout
     flags = INSECURE if key is None else 0
-    hello = _recv_exact(sock, HELLO_SIZE, deadline)
+    hello = recv_exact(sock, HELLO_SIZE, deadline)
     _, peer = parse_hello(hello, flags)
     body = _hello(flags, secrets.token_bytes(NONCE), name)
     challenge = body + _mac(key, b"server", hello, body)
-    _send(sock, challenge, deadline)
-    proof = _recv_exact(sock, MAC, deadline)
+    send_all(sock, challenge, deadline)
+    proof = recv_exact(sock, MAC, deadline)
     if key is not None and not hmac.compare_digest(proof, _mac(key, b"client", hello, challenge)):
         raise AuthError("bad_proof", f"peer calling itself {peer!r} does not hold the key")
-    _send(sock, OK, deadline)
+    send_all(sock, OK, deadline)
     sock.settimeout(None)
     return peer
 
@@ -235,7 +235,10 @@ class AuthBook:
     process adds to the same counts) and logs failures rate-limited: a peer hammering the port
     costs one line per reason per `every` seconds, with the count of those not logged."""
 
-    def __init__(self, auth, name: str, log, every: float = 10.0) -> None:
+    def __init__(self, auth=None, name: str = "", log=print, every: float = 10.0) -> None:
+        if auth is None:            # counts of this process only (no control file)
+            from dataplane._native import ffi
+            auth = ffi.new("struct dp_auth_counters *")
         self.auth = auth            # the control file's struct dp_auth_counters (cffi)
         self.name = name
         self.log = log              # callable(str)

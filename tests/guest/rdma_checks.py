@@ -11,7 +11,9 @@ The receiver role and what else the pair checks share: tests/guest/rdma_common.p
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ from common import Checks  # tests/guest, the script's folder, is on sys.path
 from rdma_common import (
     FRAME,
     HOST,
+    KEY,
     fill,
     in_order,
     make_arena,
@@ -30,7 +33,8 @@ from rdma_common import (
     spawn,
 )
 
-from dataplane.transport.rdma import RdmaSender
+from dataplane.transport import auth
+from dataplane.transport.rdma import RdmaError, RdmaSender
 
 
 def collect(tx: RdmaSender, out: Path, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -50,7 +54,7 @@ def end_to_end() -> dict[str, Any]:
     p = spawn(18601, 1024, n - 1, 0, out)
     a = make_arena("tx1", 2048)
     fill(a, 0, n)
-    tx = RdmaSender(a, host=HOST, port=18601)
+    tx = RdmaSender(a, host=HOST, port=18601, key=KEY)
     t = time.monotonic()
     try:
         send_all(tx, a)
@@ -69,7 +73,7 @@ def credit_exhaustion() -> dict[str, Any]:
     p = spawn(18602, ring, n - 1, 1500, out)
     a = make_arena("tx2", 512)
     fill(a, 0, n)
-    tx = RdmaSender(a, host=HOST, port=18602)
+    tx = RdmaSender(a, host=HOST, port=18602, key=KEY)
     try:
         send_all(tx, a)
         assert p.wait(120) == 0
@@ -88,7 +92,7 @@ def peer_killed() -> dict[str, Any]:
     pa = spawn(port, 1024, 10 ** 9, 0, out_a)
     a = make_arena("tx3", 2048)
     fill(a, 0, n)
-    tx = RdmaSender(a, host=HOST, port=port)
+    tx = RdmaSender(a, host=HOST, port=port, key=KEY)
     pb = None
     try:
         run_sender(tx, lambda: tx.stats()["packets"] >= 400)
@@ -133,7 +137,7 @@ def wc_error_reconnect() -> dict[str, Any]:
     p = spawn(port, 256, n - 1, 0, out)
     a = make_arena("tx4", 1024)
     fill(a, 0, n, short)
-    tx = RdmaSender(a, host=HOST, port=port)
+    tx = RdmaSender(a, host=HOST, port=port, key=KEY)
     try:
         run_sender(tx, lambda: tx.stats()["packets"] >= 192)
         tx.peer["rkey"] ^= 0x5A5A
@@ -152,9 +156,54 @@ def wc_error_reconnect() -> dict[str, Any]:
     return {"error": err, "after_error": before, "sender": s, "receiver": got["stats"]}
 
 
+def rogue_without_key() -> dict[str, Any]:
+    """Peers without the key learn nothing (no rkey, no ring state) and displace nobody: one
+    that speaks the handshake with a guessed proof, one with a wrong key, one that connects and
+    says nothing; the real sender's stream arrives whole meanwhile."""
+    n, port = 800, 18605
+    out = Path(tempfile.mktemp(prefix="rx5-"))
+    p = spawn(port, 256, n - 1, 0, out)
+    a = make_arena("tx5", 1024)
+    fill(a, 0, n)
+    silent = socket.create_connection((HOST, port))
+    tx = RdmaSender(a, host=HOST, port=port, key=KEY)
+    try:
+        run_sender(tx, lambda: tx.stats()["packets"] >= 200)
+        with socket.create_connection((HOST, port)) as rogue:   # a guessed proof
+            rogue.sendall(auth._hello(0, os.urandom(auth.NONCE), "rogue"))
+            challenge = auth.recv_exact(rogue, auth.CHALLENGE_SIZE, time.monotonic() + 30)
+            rogue.sendall(bytes(auth.MAC))
+            rogue.settimeout(30)
+            after = rogue.recv(65536)
+        wrong = RdmaSender(make_arena("tx5w", 64), host=HOST, port=port, key=bytes(32))
+        try:
+            wrong.connect(timeout=5)
+            raise AssertionError("a sender with the wrong key connected")
+        except RdmaError as e:
+            refused = str(e)
+        finally:
+            wrong.close()
+        send_all(tx, a)
+        assert p.wait(120) == 0
+    finally:
+        silent.close()
+        p.kill()
+    got, s = collect(tx, out, n)
+    assert after == b"" and b"rkey" not in challenge, (after, challenge)
+    assert "authentication" in refused and "bad_proof" in refused, refused
+    assert s["reconnects"] == 0 and s["peer_errors"] == 0, s
+    assert got["stats"]["connects"] == 1, got["stats"]
+    # the guessed proof fails at the receiver; the wrong key fails at the sender first, which
+    # then hangs up (each of its connect attempts), both counted
+    assert got["auth"]["ok"] == 1 and got["auth"]["bad_proof"] == 1, got["auth"]
+    assert got["auth"]["closed"] >= 1, got["auth"]
+    return {"refused": refused, "auth": got["auth"], "sender": s}
+
+
 if __name__ == "__main__":
     checks = Checks(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/lab/results.json"),
                     "rdma-check")
-    for step in (end_to_end, credit_exhaustion, peer_killed, wc_error_reconnect):
+    for step in (end_to_end, credit_exhaustion, peer_killed, wc_error_reconnect,
+                 rogue_without_key):
         checks.run(step)
     sys.exit(checks.exit_code())

@@ -26,6 +26,7 @@ from dataplane._native import lib
 
 from dataplane.shm.arena import Arena, ArenaGeometry
 from dataplane.shm.layout import TRAILER_DTYPE as TRAILER
+from dataplane.transport.auth import REASONS
 from dataplane.transport.rdma import RdmaReceiver, RdmaSender
 
 MAGIC = lib.DP_GEN_MAGIC
@@ -69,12 +70,17 @@ def fill(a: Arena, seq0: int, n: int, length: int = FRAME) -> None:
     ring.prod = prod + n
 
 
+# The key of the test links: both ends (one guest or two) run these files.  Every check runs
+# authenticated, as a configured transport must; tests/guest/rdma_checks.py also tries without.
+KEY = bytes(range(32))
+
+
 # ---- the receiver role ----
 
 def receiver(port: int, ring_size: int, last: int, stall: int, out: Path,
              device: str = "rxe0") -> None:
     a = make_arena("rx", ring_size)
-    rx = RdmaReceiver(a, port=port, device=device)
+    rx = RdmaReceiver(a, port=port, device=device, key=KEY)
     r = a.rings[0]
     seqs: list[int] = []
     bad: list[str] = []
@@ -114,7 +120,10 @@ def receiver(port: int, ring_size: int, last: int, stall: int, out: Path,
     end = time.monotonic() + 60
     while rx.conn is not None and time.monotonic() < end:
         rx.poll()
-    out.write_text(json.dumps({"seqs": seqs, "bad": bad, "stall": info, "stats": rx.stats()}))
+    book = rx.acceptor.book.auth
+    auth = {"ok": int(book.ok), **{r: int(book.failures[i]) for i, r in enumerate(REASONS)}}
+    out.write_text(json.dumps({"seqs": seqs, "bad": bad, "stall": info, "stats": rx.stats(),
+                               "auth": auth}))
     rx.close()
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common import Checks  # tests/guest, the script's folder, is on sys.path
-from rdma_common import FRAME, fill, in_order, make_arena, run_sender, send_all, spawn
+from rdma_common import FRAME, KEY, fill, in_order, make_arena, run_sender, send_all, spawn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repo: scripts/
 
@@ -148,7 +148,7 @@ def _start(name: str, n: int, port: int, last: int, **kw: Any) -> tuple[Any, Rdm
     assert CTL.call("recv", name=name, port=port, ring=1024, last=last)["listening"]
     a = make_arena(f"tx-{name}", 4096)
     fill(a, 0, n)
-    return a, RdmaSender(a, host=PEER, port=port, device=DEVICE, **kw)
+    return a, RdmaSender(a, host=PEER, port=port, device=DEVICE, key=KEY, **kw)
 
 
 def _until_error(tx: RdmaSender, timeout: float = 60, pace: float = 0.0) -> float:

@@ -21,6 +21,8 @@ from typing import Any
 
 from common import Checks  # tests/guest, the script's folder, is on sys.path
 
+from dataplane.transport.auth import generate_key, write_key
+
 REPO = Path(__file__).resolve().parents[2]
 
 DATAPLANE = [str(Path(sys.executable).with_name("dataplane"))]   # the venv's console script
@@ -34,6 +36,7 @@ role = "send"
 from = "rx.in"
 peer = "10.9.9.1:{PORT}"
 device = "DEVICE"
+key_file = "KEY_FILE"
 
 [[transport]]
 name = "col"
@@ -42,6 +45,7 @@ role = "recv"
 listen = "10.9.9.1:{PORT}"
 label = "from-rx"
 device = "DEVICE"
+key_file = "KEY_FILE"
 """
 
 
@@ -52,7 +56,11 @@ def write_config(path: Path, count: int, rate: int, device: str = "rxe0") -> Pat
         assert old in text, old
         text = text.replace(old, new)
     # the uring backend: no EAL in a TCG guest; top-level keys come before the first table
-    path.write_text('backend = "uring"\n' + text + TRANSPORTS.replace("DEVICE", device))
+    key = path.with_suffix(".key")    # the link's key, as `dataplane transport keygen` makes it
+    if not key.exists():
+        write_key(key, generate_key())
+    path.write_text('backend = "uring"\n' + text + TRANSPORTS.replace("DEVICE", device)
+                    .replace("KEY_FILE", str(key)))
     return path
 
 

@@ -10,6 +10,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 # After the JSON exchange, the TCP socket carries fixed-size messages (kind, value):
@@ -121,8 +122,12 @@ class Link:
         a = QPAttr(qp_state=e.IBV_QPS_RTR)
         a.path_mtu, a.dest_qp_num, a.rq_psn = e.IBV_MTU_1024, remote["qpn"], 0
         a.max_dest_rd_atomic, a.min_rnr_timer = 1, 12
-        a.ah_attr = AHAttr(gr=GlobalRoute(dgid=GID(remote["gid"]), sgid_index=self.gidx),
-                           is_global=1, port_num=1)
+        try:
+            dgid = GID(remote["gid"])
+        except Exception as err:   # noqa: BLE001 - pyverbs' own errors for a bad GID
+            raise RdmaError(f"peer GID {remote['gid']!r}: {err}") from None
+        a.ah_attr = AHAttr(gr=GlobalRoute(dgid=dgid, sgid_index=self.gidx), is_global=1,
+                           port_num=1)
         self.qp.to_rtr(a)
         # ACK timeout 4.096 us * 2^16 = 268 ms, 6 retries: a peer is declared lost after ~2 s.
         # 12 (17 ms) x 3 gave false IBV_WC_RETRY_EXC_ERR on a healthy emulated link, whose ACKs
@@ -151,16 +156,56 @@ def split_msgs(buf: bytes) -> tuple[list[tuple[int, int]], bytes]:
     return [m for m in MSG.iter_unpack(buf[:k])], buf[k:]
 
 
-def send_json(sock: socket.socket, obj: dict[str, Any]) -> None:
-    sock.sendall(json.dumps(obj).encode() + b"\n")
+# The set-up exchange after the handshake (dataplane/transport/auth.py): JSON objects, each
+# behind its length (u32), at most JSON_MAX bytes, read with one deadline: a peer cannot make us
+# buffer more or wait longer, and nothing is read past the object (the fixed-size messages
+# follow on the same socket).
+JSON_LEN = struct.Struct("<I")
+JSON_MAX = 4096
 
 
-def recv_json(sock: socket.socket, timeout: float) -> dict[str, Any]:
-    sock.settimeout(timeout)
-    buf = b""
-    while not buf.endswith(b"\n"):
-        c = sock.recv(1)
-        if not c:
-            raise RdmaError("peer closed the connection during the exchange")
-        buf += c
-    return json.loads(buf)
+def send_json(sock: socket.socket, obj: dict[str, Any], timeout: float = 10.0) -> None:
+    from dataplane.transport.auth import AuthError, send_all
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    try:
+        send_all(sock, JSON_LEN.pack(len(body)) + body, time.monotonic() + timeout)
+    except AuthError as e:
+        raise RdmaError(f"sending the set-up: {e}") from None
+
+
+def recv_json(sock: socket.socket, timeout: float, schema: dict[str, type]) -> dict[str, Any]:
+    """One JSON object of the set-up, with every key of `schema` there and of its type (ints
+    0 <= v < 2**64, strings printable and short): RdmaError otherwise, never a KeyError."""
+    from dataplane.transport.auth import AuthError, recv_exact
+    deadline = time.monotonic() + timeout
+    try:
+        (n,) = JSON_LEN.unpack(recv_exact(sock, JSON_LEN.size, deadline))
+        if n > JSON_MAX:
+            raise RdmaError(f"set-up message of {n} bytes (at most {JSON_MAX})")
+        obj = json.loads(recv_exact(sock, n, deadline))
+    except AuthError as e:
+        raise RdmaError(f"during the set-up: {e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RdmaError(f"set-up message is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise RdmaError("set-up message is not a JSON object")
+    for k, kind in schema.items():
+        v = obj.get(k)
+        if kind is int:
+            ok = type(v) is int and 0 <= v < 1 << 64
+        elif kind is str:
+            ok = isinstance(v, str) and len(v) <= 128 and v.isprintable()
+        else:
+            ok = isinstance(v, kind)
+        if not ok:
+            raise RdmaError(f"set-up message: {k} = {json.dumps(v)[:40]}: expected "
+                            f"{kind.__name__}" + (" in [0, 2**64)" if kind is int else ""))
+    return obj
+
+
+# what each side says in the set-up (the receiver's greeting: dataplane/transport/rdma/receiver.py)
+QP_INFO = {"qpn": int, "gid": str}
+GREETING = {**QP_INFO, "slot_rkey": int, "slot_addr": int, "stage_rkey": int, "stage_addr": int,
+            "ring_size": int, "slot_size": int, "prod": int, "cons": int, "ring_id": str}
+MAX_REMOTE_RING = 1 << 20      # a sender keeps state per remote position: bounded
+MAX_REMOTE_SLOT = 1 << 20

@@ -29,6 +29,7 @@ from dataplane._native import lib
 from dataplane.shm.arena import Arena
 from dataplane.shm.control import Control
 from dataplane.shm.layout import RDMA_COUNTERS, TRANSPORT_COUNTERS
+from dataplane.transport.auth import AuthBook
 from dataplane.transport.process import RDMA_MODULE
 from dataplane.transport.spec import EXIT_SETUP_FAILED, TransportSpec, parse_spec
 
@@ -81,7 +82,8 @@ class _Books:
                  "credit_updates": s.get("credits_sent", s.get("credit_updates", 0)),
                  "mr_hits": cache["hits"], "mr_misses": cache["misses"],
                  "mr_evictions": cache["evictions"], "mr_reg_count": reg["count"],
-                 "mr_reg_ns": int(reg["sum"] * 1e9)}
+                 "mr_reg_ns": int(reg["sum"] * 1e9),
+                 "bad_descriptors": s.get("bad_descriptors", 0)}
         gauges = {"credits": max(s.get("credits", 0), 0), "qps": int(bool(s.get("connected"))),
                   "max_qp": max_qp, "mr_registered_bytes": cache["registered_bytes"],
                   "mr_budget_bytes": cache["budget"]}
@@ -102,10 +104,14 @@ def _error(ctl: Control, msg: str) -> None:
     ctl.hdr.error = msg.encode()[:255]
 
 
-def _open(spec: TransportSpec) -> tuple[Any, int]:
+def _open(spec: TransportSpec, ctl: Control) -> tuple[Any, int]:
     """The end the spec asks for, on its arena, and its device's max_qp; raises what set-up
-    raised (RdmaError, MemlockError, OSError, pyverbs errors)."""
+    raised (KeyFileError, RdmaError, MemlockError, OSError, pyverbs errors)."""
     from dataplane.transport.rdma import RdmaError, RdmaReceiver, RdmaSender
+    key = spec.load_key()     # first: a bad key file fails before the device is touched
+    ctl.hdr.auth.insecure = int(key is None)
+    book = AuthBook(ctl.hdr.auth, spec.name, lambda line: print(line, file=sys.stderr))
+    auth = {"key": key, "name": spec.name, "book": book}
     why = check_device(spec.device)
     if why:
         raise RdmaError(why)
@@ -113,10 +119,10 @@ def _open(spec: TransportSpec) -> tuple[Any, int]:
     end: Any
     if spec.role == "recv":
         end = RdmaReceiver(arena, ring=spec.ring, port=spec.tcp_port, host=spec.host,
-                           device=spec.device)
+                           device=spec.device, **auth)
     else:
         end = RdmaSender(arena, ring=spec.ring, host=spec.host, port=spec.tcp_port,
-                         device=spec.device, max_batch=spec.max_batch)
+                         device=spec.device, max_batch=spec.max_batch, **auth)
     try:
         return end, int(end.ctx.query_device().max_qp)
     except BaseException:
@@ -187,7 +193,7 @@ def run(spec: TransportSpec) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        end, max_qp = _open(spec)
+        end, max_qp = _open(spec, ctl)
     except Exception as err:   # noqa: BLE001 - RdmaError, MemlockError, OSError, pyverbs errors
         msg = f"transport {spec.name}: {err}"
         _error(ctl, msg)

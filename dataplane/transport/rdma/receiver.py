@@ -1,7 +1,7 @@
 """RDMA RC transport between two arenas through pyverbs: a ring of one arena (the sender's) is
 carried into a ring of another (the receiver's), frames and descriptors written by the NIC.
 
-    rx = RdmaReceiver(arena, ring=0, port=18515)       # registers ring + slots once, listens
+    rx = RdmaReceiver(arena, ring=0, port=18515)       # registers slots + staging, listens
     while ...: rx.poll()                                # accept, publish, return credits
     tx = RdmaSender(local_arena, ring=0, host="10.9.9.1", port=18515)
     while ...: tx.poll()                                # reap, post batches, release in order
@@ -12,8 +12,8 @@ both
 share (QP, errors, the QP budget) in dataplane/transport/rdma/link.py; all are importable from here.
 
 Connection set-up: a small TCP exchange, not rdma_cm.  The receiver listens; per connection it
-makes a new RC QP and sends one JSON line (QPN, GID, rkey, virtual addresses of its ring's
-descriptor array and slot 0, the slots' arena offset, ring size, slot size, its prod and cons);
+makes a new RC QP and sends one JSON line (QPN, GID, the rkey and address of its ring's slots
+and of its descriptor staging area, ring size, slot size, its prod and cons, ring id);
 the sender answers with its QPN and GID, both move their QP to RTS, the receiver says "ready".
 Why TCP: rdma_cm does not work on lo (and needs an IP route to an RDMA device even when both
 ends are in one host); a TCP socket works everywhere the control plane already does, it is ~40
@@ -29,12 +29,18 @@ chain of work requests:
     one SGE (whole slots: the padding is written too) up to 256 KB, the next WR after that;
     otherwise one WR per frame (an SGE list would pack the frames back to back remotely, not
     slot-aligned).  Unsignaled.
-  - descriptors: copied to a registered staging row with `addr` rewritten to the receiver's
-    slot offsets (numpy, no per-packet Python), then RDMA WRITE into the receiver's descriptor
-    array at the same positions (two WRs when the batch wraps the remote ring); the last one is
-    WRITE_WITH_IMM, imm = n, signaled.  RC delivers in order, so when the receiver sees the
-    immediate the frames and descriptors are in place: it validates the descriptors (addr is the
-    slot of its position, len <= slot_size) and publishes them (prod += n).
+  - descriptors: RDMA WRITE straight from the sender's ring into the receiver's staging area at
+    the same positions as the frames' slots (two WRs when the batch wraps the remote ring); the
+    last one is WRITE_WITH_IMM, imm = n, signaled.  RC delivers in order, so when the receiver
+    sees the immediate the frames and descriptors are in place: it copies the descriptors into
+    its ring, checks them there (len <= slot_size, flags; dataplane/transport/rdma/staging.py),
+    writes addr, port, queue and rx_ns itself, and publishes them (prod += n).
+Least privilege: the peer's rkeys cover the ring's slots and the staging area, each registered
+to the byte with remote write only (no remote read); the arena header, the ring's indexes and
+counters and its published descriptors are in no MR a peer has a key to.  rxe does not enforce
+memory windows (a remote write outside a bound window but inside its MR lands), so the
+isolation comes from what is registered.  The sender registers what it sends with local access
+only.
   - the sender keeps up to `window` batches in flight and releases each batch's local ring
     positions, strictly in order, only after that batch's signaled completion.  Batches that
     did not complete are not released: after a reconnect they are sent again (at least once;
@@ -72,7 +78,6 @@ reconnected after a failure this side has not seen).
 from __future__ import annotations
 
 import os
-import select
 import socket
 import time
 import uuid
@@ -82,13 +87,16 @@ import numpy as np
 
 from dataplane._native import lib
 from dataplane.shm.arena import Arena
+from dataplane.shm.layout import DESC_DTYPE
 from dataplane.shm.ring import slot_address
+from dataplane.transport.auth import Acceptor, AuthBook
 from dataplane.transport.rdma.link import (
     CREDIT,
     END,
     END_ACK,
     MAX_BATCH,
     MSG,
+    QP_INFO,
     Link,
     RdmaError,
     recv_json,
@@ -97,6 +105,7 @@ from dataplane.transport.rdma.link import (
     verbs,
 )
 from dataplane.transport.rdma.mr_cache import MRCache
+from dataplane.transport.rdma.staging import accept
 
 END_WAIT_S = 5.0    # after END, how long the receiver waits for the batches END says are there
 
@@ -112,11 +121,13 @@ def _ring_id(arena: Arena, ring: int) -> str:
 
 
 class RdmaReceiver:
-    """Registers one ring's descriptors and slots of `arena` once; accepts senders one at a time,
-    publishes what they write and returns credits as the ring's consumer releases."""
+    """Registers one ring's slots of `arena` and a staging area for its descriptors once; accepts
+    senders one at a time, checks and publishes what they write and returns credits as the
+    ring's consumer releases."""
 
     def __init__(self, arena: Arena, ring: int = 0, port: int = 18515, host: str = "0.0.0.0",
-                 device: str = "rxe0", cache: MRCache | None = None) -> None:
+                 device: str = "rxe0", *, key: bytes | None, name: str = "rdma-recv",
+                 book: AuthBook | None = None) -> None:
         from pyverbs.device import Context
         from pyverbs.mr import MR
         from pyverbs.pd import PD
@@ -128,22 +139,33 @@ class RdmaReceiver:
         self.size, self.slot_size = reader.size, reader.slot_size
         self.mask = reader.mask
         self._ring = reader.shared        # this end is the ring's producer
-        self.desc_off, self.slots_off, self.desc = reader.desc_off, reader.slots_off, reader.desc
+        self.slots_off, self.desc = reader.slots_off, reader.desc
+        self.port_index, self.queue = int(self._ring.port), int(self._ring.queue)
         self.ring_id = _ring_id(arena, ring)
         # what a valid descriptor's addr is at each position: compared by slices, per batch
         self._want = slot_address(self.slots_off, self.slot_size, np.arange(self.size))
         self.ctx = Context(name=device)
         self.pd = PD(self.ctx)
-        self.cache = cache or MRCache(self.ctx, self.pd)
-        lo = self.desc_off
-        hi = int(slot_address(self.slots_off, self.slot_size, self.size))   # after the last slot
-        self.reg = self.cache.get(arena.mapping, lo, hi - lo)     # once, for every connection
+        # What a peer may write, registered once for every connection, each region to the
+        # byte and nothing else (rxe checks an rkey against its MR's range, and does not enforce
+        # memory windows): the ring's slots, and a staging area the sender writes descriptors
+        # into (checked and copied into the ring by _publish).  Never the arena header, the
+        # ring's indexes and counters or its published descriptors; no remote read.
+        e = verbs()
+        self.cache = MRCache(self.ctx, self.pd, exact=True,
+                             access=e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE)
+        self.slots_reg = self.cache.get(arena.mapping, self.slots_off, self.size * self.slot_size)
+        self.staging = np.zeros(self.size, DESC_DTYPE)    # position i <-> ring position i
+        self.stage_reg = self.cache.get(self.staging)
         self.sink = MR(self.pd, 64, verbs().IBV_ACCESS_LOCAL_WRITE)   # RecvWRs need an SGE
         # built once: verbs copy a receive WR into the queue, so each can be posted again
         self._rwrs = [RecvWR(wr_id=i, num_sge=1, sg=[SGE(self.sink.buf, 8, self.sink.lkey)])
                       for i in range(MAX_BATCH)]
         self.lsock = socket.create_server((host, port), reuse_port=False)
         self.lsock.setblocking(False)
+        # a sender proves the key before it learns anything (the greeting's rkeys) or displaces
+        # the current one: the handshake runs off this loop, which sees proven peers only
+        self.acceptor = Acceptor(self.lsock, key, name, book or AuthBook(name=name)).start()
         self.conn: socket.socket | None = None
         self.link: Link | None = None
         self.last_credit = -1
@@ -151,14 +173,15 @@ class RdmaReceiver:
         self._rxbuf = b""
         self._end_at: int | None = None     # END's ring position, until it is acknowledged
         self._end_by = 0.0
-        self.s = {"batches": 0, "packets": 0, "bytes": 0, "bad_batches": 0, "wc_errors": 0,
-                  "peer_errors": 0, "connects": 0, "credits_sent": 0, "ends": 0}
+        self.s = {"batches": 0, "packets": 0, "bytes": 0, "bad_batches": 0,
+                  "bad_descriptors": 0, "wc_errors": 0, "peer_errors": 0, "connects": 0,
+                  "credits_sent": 0, "ends": 0}
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self.lsock.accept()
-        except BlockingIOError:
+        """Set up the QP with the next authenticated sender, if one is waiting."""
+        if self.acceptor.ready.empty():
             return
+        conn, _, _ = self.acceptor.ready.get_nowait()
         conn.setblocking(True)
         try:
             link = Link(self.ctx, self.pd, self.device, sq_depth=1, rq_depth=MAX_BATCH)
@@ -170,13 +193,13 @@ class RdmaReceiver:
             for wr in self._rwrs:
                 link.qp.post_recv(wr)
             cons = int(self._ring.cons)
-            send_json(conn, {**link.info(), "rkey": self.reg.rkey,
-                             "desc_addr": self.reg.addr,
-                             "slot_addr": self.reg.addr + self.slots_off - self.desc_off,
-                             "slots_off": self.slots_off, "ring_size": self.size,
+            send_json(conn, {**link.info(), "slot_rkey": self.slots_reg.rkey,
+                             "slot_addr": self.slots_reg.addr,
+                             "stage_rkey": self.stage_reg.rkey,
+                             "stage_addr": self.stage_reg.addr, "ring_size": self.size,
                              "slot_size": self.slot_size, "prod": int(self._ring.prod),
                              "cons": cons, "ring_id": self.ring_id})
-            link.connect(recv_json(conn, 10.0))
+            link.connect(recv_json(conn, 10.0, QP_INFO))
             send_json(conn, {"ready": True})
         except Exception as err:   # noqa: BLE001 - OSError, RdmaError, pyverbs errors
             link.close()
@@ -228,8 +251,8 @@ class RdmaReceiver:
             # failed reconnects before this side's TCP notices anything (after a link outage
             # the old connection's FIN may come seconds later, or never): one sender per ring,
             # so a new connection replaces the old one
-            if select.select([self.lsock], [], [], 0)[0]:
-                self._drop("the sender connected again: its old connection is dropped",
+            if not self.acceptor.ready.empty():
+                self._drop("a sender authenticated again: the old connection is dropped",
                            "peer_errors")
                 self._accept()
                 return published
@@ -297,22 +320,25 @@ class RdmaReceiver:
             self._drop(f"batch of {n} past the credits (prod {prod}, cons {cons})", "peer_errors")
             return 0
         first = prod & self.mask
-        cut = min(n, self.size - first)     # positions before the ring wraps: slices, no copy
-        nbytes = 0
+        cut = min(n, self.size - first)     # positions before the ring wraps
+        nbytes, bad, rx_ns = 0, 0, time.time_ns()    # one receive time per batch, as TCP's
         for lo, hi in ((first, first + cut), (0, n - cut)):
-            if hi <= lo:
-                continue
-            d = self.desc[lo:hi]
-            lens = d["len"]
-            if not (np.array_equal(d["addr"], self._want[lo:hi])
-                    and int(lens.max()) <= self.slot_size):
-                self.s["bad_batches"] += 1
-                self._drop("descriptors outside their slots", "peer_errors")
-                return 0
-            nbytes += int(lens.sum())
+            if hi > lo:     # staged -> ring, checked in the ring (dataplane/.../staging.py)
+                bad += accept(self.staging[lo:hi], self.desc[lo:hi], self._want[lo:hi],
+                              self.slot_size, self.port_index, self.queue, rx_ns)
+                nbytes += int(self.desc[lo:hi]["len"].sum())
+        if bad:
+            # nothing of the batch is published: a sender that lies about one descriptor is
+            # not trusted with the others (the TCP receiver drops a bad frame whole too)
+            self.s["bad_batches"] += 1
+            self.s["bad_descriptors"] += bad
+            self._drop(f"batch of {n} at {prod}: {bad} bad descriptors (len over the slot "
+                       f"size {self.slot_size} or flags a sender may not set)", "peer_errors")
+            return 0
         c = self._ring.c            # the ring's own counters, as a worker keeps them: the
         c.rx_packets += n           # scrape shows these packets like local ones
         c.rx_bytes += nbytes
+        c.copied += n               # the frames sit in slots (the TCP receiver counts so too)
         c.bursts += 1
         lib.dp_ring_store_prod(self._ring, prod + n)
         self.s["batches"] += 1
@@ -329,6 +355,7 @@ class RdmaReceiver:
         if self.conn:
             self.conn.close()
         self.conn = self.link = None
+        self.acceptor.close()
         self.lsock.close()
         self.sink.close()
         self.cache.close()

@@ -27,13 +27,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dataplane.shm.arena import Arena
-from dataplane.shm.layout import DESC_DTYPE
-from dataplane.shm.ring import slot_address
+from dataplane.transport.auth import AuthBook, AuthError, authenticate_client
 from dataplane.transport.rdma.link import (
     CREDIT,
     END,
     END_ACK,
+    GREETING,
     MAX_BATCH,
+    MAX_REMOTE_RING,
+    MAX_REMOTE_SLOT,
     MSG,
     Link,
     RdmaError,
@@ -60,7 +62,8 @@ class RdmaSender:
 
     def __init__(self, arena: Arena, ring: int = 0, host: str = "10.9.9.1", port: int = 18515,
                  device: str = "rxe0", max_batch: int = MAX_BATCH, cq_timeout: float = 10.0,
-                 cache: MRCache | None = None, window: int = WINDOW) -> None:
+                 cache: MRCache | None = None, window: int = WINDOW, *, key: bytes | None,
+                 name: str = "rdma-send", book: AuthBook | None = None) -> None:
         from pyverbs.device import Context
         from pyverbs.pd import PD
         self.arena = arena
@@ -69,14 +72,15 @@ class RdmaSender:
         self.max_batch = max(1, min(max_batch, MAX_BATCH))
         self.window = max(1, window)
         self.cq_timeout = cq_timeout
+        self.key, self.name, self.book = key, name, book or AuthBook(name=name)
         self.ctx = Context(name=device)
         self.pd = PD(self.ctx)
+        # local access only (the cache's default): nothing of this end is remotely accessible
         self.cache = cache or MRCache(self.ctx, self.pd)
-        self.local = self.cache.get(arena.mapping)          # frames are sent from where they are
-        # per batch in flight (row seq % window), its descriptors as the receiver must see them
-        self._staging = np.zeros((self.window, self.max_batch), DESC_DTYPE)
-        self._sreg = self.cache.get(self._staging)
-        self._wrs = WorkRequests(self.max_batch, self.local.lkey, self._sreg.lkey)
+        # frames and descriptors are sent from where they are: the receiver writes each
+        # descriptor's addr (and port, queue, rx_ns) itself, nothing needs rewriting here
+        self.local = self.cache.get(arena.mapping)
+        self._wrs = WorkRequests(self.max_batch, self.local.lkey, self.local.lkey)
         self.slot_size = arena.header.slot_size
         self.sock: socket.socket | None = None
         self.link: Link | None = None
@@ -87,7 +91,6 @@ class RdmaSender:
         self.inflight: deque[_Batch] = deque()
         self._seq = 0
         self._progress = 0.0        # when the oldest batch in flight last had a chance to move
-        self._raddr = np.zeros(0, np.uint64)
         self._rxbuf = b""
         self._end_ack: int | None = None
         self._waiting = False
@@ -120,7 +123,20 @@ class RdmaSender:
     def _connect_once(self) -> None:
         sock = socket.create_connection((self.host, self.port), timeout=5.0)
         self.sock = sock
-        peer = recv_json(sock, 10.0)
+        where = f"{self.host}:{self.port}"
+        try:    # both ends prove the key before the receiver says anything of its ring
+            peer_name = authenticate_client(sock, self.key, self.name)
+        except AuthError as e:
+            self.book.failed(e, where)
+            raise RdmaError(f"authentication with {where}: {e}") from None
+        self.book.ok(peer_name, where)
+        peer = recv_json(sock, 10.0, GREETING)
+        size = peer["ring_size"]
+        if size & (size - 1) or not 2 <= size <= MAX_REMOTE_RING or \
+                not 0 < peer["slot_size"] <= MAX_REMOTE_SLOT:
+            raise RdmaError(f"receiver's ring of {size} slots of {peer['slot_size']} B: "
+                            f"expected a power of two <= {MAX_REMOTE_RING} slots of at most "
+                            f"{MAX_REMOTE_SLOT} B")
         if peer["slot_size"] < self.slot_size:
             raise RdmaError(f"receiver slots of {peer['slot_size']} B are smaller than the "
                             f"sender's {self.slot_size} B")
@@ -128,7 +144,7 @@ class RdmaSender:
                          sq_depth=self.window * (self.max_batch + 2), rq_depth=1)
         self.link.connect(peer)
         send_json(sock, self.link.info())
-        if not recv_json(sock, 10.0).get("ready"):
+        if not recv_json(sock, 10.0, {"ready": bool}).get("ready"):
             raise RdmaError("the receiver did not confirm the connection")
         sock.setblocking(False)
         self.peer = peer
@@ -138,8 +154,6 @@ class RdmaSender:
         # position: what was in flight on the old QP and not published is sent again
         self.sent = self.reader.cons
         self.inflight.clear()
-        self._raddr = slot_address(peer["slots_off"], peer["slot_size"],
-                                   np.arange(peer["ring_size"]))
         self._rxbuf, self._end_ack = b"", None
 
     def _settle(self, peer: dict[str, Any]) -> None:
@@ -284,16 +298,10 @@ class RdmaSender:
         p = self.peer
         n, size = len(batch), p["ring_size"]
         first = self.tail & (size - 1)
-        cut = min(n, size - first)      # descriptors before the remote ring wraps
         seq = self._seq
         self._seq += 1
-        # the descriptors as the receiver must see them: addr is its slot of the position
-        row = self._staging[seq % self.window]
-        row[:n] = batch
-        row["addr"][:cut] = self._raddr[first:first + cut]
-        row["addr"][cut:n] = self._raddr[:n - cut]
-        staged = self._sreg.addr + (seq % self.window) * self.max_batch * DESC_DTYPE.itemsize
-        chain = self._wrs.chain(batch, self.local.addr, staged, first, seq, p)
+        # the batch is a view of this ring's descriptors (contiguous: peek never wraps)
+        chain = self._wrs.chain(batch, self.local.addr, batch.ctypes.data, first, seq, p)
         if not self.inflight:
             self._progress = time.monotonic()
         self.link.qp.post_send(chain)
