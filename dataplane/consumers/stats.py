@@ -26,6 +26,11 @@ FLAGS = (("malformed", lib.DP_F_MALFORMED), ("truncated", lib.DP_F_TRUNCATED))
 LATENCY_EDGES = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
                  0.05, 0.1, 0.25, 0.5, 1.0)                  # seconds; a last bucket is +Inf
 LATENCY_ABSURD_NS = 60 * 10**9   # beyond this the clocks disagree: counted apart, not binned
+# Rings (arena, port, queue) one TrafficStats keeps statistics for: a ring's (port, queue) is
+# what its producer wrote into its descriptors, and a producer that writes a new one per batch
+# (a remote peer, a corrupt ring) must not grow this state and the Prometheus series without
+# bound.  A real run has a few rings per worker; batches of rings past the cap are counted.
+MAX_RINGS = 1024
 _TRAILER_RAW = np.dtype(f"V{TRAILER_DTYPE.itemsize}")
 _DESC_RAW = np.dtype(f"V{DESC_DTYPE.itemsize}")
 
@@ -98,8 +103,11 @@ class TrafficStats:
     batch size.  ConsumerLoop calls flush() when idle and every flush_interval.
     """
 
-    def __init__(self, flow_capacity: int = 1024, seq_window: int = 1 << 22, stage: int = 4096):
+    def __init__(self, flow_capacity: int = 1024, seq_window: int = 1 << 22, stage: int = 4096,
+                 max_rings: int = MAX_RINGS):
         self.rings: dict[tuple[Path, int, int], RingStats] = {}
+        self.max_rings = max_rings
+        self.untracked_packets = 0   # in batches of rings past max_rings: not in any statistic
         self.flows = TopFlows(flow_capacity)
         self.streams = SeqTracker(seq_window)
         self.stage = stage
@@ -113,6 +121,9 @@ class TrafficStats:
         key = (arena.path, int(batch["port"][0]), int(batch["queue"][0]))
         rs = self.rings.get(key)
         if rs is None:
+            if len(self.rings) >= self.max_rings:
+                self.untracked_packets += n
+                return
             rs = RingStats(*key, stage=max(self.stage, n))
             self.rings = {**self.rings, key: rs}   # copy-on-write for lock-free readers
         if rs.staged + n > len(rs.desc):

@@ -60,6 +60,9 @@ FAMILIES: Table = {
     "seq_max": ("g", "dataplane_sequence_max", "Highest sequence number received.", S),
     "seq_untracked": ("c", "dataplane_sequence_untracked_packets_total",
                       "Generated packets of streams beyond the tracked number.", ()),
+    "rings_untracked": ("c", "dataplane_consumer_untracked_ring_packets_total",
+                        "Packets of (arena, port, queue) rings beyond the rings the consumer "
+                        "keeps statistics for (MAX_RINGS): counted here only.", ()),
     "flow_entries": ("g", "dataplane_flow_table_entries", "Flows in the top-flows table.", ()),
     "flow_untracked": ("c", "dataplane_flow_untracked_bytes_total",
                        "Bytes of new flows that did not fit the top-flows table.", ()),
@@ -121,5 +124,6 @@ class ConsumerCollector(ScrapeCollector):
                         "max"):
                 fams["seq_" + key].add_metric(lab, float(getattr(st, key)))
         fams["seq_untracked"].add_metric([], stats.streams.untracked)
+        fams["rings_untracked"].add_metric([], stats.untracked_packets)
         fams["flow_entries"].add_metric([], stats.flows.used)
         fams["flow_untracked"].add_metric([], stats.flows.untracked_bytes)

@@ -22,6 +22,10 @@ FAMILIES: Table = {
     "credit_waits": ("c", "dataplane_rdma_credit_waits_total",
                      "Times the sender stopped at zero credits (the receiver's ring full).",
                      LABELS),
+    "bad_descriptors": ("c", "dataplane_rdma_bad_descriptors_total",
+                        "Descriptors a sender wrote that the receiver refused (len over the slot "
+                        "size, flags a sender may not set); their batch is not published.",
+                        LABELS),
     "credit_updates": ("c", "dataplane_rdma_credit_updates_total",
                        "Consumer indexes the receiver sent back.", LABELS),
     "credits": ("g", "dataplane_rdma_credits",
@@ -83,7 +87,8 @@ def status_line(role: str, device: str, ctl: Control) -> str:
     mr = r["mr_hits"] + r["mr_misses"]
     return (f"  rdma {device}: QPs {r['qps']}/{r['max_qp']}, {credits}; "
             f"batches {c['batches']}, packets {c['packets']}; wc errors {r['wc_errors']}, "
-            f"peer errors {r['peer_errors']}, reconnects {c['reconnects']}, lost "
+            f"peer errors {r['peer_errors']}, bad descriptors {r['bad_descriptors']}, "
+            f"reconnects {c['reconnects']}, lost "
             f"{c['lost_packets']}; MR cache "
             f"{r['mr_hits']}/{mr} hits, {r['mr_registered_bytes'] >> 20} MiB registered of "
             f"{r['mr_budget_bytes'] >> 20} MiB, {r['mr_evictions']} evictions")

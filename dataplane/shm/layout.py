@@ -55,7 +55,7 @@ TRANSPORT_COUNTERS = ("batches", "packets", "bytes", "completions", "copied_comp
                       "acks", "ring_waits", "disconnects", "last_session", "last_seq")
 RDMA_COUNTERS = ("wc_errors", "peer_errors", "credit_waits", "credits", "credit_updates", "qps",
                  "max_qp", "mr_hits", "mr_misses", "mr_evictions", "mr_registered_bytes",
-                 "mr_budget_bytes", "mr_reg_count", "mr_reg_ns")
+                 "mr_budget_bytes", "mr_reg_count", "mr_reg_ns", "bad_descriptors")
 
 RING_COUNTERS_DTYPE = _counters("struct dp_ring_counters", RING_COUNTERS)
 PORT_COUNTERS_DTYPE = _counters("struct dp_port_counters", PORT_COUNTERS)

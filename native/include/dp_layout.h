@@ -209,8 +209,9 @@ struct dp_rdma_counters {
     uint64_t mr_budget_bytes;      /* gauge: from RLIMIT_MEMLOCK */
     uint64_t mr_reg_count;
     uint64_t mr_reg_ns;            /* time spent in ibv_reg_mr */
+    uint64_t bad_descriptors;      /* recv: staged descriptors refused (len, flags) */
     uint64_t mr_reg_buckets[DP_MR_BUCKETS];  /* registrations per bound (not cumulative) */
-    uint64_t pad[2];
+    uint64_t pad[1];
 };
 
 struct dp_transport {

@@ -7,32 +7,31 @@ address=...)`) for buffers the user hands in: numpy arrays, bytearrays, mmaps, a
         with cache.pin(buf, 4096, 512) as reg:         # not evictable while WRs are in flight
             ...
 
-`get(buffer, offset, length)` returns the keys and the address of bytes [offset, offset+length)
-of `buffer` (length None: to its end).  A miss registers the WHOLE exported buffer when it fits
-the budget (so any later sub-range of the same object is a hit), else only the asked range.
-A hit is any registered region of the same object that covers the asked range.
+`get(buffer, offset, length)`: keys and address of bytes [offset, offset+length) of `buffer`
+(length None: to its end).  A miss registers the WHOLE exported buffer when it fits the budget
+(any sub-range of it is then a hit), else, or with `exact=True`, only the asked range: what a
+peer may write is registered to the byte (the RDMA receiver's slots; the MR's range is all rxe
+checks).  Access: local write only unless `access` asks for more (least privilege).
 
 No stale registration, by design (the bug libfabric and UCX caches had: a buffer freed, another
-mapped at the same address, the old MR used, the wrong bytes sent):
+mapped at its address, the old MR used):
   - each entry holds a memoryview of the caller's object: while registered, the memory cannot be
     freed or unmapped (mmap.close() raises BufferError, a numpy array / bytearray stays alive);
     evict(), release() and close() drop that export with the MR (deregistered first);
   - entries are keyed by (address, length, id of the exporting object), and the entry keeps the
     object alive, so its id cannot be reused: a different object at the same address is a miss.
-Read-only buffers (bytes) are refused: the MR is registered with local write access.
+Read-only buffers (bytes) are refused.
 
-The budget: pinned bytes (page-rounded, which is what RLIMIT_MEMLOCK counts) stay within
-min(`budget`, the soft RLIMIT_MEMLOCK), or `default_budget` when the limit is unlimited; the LRU
-unpinned entries are evicted to make room.  The limit is read again at each miss: a region that
-cannot fit raises MemlockError naming RLIMIT_MEMLOCK, its value and the value needed, before
-ibv_reg_mr is called.  A process with CAP_IPC_LOCK is not held to the limit (nor is it by the
-kernel): its budget is `budget` or `default_budget`.  The number of entries stays below the
-device's max_mr (and `max_entries`).
+The budget: pinned bytes (page-rounded, as RLIMIT_MEMLOCK counts) stay within min(`budget`,
+the soft RLIMIT_MEMLOCK), or `default_budget` when unlimited; LRU unpinned entries are evicted
+to make room.  The limit is read at each miss: a region that cannot fit raises MemlockError
+naming RLIMIT_MEMLOCK, its value and the value needed, before ibv_reg_mr.  With CAP_IPC_LOCK
+(not held to the limit, by the kernel either) the budget is `budget` or `default_budget`.
+Entries stay below the device's max_mr (and `max_entries`).
 
-Thread-safe: one lock around the index; ibv_reg_mr runs outside it, with the bytes reserved
-first (so concurrent misses cannot overshoot the budget); when two threads register the same
-range at once, the loser deregisters its MR and uses the winner's (counted in `races`).
-A registration's keys stay valid until its entry is evicted: use pin() around posted WRs.
+Thread-safe: one lock around the index; ibv_reg_mr runs outside it, the bytes reserved first;
+of two threads registering one range at once, the loser uses the winner's MR (`races`).  Keys
+stay valid until the entry is evicted: use pin() around posted WRs.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ class Registration(NamedTuple):
 
 def _default_access() -> int:
     import pyverbs.enums as e
-    return (e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ)
+    return e.IBV_ACCESS_LOCAL_WRITE
 
 
 def _pyverbs_register(pd: Any, length: int, access: int, address: int) -> Any:
@@ -159,12 +158,13 @@ def _bytes_of(buffer: Any, offset: int, length: int | None) -> tuple[memoryview,
 class MRCache:
     """An LRU cache of memory registrations in one protection domain; close() is idempotent."""
 
-    def __init__(self, ctx: Any, pd: Any, *, access: int | None = None,
+    def __init__(self, ctx: Any, pd: Any, *, access: int | None = None, exact: bool = False,
                  budget: int | None = None, default_budget: int = DEFAULT_BUDGET,
                  max_entries: int | None = None,
                  register: Callable[[Any, int, int, int], Any] | None = None) -> None:
         self.pd = pd
         self.access = _default_access() if access is None else access
+        self.exact = exact
         limit = memlock_limit()
         base = default_budget if limit is None else limit
         self.budget = base if budget is None else min(budget, base)
@@ -241,8 +241,7 @@ class MRCache:
             return {"hits": s.hits, "misses": s.misses, "evictions": s.evictions,
                     "races": s.races, "entries": len(self._lru),
                     "registered_bytes": s.registered_bytes, "pinned_bytes": s.pinned_bytes,
-                    "budget": self.budget, "max_entries": self.max_entries,
-                    "max_mr": self.max_mr,
+                    "budget": self.budget, "max_entries": self.max_entries, "max_mr": self.max_mr,
                     "registration_seconds": {"sum": s.seconds_sum,
                                              "count": sum(s.seconds_buckets),
                                              "buckets": dict(zip(SECONDS_BUCKETS,
@@ -281,8 +280,8 @@ class MRCache:
                     if pin:
                         e.pins += 1
                     return Registration(e.lkey, e.rkey, want, length), e
-                # the whole object if it fits, else the asked range
-                if _span(base, size) <= self.budget:
+                # the whole object if it fits (and may be), else the asked range
+                if not self.exact and _span(base, size) <= self.budget:
                     raddr, rlen = base, size
                 else:
                     raddr, rlen = want, length

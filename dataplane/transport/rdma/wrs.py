@@ -66,9 +66,9 @@ class WorkRequests:
               peer: dict[str, Any]) -> Any:
         """The chain for one batch, linked, its first WR returned: frame runs from local_base
         (the arena's registered address) into the peer's slots of ring positions first..,
-        then the descriptors staged at address `staged` into its descriptor array, the last WR
-        with the immediate (imm = n, wr_id = seq)."""
-        n, size, ss, rkey = len(batch), peer["ring_size"], peer["slot_size"], peer["rkey"]
+        then the descriptors at address `staged` into its staging area at the same positions,
+        the last WR with the immediate (imm = n, wr_id = seq).  Each region has its own rkey."""
+        n, size, ss, rkey = len(batch), peer["ring_size"], peer["slot_size"], peer["slot_rkey"]
         cut = min(n, size - first)      # descriptors before the remote ring wraps
         addr, lens = batch["addr"], batch["len"]
         wrs = []
@@ -78,14 +78,13 @@ class WorkRequests:
             raddr = int(slot_address(peer["slot_addr"], ss, (first + a) & (size - 1)))
             wrs.append(self.fill(self.frames[i], local_base + int(addr[a]), length, rkey, raddr))
             a = b
-        dsz = DESC_DTYPE.itemsize
+        dsz, skey, stage = DESC_DTYPE.itemsize, peer["stage_rkey"], peer["stage_addr"]
         if cut < n:
-            wrs.append(self.fill(self.desc, staged, cut * dsz, rkey,
-                                 peer["desc_addr"] + first * dsz))
+            wrs.append(self.fill(self.desc, staged, cut * dsz, skey, stage + first * dsz))
         imm_from = 0 if cut == n else cut
         imm_pos = (first + imm_from) & (size - 1)
-        last = self.fill(self.imm, staged + imm_from * dsz, (n - imm_from) * dsz, rkey,
-                         peer["desc_addr"] + imm_pos * dsz)
+        last = self.fill(self.imm, staged + imm_from * dsz, (n - imm_from) * dsz, skey,
+                         stage + imm_pos * dsz)
         last.wr_id, last.imm_data = seq, n
         wrs.append(last)
         for x, y in zip(wrs, wrs[1:], strict=False):
