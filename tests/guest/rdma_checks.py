@@ -140,7 +140,7 @@ def wc_error_reconnect() -> dict[str, Any]:
     tx = RdmaSender(a, host=HOST, port=port, key=KEY)
     try:
         run_sender(tx, lambda: tx.stats()["packets"] >= 192)
-        tx.peer["rkey"] ^= 0x5A5A
+        tx.peer["slot_rkey"] ^= 0x5A5A
         end = time.monotonic() + 60
         while tx.link is not None:
             tx.poll()
