@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dataplane.config import host as host_cfg
+from dataplane.config import limits
 from dataplane.config import transports as transport_cfg
 from dataplane.config import workers as worker_cfg
 from dataplane.config.backends import BACKENDS
@@ -114,6 +115,7 @@ def loads(text: str, source: str = "<string>") -> Config:
     top.close()
     cfg = Config(source, metrics, arena, workers, lab, host, transports=transports)
     _cross_check(cfg, p)
+    limits.cross_check(cfg, p)          # names across kinds, the workers' native limits
     if p.errors:
         raise ConfigError(source, p.errors)
     cfg.warnings = p.warnings

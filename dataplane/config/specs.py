@@ -30,7 +30,9 @@ def ensure_run_dir(path: Path = RUN_DIR) -> Path:
 
 
 def arena_filename(worker: str) -> str:
-    """The arena's file name, in the hugetlbfs mount or /dev/shm (status looks in both)."""
+    """The arena's file name, in the hugetlbfs mount or /dev/shm (status looks in both).
+    "dataplane-": a transport's files are "dataplane.transport.NAME" (shm/control.py), and a
+    name has no dot (checks.label), so a worker and a transport never share a file."""
     return f"dataplane-{worker}"
 
 
@@ -59,7 +61,40 @@ def plan(cfg: Config) -> list[WorkerSpec]:
     for s in specs:
         s.hugepages, s.huge_dir = bool(huge_dir), huge_dir
         s.arena_path = str(Path(huge_dir or "/dev/shm") / arena_filename(s.name))
+    _check_shm_room(cfg, [] if huge_dir else specs)
     return specs
+
+
+def _check_shm_room(cfg: Config, shm_specs: list[WorkerSpec], shm: str = "/dev/shm") -> None:
+    """Refuse arenas that /dev/shm cannot hold: the workers' (when not on hugepages) and every
+    transport receiver's.  The bound is the smaller of what the tmpfs has free (a worker that
+    touches a page beyond it dies of SIGBUS mid-run) and half the RAM (tmpfs's default size:
+    the kernel, the consumers and the page cache need the rest; arena pages are never
+    reclaimed while a run maps them)."""
+    from dataplane.shm.arena import Arena, ArenaGeometry
+    from dataplane.shm.control import control_path
+    a = cfg.arena
+    need = {s.name: _arena_bytes(s) for s in shm_specs}
+    recv = Arena.layout(ArenaGeometry(1, ((0, 0),), a.ring_size, a.slot_size, 0)).arena_size
+    need.update({x.name: int(recv) for x in cfg.transports if x.role == "recv"})
+    st = os.statvfs(shm)
+    # the files of this config that are there already (a run of it, or one that crashed) are
+    # replaced, so their room counts as free
+    paths = [s.arena_path for s in shm_specs] + [control_path(x.name).removesuffix(".ctl")
+                                                 for x in cfg.transports if x.role == "recv"]
+    free = st.f_bavail * st.f_frsize + sum(os.stat(f).st_blocks * 512 for f in paths
+                                           if os.path.exists(f))
+    half_ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    limit = min(free, half_ram)
+    total = sum(need.values())
+    if total > limit:
+        each = ", ".join(f"{n} {b >> 20} MiB" for n, b in need.items())
+        why = (f"{shm} has {free >> 20} MiB free" if free <= half_ram else
+               f"half of this machine's RAM is {half_ram >> 20} MiB")
+        raise ConfigError(cfg.source, [
+            f"arena.ring_size = {a.ring_size}, arena.slot_size = {a.slot_size}, arena.pool_mb = "
+            f"{a.pool_mb}: the arenas in {shm} need {total >> 20} MiB ({each}), at most "
+            f"{limit >> 20} MiB: {why}; lower them, or put the workers' arenas on hugepages"])
 
 
 def _port_spec(pt: Port, n: int) -> PortSpec:

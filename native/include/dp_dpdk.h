@@ -9,7 +9,7 @@
 
 #include "dp_common.h"
 
-#define DPW_MAX_BURST 256
+#define DPW_MAX_BURST DP_MAX_BURST
 
 /* Worker-private state of one ring. */
 struct dpw_ring {
@@ -46,6 +46,9 @@ struct dpw {
 };
 
 /* cffi: begin */
+/* The data room of the pool's mbufs (RTE_MBUF_DEFAULT_BUF_SIZE, dpdk_port.c): the longest
+ * frame a zero-copy descriptor can point at, so what a consumer of its slots must hold. */
+#define DPW_MBUF_DATAROOM RTE_MBUF_DEFAULT_DATAROOM
 /* Run a DPDK worker until arena->stop is set.  Returns 0, or -1 with arena->error filled. */
 int dp_dpdk_worker_run(void *arena_base, const struct dp_worker_config *cfg);
 /* cffi: end */

@@ -10,8 +10,8 @@
 #include "dp_common.h"
 #include "dp_gen.h"
 
-#define URW_MAX_BURST 256
-#define URW_MAX_BUFS  32768   /* the kernel's limit on a provided-buffer ring */
+#define URW_MAX_BURST DP_MAX_BURST
+#define URW_MAX_BUFS  DP_URING_MAX_BUFS   /* the kernel's limit on a provided-buffer ring */
 
 enum urw_kind { URW_RAW = 1, URW_UDP = 2 };
 
