@@ -1,14 +1,15 @@
 """The TCP transport on the real kernel: a sender in one namespace ships a ring to a receiver in
 another over a veth; every sequence number arrives once and in order, in each send mode; the
 kernel's "copied" flag is counted and exported; a receiver killed mid-stream leaves the books
-exact (taken from the ring = acknowledged + lost); garbage on the port is a counted bad frame
-and the receiver carries on."""
+exact (taken from the ring = acknowledged + lost); garbage on the port fails the handshake,
+counted, and the receiver carries on; a frame that fails validation after the handshake is a
+counted bad frame.  Both ends share a key (dataplane/transport/auth.py); the attacks on it are
+in tests/test_transport_attacks.py."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,8 +25,10 @@ from dataplane.metrics.transports import TransportCollector
 from dataplane.shm.arena import Arena, ArenaGeometry
 from dataplane.shm.control import Control
 from dataplane.shm.layout import TRAILER_DTYPE
+from dataplane.transport import auth
 from dataplane.transport.process import TransportProcess
 from dataplane.transport.spec import TransportSpec
+from tests.helpers import rogue
 
 ROOT = pytest.mark.root("netns, veth")     # the transport tests; the layout check runs as anyone
 
@@ -44,6 +47,10 @@ class Lab:
         self.tag = tag
         self.peer = "10.79.0.2"
         self.shm = Path("/dev/shm")
+        self.key = self.path("key")
+
+    def make_key(self) -> None:
+        auth.write_key(Path(self.key), auth.generate_key())
 
     def up(self) -> None:
         ip("netns", "add", self.a)
@@ -69,6 +76,7 @@ def lab() -> Iterator[Lab]:
     lb = Lab(f"{os.getpid() % 100000}")
     lb.down()
     lb.up()
+    lb.make_key()
     try:
         yield lb
     finally:
@@ -81,14 +89,16 @@ def source_arena(lab: Lab) -> Arena:
     return Arena.create(Path(lab.path("src")), ArenaGeometry(1, ((0, 0),), 4096, 2048, 0))
 
 
-def receiver(lab: Lab, port: int = 7100) -> TransportProcess:
+def receiver(lab: Lab, port: int = 7100, **kw) -> TransportProcess:
+    kw.setdefault("key_file", lab.key)
     spec = TransportSpec(name="rx", role="recv", control_path=lab.path("rxctl"),
                          arena_path=lab.path("rx"), host="0.0.0.0", tcp_port=port,
-                         netns=lab.b, label="remote-a")
+                         netns=lab.b, label="remote-a", **kw)
     return TransportProcess(spec)
 
 
 def sender(lab: Lab, src: Arena, mode: str, port: int = 7100, **kw) -> TransportProcess:
+    kw.setdefault("key_file", lab.key)
     spec = TransportSpec(name="tx", role="send", control_path=lab.path("txctl"),
                          arena_path=str(src.path), host=lab.peer, tcp_port=port, mode=mode,
                          netns=lab.a, **kw)
@@ -201,24 +211,28 @@ def test_receiver_restart_books_balance(lab: Lab, tmp_path: Path) -> None:
 
 
 @ROOT
-def test_garbage_is_a_bad_frame_and_receiver_carries_on(lab: Lab) -> None:
+def test_garbage_fails_the_handshake_a_bad_frame_is_counted_and_receiver_carries_on(
+        lab: Lab) -> None:
     src = source_arena(lab)
+    key = auth.load_key(Path(lab.key))
     with receiver(lab) as rx, sender(lab, src, "send_zc") as tx:
         rx.start()
         rx.wait_running()
-        # closed on us: EOF, or RST since the receiver closes with our garbage unread
-        code = ("import socket,sys; s=socket.create_connection((sys.argv[1], 7100)); "
-                "s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' * 4); "
-                "s.settimeout(5)\n"
-                "try:\n"
-                "    while s.recv(100): pass\n"
-                "except ConnectionResetError: pass\n"
-                "print('closed')")
-        out = subprocess.run(["ip", "netns", "exec", lab.a, sys.executable, "-c", code,
-                              lab.peer], capture_output=True, text=True, timeout=20)
-        assert out.returncode == 0 and out.stdout.strip() == "closed", out.stderr
+        # garbage as long as a handshake's first message: refused, counted, closed on us
+        with rogue.connect_in(lab.a, lab.peer, 7100) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 5)
+            assert _read_all(s) == b""
+        bad_magic = auth.REASONS.index("bad_magic")
+        _wait(lambda: rx.control.hdr.auth.failures[bad_magic] == 1, "bad magic counted")
+        # a peer with the key whose frame fails validation: a bad frame, counted, closed
+        with rogue.connect_in(lab.a, lab.peer, 7100) as s:
+            auth.authenticate_client(s, key, "test-peer")
+            s.settimeout(10)
+            s.sendall(rogue.header(2, 100, 1, 99) + bytes(64) + bytes(100))
+            assert rogue.acks_in(_read_all(s))      # the HELLO came, no ack, then EOF
         _wait(lambda: rx.control.counter("bad_frames") == 1, "bad frame counted")
         assert rx.proc.poll() is None and rx.control.state() == "running"
+        assert rx.control.counter("batches") == 0 and rx.control.hdr.auth.ok == 1
         tx.start()
         tx.wait_running()
         p = produce(src, 1000)
@@ -226,7 +240,20 @@ def test_garbage_is_a_bad_frame_and_receiver_carries_on(lab: Lab) -> None:
         assert drain(rx.arena, seqs, 1000) == 1000
         p.join()
         assert (np.concatenate(seqs) == np.arange(1000)).all()
+        assert rx.control.hdr.auth.ok == 2 and tx.control.hdr.auth.ok == 1
     src.close()
+
+
+def _read_all(s) -> bytes:
+    """Everything the peer sends until it closes (RST included: it closes with data unread)."""
+    s.settimeout(10)
+    out = b""
+    try:
+        while chunk := s.recv(4096):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
 
 
 def test_control_file_layout_is_checked(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from dataplane.metrics.families import ScrapeCollector, Table, families
 from dataplane.shm.control import Control
+from dataplane.transport.auth import REASONS
 from dataplane.transport.spec import TransportSpec
 
 LABELS = ("transport", "role", "peer", "mode")
@@ -37,6 +38,19 @@ FAMILIES: Table = {
                    "Frames that waited for ring room (TCP backpressure).", LABELS),
     "disconnects": ("c", "dataplane_transport_disconnects_total", "Connections that ended.",
                     LABELS),
+    "slow_peers": ("c", "dataplane_transport_slow_peers_total",
+                   "Peers dropped for not taking acknowledgements (or greetings) in time.",
+                   LABELS),
+}
+# the connection handshake (dataplane/transport/auth.py), from struct dp_auth_counters
+AUTH_FAMILIES: Table = {
+    "ok": ("c", "dataplane_transport_auth_ok_total", "Handshakes a peer passed.", LABELS),
+    "failures": ("c", "dataplane_transport_auth_failures_total",
+                 "Handshakes that failed, by reason (timeout, closed, bad_magic, "
+                 "mode_mismatch, bad_name, bad_proof, busy).", (*LABELS, "reason")),
+    "insecure": ("g", "dataplane_transport_insecure",
+                 "1 when the transport runs without a key (config insecure = true): any peer "
+                 "that reaches it is served.", LABELS),
 }
 
 
@@ -48,7 +62,7 @@ class TransportCollector(ScrapeCollector):
         self.sources = list(sources)
 
     def collect(self) -> Iterator[Metric]:
-        fams = families(FAMILIES)
+        fams, auth = families(FAMILIES), families(AUTH_FAMILIES)
         up = GaugeMetricFamily("dataplane_transport_connected",
                                "1 while the transport has a peer connection.",
                                labels=list(LABELS))
@@ -59,6 +73,9 @@ class TransportCollector(ScrapeCollector):
         for spec, ctl in self.sources:
             try:
                 snap, connected = ctl.snapshot(), ctl.hdr.connected
+                a = ctl.hdr.auth
+                ok, fails, insecure = a.ok, [a.failures[i] for i in range(len(REASONS))], \
+                    a.insecure
             except (AttributeError, TypeError, ValueError):
                 continue
             lab = [spec.name, spec.role, f"{spec.host}:{spec.tcp_port}",
@@ -66,9 +83,14 @@ class TransportCollector(ScrapeCollector):
             for k in FAMILIES:
                 fams[k].add_metric(lab, float(snap[k]))
             up.add_metric(lab, float(connected))
+            auth["ok"].add_metric(lab, float(ok))
+            for reason, n in zip(REASONS, fails, strict=True):
+                auth["failures"].add_metric([*lab, reason], float(n))
+            auth["insecure"].add_metric(lab, float(insecure))
             if snap["completions"]:
                 zc.add_metric(lab, float(snap["copied_completions"] == 0))
         yield from fams.values()
+        yield from auth.values()
         yield up
         if zc.samples:
             yield zc

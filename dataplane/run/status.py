@@ -85,6 +85,7 @@ def transport_lines(cfg: Config) -> Iterator[str]:
                f"({'alive' if pid_alive(h.pid) else 'gone'}) "
                f"{'connected' if h.connected else 'not connected'}, batches {c['batches']}, "
                f"packets {c['packets']}, restarts {h.restarts}"
+               + (", INSECURE (no key)" if x.insecure or h.auth.insecure else "")
                + (f" error: {err}" if err else ""))
         if x.kind == "rdma":
             yield status_line(x.role, x.device, ctl)

@@ -52,7 +52,8 @@ URING_COUNTERS = ("cqes", "enobufs", "rearms", "recv_errors")
 # (struct dp_rdma_counters, then mr_reg_buckets[DP_MR_BUCKETS]).
 TRANSPORT_COUNTERS = ("batches", "packets", "bytes", "completions", "copied_completions",
                       "reconnects", "lost_batches", "lost_packets", "bad_frames", "short_reads",
-                      "acks", "ring_waits", "disconnects", "last_session", "last_seq")
+                      "acks", "ring_waits", "disconnects", "last_session", "last_seq",
+                      "slow_peers")
 RDMA_COUNTERS = ("wc_errors", "peer_errors", "credit_waits", "credits", "credit_updates", "qps",
                  "max_qp", "mr_hits", "mr_misses", "mr_evictions", "mr_registered_bytes",
                  "mr_budget_bytes", "mr_reg_count", "mr_reg_ns", "bad_descriptors")

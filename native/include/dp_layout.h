@@ -175,7 +175,7 @@ struct dp_transport_counters {
     uint64_t disconnects;        /* connections that ended (either side, any reason) */
     uint64_t last_session;       /* recv: session and seq of the last batch published, sent */
     uint64_t last_seq;           /*   to every new sender so it knows what arrived */
-    uint64_t pad0;
+    uint64_t slow_peers;         /* recv: peers dropped for not taking acks in time */
 };
 
 /* The connection handshake (dataplane/transport/auth.py, Python, both kinds of transport):

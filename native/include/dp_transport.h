@@ -19,6 +19,12 @@
  *
  * Every piece of a frame the sender writes is an iovec into its arena (header aside): the
  * descriptors straight from its ring, the bytes from the slots or the mbuf pool.
+ *
+ * Before any of this, each connection is authenticated (dataplane/transport/auth.py, Python:
+ * one implementation of the handshake for both transports).  The receiver never listens in C:
+ * its Python side accepts and authenticates, and hands only authenticated connections' fds
+ * over a pipe (cfg->handoff_fd); the sender's C loop connects and has cfg->authenticate run
+ * the handshake on the fresh socket before the first frame.
  */
 #ifndef DP_TRANSPORT_H
 #define DP_TRANSPORT_H
@@ -70,15 +76,30 @@ struct dp_transport_config {
     uint32_t backoff_min_ms;
     uint32_t backoff_max_ms;
     uint64_t session;       /* send: 0 picks one from the clock */
+    int32_t  handoff_fd;    /* recv: read end of a pipe (O_NONBLOCK) carrying each authenticated
+                               connection's fd as an int; it replaces the current connection */
+    uint32_t io_timeout_ms; /* recv: an ack not taken, or a frame stalled mid-way, for this long
+                               drops the peer (slow_peers, short_reads) */
+    /* send: run on each connected socket before anything else (blocking); 0 authenticated,
+     * else the connection is closed and retried after the backoff.  NULL: none. */
+    int    (*authenticate)(int fd);
 };
+
+/* Check a frame's header h against a ring of ring_size positions and slots of slot_size bytes,
+ * and, when d is not NULL, its h->count descriptors (each fits a slot, their lens sum to
+ * payload_len).  A pure function of its arguments (the receiver's parser, fuzzed by
+ * tests/test_transport_attacks.py): 0 valid, -1 not, with the reason in why[why_len]. */
+int dp_tw_check(const struct dp_tw_frame *h, const struct dp_desc *d, uint32_t ring_size,
+                uint32_t slot_size, char *why, size_t why_len);
 
 /* Consume ring `ring` of the arena at arena_base, ship it to cfg->host:tcp_port, release each
  * batch once it is acknowledged and its send completed.  Runs until t->stop.  0, or -1 with
  * t->error filled (set-up only: a peer that misbehaves is logged, counted, reconnected). */
 int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *t,
                           const struct dp_transport_config *cfg);
-/* Listen on cfg->host:tcp_port, publish every received batch on ring `ring` of the arena at
- * arena_base (the receiver's own), acknowledge it.  Runs until t->stop.  0, or -1. */
+/* Serve the authenticated connections handed over on cfg->handoff_fd, one at a time: publish
+ * every received batch on ring `ring` of the arena at arena_base (the receiver's own),
+ * acknowledge it.  Runs until t->stop.  0, or -1. */
 int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *t,
                           const struct dp_transport_config *cfg);
 

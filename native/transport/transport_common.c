@@ -1,7 +1,9 @@
 /* transport_common.c: what both ends of the TCP transport share (dp_transport.h): their log
  * line, their failure record, their start, stepping an iovec array past the bytes a call
- * moved. */
+ * moved; and the frame check (dp_tw_check), kept apart from the receiver's socket code so it
+ * can be fuzzed as a pure function. */
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -53,4 +55,49 @@ void dp_t_iov_advance(struct iovec **iov, int *n, size_t k)
         v->iov_len -= k;
     }
     *iov = v;
+}
+
+static const char *tw_check_header(const struct dp_tw_frame *h, uint32_t ring_size,
+                                   uint32_t slot_size)
+{
+    if (h->magic != DP_TW_MAGIC)
+        return "bad magic";
+    if (h->version != DP_TW_VERSION)
+        return "unsupported version";
+    if (h->header_len != sizeof(*h))
+        return "bad header_len";
+    if (h->count == 0 || h->count > DP_TW_MAX_BATCH || h->count > ring_size)
+        return "count out of range";
+    if ((uint64_t)h->payload_len > (uint64_t)h->count * slot_size)
+        return "payload_len larger than count slots";
+    return NULL;
+}
+
+int dp_tw_check(const struct dp_tw_frame *h, const struct dp_desc *d, uint32_t ring_size,
+                uint32_t slot_size, char *why, size_t why_len)
+{
+    const char *bad = tw_check_header(h, ring_size, slot_size);
+    if (bad) {
+        snprintf(why, why_len, "%s (magic %08x version %u header_len %u count %u "
+                 "payload_len %u)", bad, h->magic, h->version, h->header_len, h->count,
+                 h->payload_len);
+        return -1;
+    }
+    if (d == NULL)
+        return 0;
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < h->count; i++) {
+        if (d[i].len > slot_size) {
+            snprintf(why, why_len, "descriptor %u len %u > slot size %u", i, d[i].len,
+                     slot_size);
+            return -1;
+        }
+        sum += d[i].len;
+    }
+    if (sum != h->payload_len) {
+        snprintf(why, why_len, "descriptor lengths sum to %llu, header says %u",
+                 (unsigned long long)sum, h->payload_len);
+        return -1;
+    }
+    return 0;
 }

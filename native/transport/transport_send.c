@@ -14,6 +14,10 @@
  * The kernel's "copied" flag (SO_EE_CODE_ZEROCOPY_COPIED, IORING_NOTIF_USAGE_ZC_COPIED) is
  * counted in copied_completions: on loopback and veth the kernel copies anyway.
  *
+ * Connect: each new connection is authenticated (cfg->authenticate, the Python handshake of
+ * dataplane/transport/auth.py) before the first byte of ours; a failed handshake closes it and
+ * is retried after the backoff, like a refused connect.
+ *
  * Disconnect: SO_LINGER 0 so close() purges the send queue at once (the kernel lets go of the
  * arena pages it still referenced), then reconnect with backoff (backoff_min_ms doubling to
  * backoff_max_ms).  The ring is not consumed while disconnected: it fills and the worker
@@ -182,6 +186,11 @@ static int tx_connect(struct tx *x)
         close(fd);
         errno = e;
         return -1;
+    }
+    /* blocking, bounded by the handshake's own deadline; counted and logged by its caller */
+    if (x->e.cfg->authenticate && x->e.cfg->authenticate(fd) != 0) {
+        close(fd);
+        return -3;
     }
     int fl = 1;
     ioctl(fd, FIONBIO, &fl);
@@ -413,8 +422,8 @@ static int tx_setup(struct tx *x, void *arena_base, uint32_t ring, struct dp_tra
     return 0;
 }
 
-/* Not connected: connect when the backoff allows.  1 connected now, 0 not yet, -1 a fatal
- * error (in t). */
+/* Not connected: connect (and authenticate) when the backoff allows.  1 connected now, 0 not
+ * yet, -1 a fatal error (in t). */
 static int tx_reconnect(struct tx *x)
 {
     const struct dp_transport_config *cfg = x->e.cfg;
@@ -426,8 +435,9 @@ static int tx_reconnect(struct tx *x)
     if (rc == -2)
         return dp_t_fail(x->e.t, "SO_ZEROCOPY: %s", strerror(errno));
     if (rc < 0) {
-        dp_t_log(cfg, "connect to %s:%u: %s; reconnecting in %llu ms", cfg->host, cfg->tcp_port,
-                 strerror(errno), (unsigned long long)x->backoff);
+        if (rc == -1)   /* -3: the handshake failed, logged rate-limited where it ran */
+            dp_t_log(cfg, "connect to %s:%u: %s; reconnecting in %llu ms", cfg->host,
+                     cfg->tcp_port, strerror(errno), (unsigned long long)x->backoff);
         x->retry_at = dp_mono_ns() + x->backoff * 1000000u;
         x->backoff = x->backoff * 2 > cfg->backoff_max_ms ? cfg->backoff_max_ms : x->backoff * 2;
         return 0;
