@@ -208,6 +208,20 @@ def test_a_connection_gets_the_timeout(pki: Pki) -> None:
         wait_for(lambda: srv.stats.auth_failures["tls_handshake"] == 1, "timeout not counted")
 
 
+def test_a_trickling_client_is_cut_off() -> None:
+    # a header line every 0.1 s never lets one read time out: the whole connection's timeout
+    # closes it, and the slot is free again
+    with serve(port=0, max_connections=1, timeout=1.0) as srv:
+        with socket.create_connection(srv.address, timeout=10) as s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\n")
+            with pytest.raises(OSError):             # reset, or a broken pipe
+                for i in range(200):                 # 20 s: only bounds a failure
+                    s.sendall(b"X-%d: y\r\n" % i)
+                    time.sleep(0.1)
+        wait_for(lambda: srv.active == 0, "the trickling connection still holds its slot")
+        assert get(srv)[0] == 200
+
+
 def problems(pki: Pki, text: str) -> str:
     with pytest.raises(ConfigError) as e:
         pki.web(text)

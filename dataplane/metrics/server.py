@@ -121,7 +121,21 @@ class _Server(ThreadingMixIn, WSGIServer):
         self.slots.release()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
+        # the timeout bounds each read and write, and the watchdog the whole connection: a
+        # client trickling a byte now and then would otherwise keep its slot for ever.  It
+        # shuts the socket down through a duplicate, which stays valid whatever this thread
+        # has done with the original (wrapped it in TLS, closed it).
         request.settimeout(self.conn_timeout)
+        dup = request.dup()
+        watchdog = threading.Timer(self.conn_timeout, _shut, (dup,))
+        watchdog.start()
+        try:
+            self._serve_connection(request, client_address)
+        finally:
+            watchdog.cancel()
+            dup.close()
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
         if self.ctx is None:
             self.RequestHandlerClass(request, client_address, self)
             return
@@ -143,6 +157,13 @@ class _Server(ThreadingMixIn, WSGIServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # a client that times out or resets is its own problem: no traceback on stderr
         log.debug("metrics: connection from %s failed", client_address, exc_info=True)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass    # already gone
 
 
 App = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
