@@ -1,9 +1,13 @@
 """Least privilege on the receiving side, on the host (no RDMA needed): the RDMA receiver's
-descriptor check (dataplane/transport/rdma/staging.py) on a real arena's ring, and the bound
-on the rings a consumer keeps statistics for (dataplane/consumers/stats.py).  What a rogue peer
+descriptor check (dataplane/transport/rdma/staging.py) on a real arena's ring, its counter
+through a control file to the scrape, and the bound on the rings a consumer keeps statistics
+for (dataplane/consumers/stats.py).  What a rogue peer
 can and cannot write over real rxe is tests/test_rdma_rogue.py."""
 
 from __future__ import annotations
+
+import uuid
+from pathlib import Path
 
 import numpy as np
 from dataplane._native import lib
@@ -11,9 +15,14 @@ from dataplane._native import lib
 from dataplane.consumers.stats import MAX_RINGS, TrafficStats
 from dataplane.metrics.arenas import ArenaCollector
 from dataplane.metrics.consumers import ConsumerCollector
+from dataplane.metrics.rdma import RdmaCollector, status_line
+from dataplane.shm.control import Control
 from dataplane.shm.layout import DESC_DTYPE
 from dataplane.shm.ring import slot_address
+from dataplane.transport.rdma.mr_cache import MRCache
+from dataplane.transport.rdma.process import _Books
 from dataplane.transport.rdma.staging import SENDER_FLAGS, accept
+from dataplane.transport.spec import TransportSpec
 
 
 def staged_batch(n: int, length: int = 100) -> np.ndarray:
@@ -80,3 +89,22 @@ def test_consumer_rings_are_capped_and_the_rest_counted(arena):
     assert [s.value for s in untracked] == [(12 - cap) * 3]
     ethertype = fams["dataplane_consumer_ethertype_packets"].samples
     assert len({s.labels["port"] for s in ethertype}) == cap
+
+
+def test_bad_descriptors_reach_the_control_file_and_the_scrape(tmp_path):
+    """The receiver's count goes through its control file (written as the RDMA end process does)
+    to dataplane_rdma_bad_descriptors_total, on top of what the file held before a restart."""
+    path = Path("/dev/shm") / f"dptest-rdma-ctl-{uuid.uuid4().hex[:8]}"
+    ctl = Control(path, create=True)
+    try:
+        cache = MRCache(None, None, access=0, register=lambda *a: None).stats()
+        _Books(ctl).publish({"bad_descriptors": 3, "bad_batches": 1}, cache, 8)
+        _Books(ctl).publish({"bad_descriptors": 2}, cache, 8)     # a restarted process
+        spec = TransportSpec(name="col", role="recv", control_path=str(path),
+                             arena_path=str(tmp_path / "a"), mode="rdma", device="rxe0")
+        fams = {m.name: m for m in RdmaCollector([(spec, ctl)]).collect()}
+        assert [s.value for s in fams["dataplane_rdma_bad_descriptors"].samples] == [5]
+        assert "bad descriptors 5" in status_line("recv", "rxe0", ctl)
+    finally:
+        ctl.close()
+        path.unlink()
