@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,9 @@ class Lab:
         return str(self.shm / f"dataplane-test-{self.tag}-{what}")
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
+@contextmanager
+def two_namespaces() -> Iterator[Lab]:
+    """A Lab up, with a key for both ends; torn down with its files."""
     lb = Lab(f"{os.getpid() % 100000}")
     lb.down()
     lb.up()
@@ -83,6 +85,12 @@ def lab() -> Iterator[Lab]:
         lb.down()
         for p in lb.shm.glob(f"dataplane-test-{lb.tag}-*"):
             p.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with two_namespaces() as lb:
+        yield lb
 
 
 def source_arena(lab: Lab) -> Arena:
