@@ -29,6 +29,7 @@ from dataplane._native import ffi
 from dataplane._testing import lib as testing
 
 from dataplane.shm.arena import Arena, ArenaGeometry
+from dataplane.transport import auth
 from dataplane.transport.process import TransportProcess
 from dataplane.transport.spec import TransportSpec
 
@@ -65,17 +66,19 @@ def cpu_s(pid: int) -> float:
 
 def run_transport(mode: str, batch: int, seconds: float, port: int) -> dict:
     shm = Path("/dev/shm")
-    paths = [shm / f"dataplane-{TAG}-{n}" for n in ("src", "rx", "rxctl", "txctl")]
+    paths = [shm / f"dataplane-{TAG}-{n}" for n in ("src", "rx", "rxctl", "txctl", "key")]
     for p in paths:
         p.unlink(missing_ok=True)
+    auth.write_key(paths[4], auth.generate_key())   # both ends authenticate, as in a run
     src = Arena.create(paths[0], ArenaGeometry(1, ((0, 0),), 4096, FRAME, 0))
     rx = TransportProcess(TransportSpec(name="rx", role="recv", control_path=str(paths[2]),
                                         arena_path=str(paths[1]), host="0.0.0.0",
-                                        tcp_port=port, netns=NS_R), 4096, FRAME)
+                                        tcp_port=port, netns=NS_R, key_file=str(paths[4])),
+                          4096, FRAME)
     tx = TransportProcess(TransportSpec(name="tx", role="send", control_path=str(paths[3]),
                                         arena_path=str(paths[0]), host=PEER, tcp_port=port,
                                         mode=mode, netns=NS_S, max_batch=batch // FRAME,
-                                        max_bytes=batch))
+                                        max_bytes=batch, key_file=str(paths[4])))
     assert rx.arena is not None
     threads = [threading.Thread(target=testing.dp_transport_produce,
                                 args=(ffi.from_buffer(src._mm), 0, 1 << 62, FRAME, 32, 1)),
@@ -104,6 +107,7 @@ def run_transport(mode: str, batch: int, seconds: float, port: int) -> dict:
         rx.close()
         src.close()
         src.unlink()
+        paths[4].unlink()
     gb = (b1 - b0) / 1e9
     return {"gbps": round(gb / (t1 - t0), 3), "sender_cpu_s_per_gb": round((c1 - c0) / gb, 3)
             if gb else None, "completions": s["completions"],

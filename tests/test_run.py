@@ -226,13 +226,16 @@ def test_sigterm_stops_cleanly_and_leaves_nothing() -> None:
         path.unlink(missing_ok=True)
 
 
-def test_lab_with_transport_ships_the_receivers_ring_across_the_veth() -> None:
+def test_lab_with_transport_ships_the_receivers_ring_across_the_veth(tmp_path: Path) -> None:
     """The rx worker's ring is shipped by a sender in dp-rx over TCP to a receiver in dp-gen:
     the local consumers see the packets as the remote port "from-rx", and every generated
     sequence number arrives there (or is counted lost)."""
     tag = f"{os.getpid() % 10000}x"
     cfg = lab_config(tag, count=5000, rate=10000, rx_driver="af_packet")
     tport = 7000 + os.getpid() % 1000
+    key = tmp_path / "link.key"         # both ends authenticate with it
+    from dataplane.transport import auth
+    auth.write_key(key, auth.generate_key())
     # the transport gets a network of its own (as it would in a deployment): over the captured
     # veth, the receiver's AF_PACKET socket would capture the transport's own TCP segments
     from dataplane.config.loader import Veth
@@ -247,12 +250,14 @@ from = "rx.in"
 peer = "10.78.0.1:{tport}"
 mode = "zerocopy"
 netns = "dpe-{tag}-r"
+key_file = "{key}"
 [[transport]]
 name = "col{tag}"
 role = "recv"
 listen = "10.78.0.1:{tport}"
 label = "from-rx"
 netns = "dpe-{tag}-g"
+key_file = "{key}"
 """)
     for x in extra.transports:
         x.worker = f"rx{tag}" if x.worker else ""
