@@ -220,7 +220,7 @@ def test_key_files(tmp_path: Path):
             load_key(k)
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=10000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=auth.CHALLENGE_SIZE + 8), st.sampled_from([0, auth.INSECURE]))
 def test_fuzz_hello_parser(msg: bytes, flags: int):
     """Any bytes: a (nonce, name) or an AuthError with a known reason, never another error."""
@@ -232,7 +232,7 @@ def test_fuzz_hello_parser(msg: bytes, flags: int):
         assert len(nonce) == auth.NONCE and name.isprintable()
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=10000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.integers(0, auth.HELLO_SIZE - 1), st.integers(0, 255))
 def test_fuzz_hello_mutations(pos: int, value: int):
     """A valid HELLO with one byte changed: parsed as it is, or refused with a reason."""
