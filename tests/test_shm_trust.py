@@ -138,6 +138,38 @@ def test_restarted_worker_refuses_impossible_indices_at_once(workers, veth):
     assert msg.startswith("ring 0: ")
 
 
+def test_worker_refuses_header_offsets_not_of_its_geometry(workers, veth):
+    spec = worker_spec("uo", PortSpec("in", iface=veth[3]), backend="uring")
+    geo = ArenaGeometry(1, spec.rings(), spec.ring_size, spec.slot_size, spec.pool_mb << 20)
+    arena = Arena.create(Path(spec.arena_path), geo)
+    arena.header.slots_off += 4096          # a foreign writer moved the slots
+    w = workers(spec, netns=veth[1], arena=arena)
+    assert wait_exit(w.proc) == FAILED
+    assert w.arena.worker_error() == ("arena header: offsets are not the ones of its geometry "
+                                      "(corrupted or foreign writer)")
+
+
+def test_worker_keeps_its_own_slot_geometry(workers, veth):
+    """The ring header's slots_off moved under a running worker: the kernel is still handed
+    (and descriptors still name) the slots the worker checked when it attached."""
+    tx, rx = uring_pair(workers, veth, "ug")
+    prod = wait_published(rx.arena, 10, rx.proc)
+    r = rx.arena.rings[0]
+    lo, hi = r.slots_off, r.slots_off + r.size * r.slot_size
+    r.shared.slots_off = 1 << 40
+    seen, deadline = 0, time.monotonic() + 30
+    while seen < prod + r.size + 10:         # every buffer goes round again
+        assert rx.proc.poll() is None and time.monotonic() < deadline, rx.arena.worker_error()
+        for b in r.batches():
+            assert ((b["addr"] >= lo) & (b["addr"] + b["len"] <= hi)).all()
+            seen += len(b)
+        time.sleep(0.01)
+    assert rx.arena.worker_state() == "running"
+    r.shared.slots_off = lo
+    tx.stop()
+    rx.stop()
+
+
 def test_supervisor_reports_and_does_not_restart(workers, veth):
     ns_a, ns_b, if_a, if_b = veth
     spec = worker_spec("us", PortSpec("in", iface=if_b), backend="uring", netns=ns_b)

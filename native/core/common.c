@@ -75,6 +75,13 @@ int dp_worker_attach(struct dp_arena *a, const struct dp_worker_config *cfg, con
     if (want != a->n_rings)
         return dp_worker_fail(a, cfg, kind, "config has %u RX queues in all, the arena has %u "
                               "rings", want, a->n_rings);
+    struct dp_arena geo;   /* the header's offsets are the ones its geometry gives */
+    if (dp_arena_layout(&geo, a->n_ports, a->n_rings, a->ring_size, a->slot_size,
+                        a->pool_len) < 0 || geo.rings_off != a->rings_off ||
+        geo.ring_stride != a->ring_stride || geo.slots_off != a->slots_off ||
+        geo.pool_off != a->pool_off || geo.arena_size != a->arena_size)
+        return dp_worker_fail(a, cfg, kind, "arena header: offsets are not the ones of its "
+                              "geometry (corrupted or foreign writer)");
     if (a->ring_size > max_ring_size)
         return dp_worker_fail(a, cfg, kind, "ring_size %u: the %s worker takes at most %u",
                               a->ring_size, kind, max_ring_size);
@@ -101,6 +108,8 @@ int dp_worker_attach(struct dp_arena *a, const struct dp_worker_config *cfg, con
             return dp_worker_fail(a, cfg, kind, "ring %u names port %u queue %u, not in the "
                                   "config", i, r->port, r->queue);
         dp_prod_init(&prod[i], r);
+        prod[i].slots_off = r->slots_off;   /* checked above; private from here on */
+        prod[i].slot_size = a->slot_size;
     }
     return 0;
 }

@@ -62,9 +62,9 @@ static inline int dpw_describe(struct dpw *w, struct dpw_ring *q, struct rte_mbu
     } else {
         if (w->zero_copy)
             q->shadow[idx & (q->p.size - 1)] = NULL;   /* nothing to free on release */
-        addr = dp_ring_slot(w->a, q->r, idx);
-        if (len > w->a->slot_size) {
-            len = w->a->slot_size;
+        addr = dp_prod_slot(&q->p, idx);
+        if (len > q->p.slot_size) {
+            len = q->p.slot_size;
             flags |= DP_F_TRUNCATED;
         }
         memcpy(w->base + addr, frame, len);

@@ -21,8 +21,11 @@
 
 #include "dp_layout.h"
 
-/* fault: an impossible cons was read (bad); sticky, cons_cache keeps the last good one. */
-struct dp_prod { struct dp_ring *r; uint64_t prod, cons_cache, bad; uint32_t size; int fault; };
+/* fault: an impossible cons was read (bad); sticky, cons_cache keeps the last good one.
+ * slots_off, slot_size: the ring's slots as a worker checked them when it attached
+ * (dp_worker_attach), private from then on (dp_prod_slot); 0 for other producers. */
+struct dp_prod { struct dp_ring *r; uint64_t prod, cons_cache, bad, slots_off;
+                 uint32_t size, slot_size; int fault; };
 /* next: first index not yet peeked; cons: first index not yet released (cons <= next).
  * fault: an impossible prod was read (bad); sticky, prod_cache keeps the last good one. */
 struct dp_cons { struct dp_ring *r; uint64_t next, cons, prod_cache, bad; uint32_t size;
@@ -59,6 +62,8 @@ static inline void dp_prod_init(struct dp_prod *p, struct dp_ring *r)
     p->r = r;
     p->size = r->size;
     p->fault = 0;
+    p->slots_off = 0;
+    p->slot_size = 0;
     p->prod = __atomic_load_n(&r->prod, __ATOMIC_RELAXED);
     p->cons_cache = __atomic_load_n(&r->cons, __ATOMIC_ACQUIRE);
     p->bad = p->cons_cache;
@@ -153,6 +158,13 @@ static inline uint64_t dp_ring_slot(const struct dp_arena *a, const struct dp_ri
                                     uint64_t idx)
 {
     return r->slots_off + (idx & r->mask) * (uint64_t)a->slot_size;
+}
+
+/* The same, from the worker's private copy of the geometry: what a worker hands the kernel or
+ * copies into cannot be moved by a write to the shared ring header. */
+static inline uint64_t dp_prod_slot(const struct dp_prod *p, uint64_t idx)
+{
+    return p->slots_off + (idx & (p->size - 1)) * (uint64_t)p->slot_size;
 }
 
 #endif

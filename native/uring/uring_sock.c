@@ -26,8 +26,9 @@
 /* Hand one slot back to the kernel; visible to it after io_uring_buf_ring_advance. */
 void urw_give_back(struct urw *w, struct urw_ring *q, uint16_t bid, uint32_t n_advance)
 {
-    io_uring_buf_ring_add(q->br, w->base + dp_ring_slot(w->a, q->r, bid),
-                          w->a->slot_size, bid, io_uring_buf_ring_mask(q->r->size),
+    /* the worker's private geometry (dp_prod_slot): the kernel writes where we say */
+    io_uring_buf_ring_add(q->br, w->base + dp_prod_slot(&q->p, bid),
+                          q->p.slot_size, bid, io_uring_buf_ring_mask(q->p.size),
                           (int)n_advance);
 }
 
@@ -81,7 +82,7 @@ static int urw_udp_socket(struct urw *w, struct urw_ring *q, const struct dp_por
  * writes each packet straight into the arena.  Every slot starts with the kernel. */
 static int urw_buffers(struct urw *w, struct urw_ring *q, uint32_t i)
 {
-    uint32_t n = q->r->size;
+    uint32_t n = q->p.size;
     q->br_len = (n * sizeof(struct io_uring_buf) + 4095) & ~(size_t)4095;
     void *mem = mmap(NULL, q->br_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                      -1, 0);
@@ -100,7 +101,7 @@ static int urw_buffers(struct urw *w, struct urw_ring *q, uint32_t i)
     if (q->bid == NULL)
         return urw_fail(w, "ring %u: calloc of the buffer ids failed", i);
     for (uint32_t b = 0; b < n; b++)
-        io_uring_buf_ring_add(q->br, w->base + dp_ring_slot(w->a, q->r, b), w->a->slot_size,
+        io_uring_buf_ring_add(q->br, w->base + dp_prod_slot(&q->p, b), q->p.slot_size,
                               (uint16_t)b, io_uring_buf_ring_mask(n), (int)b);
     io_uring_buf_ring_advance(q->br, (int)n);
     return 0;

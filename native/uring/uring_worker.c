@@ -78,12 +78,12 @@ static inline void urw_describe(struct urw *w, struct urw_ring *q, uint16_t bid,
     uint64_t idx = q->p.prod + q->n;
     struct dp_desc *d = dp_ring_at(q->r, idx);
     struct dp_ring_counters *c = &q->r->c;
-    uint64_t addr = dp_ring_slot(w->a, q->r, bid);
+    uint64_t addr = dp_prod_slot(&q->p, bid);
     const uint8_t *frame = (const uint8_t *)w->base + addr;
     uint32_t len = res;
     uint16_t flags = 0;
-    if (len > w->a->slot_size) {
-        len = w->a->slot_size;
+    if (len > q->p.slot_size) {
+        len = q->p.slot_size;
         flags |= DP_F_TRUNCATED;
     }
     q->bid[idx & (q->p.size - 1)] = bid;
