@@ -5,12 +5,14 @@ forged frame with batch_seq = 2^64-1 unauthenticated, by flooding the port with 
 connections; a peer WITH the key stalls mid-frame or never reads its acknowledgements.  In each
 case the real sender keeps delivering (every sequence number once, in order), nothing forged is
 published, the books are exact (sender's acks = receiver's batches, nothing lost) and the
-failure is counted under its reason.  Then: no key and not insecure refuses to start, insecure
-runs and says so, and the receiver's frame check (dp_tw_check) is fuzzed."""
+failure is counted under its reason.  Then: a hung end is killed and restarted by the
+watchdog until the restart limit, no key and not insecure refuses to start, insecure runs and
+says so, and the receiver's frame check (dp_tw_check) is fuzzed."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -321,6 +323,33 @@ def _recv(s: socket.socket, n: int) -> bytes:
         assert chunk, f"closed after {len(out)} of {n} bytes"
         out += chunk
     return out
+
+
+@ROOT
+def test_a_hung_transport_is_killed_and_restarted_until_the_limit(lab: Lab) -> None:
+    """The watchdog: a receiver frozen (SIGSTOP: alive, no heartbeat) is killed and restarted,
+    and once it has started max_restarts times within the window the run gives up, saying
+    why."""
+    with receiver(lab) as rx:
+        rx.heartbeat_timeout, rx.max_restarts = 1.0, 3
+        rx.start()
+        events: list[str] = []
+
+        def watch(n: int) -> bool:
+            if e := rx.check():
+                events.append(e)
+            return len(events) >= n
+
+        for i in range(3):
+            rx.wait_running()
+            assert rx.check() is None             # running and beating: nothing to do
+            os.kill(rx.proc.pid, signal.SIGSTOP)
+            _wait(lambda n=i + 1: watch(n), "the watchdog", 15)
+        assert all("heartbeat" in e and "s old: killed" in e for e in events), events
+        assert "restarted (restart #1)" in events[0] and "restart #2" in events[1], events
+        assert "gave up" in events[2] and "3 starts in 60 s" in events[2], events
+        assert rx.gave_up and rx.proc.poll() is not None and rx.check() is None
+        assert rx.control.hdr.restarts == 2
 
 
 # -- without a key --
