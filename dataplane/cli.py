@@ -120,7 +120,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     if args.forget_journal:   # not loaded: the journal may be the damaged thing
         path = Path(cfg.host.journal_dir) / "journal.json"
-        path.unlink(missing_ok=True)
+        with updown.HostLock(updown.HOST_LOCK, "dataplane down --forget-journal", cfg.source):
+            path.unlink(missing_ok=True)        # not while an `up` or `down` writes it
         print(f"forgot {path} without undoing anything: put the host back by hand")
         return OK
     for ln in updown.down(cfg):
