@@ -33,6 +33,7 @@ ends, the RDMA device that reaches the peer, no `mode` (the NIC writes into the 
     from = "rx.in"
     peer = "10.9.9.1:18515"        # the receiver's IPv4 on the RDMA device, and its TCP port
     device = "rxe0"                # for the QP set-up exchange and the credits
+    key_file = "/etc/dataplane/collector.key"
 """
 
 from __future__ import annotations
