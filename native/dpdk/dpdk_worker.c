@@ -92,7 +92,7 @@ static inline uint32_t dpw_rx(struct dpw *w, struct dpw_ring *q)
     uint32_t n_done = 0;
     for (uint32_t i = 0; i < room; i++) {
         bytes += m[i]->pkt_len;
-        if (dpw_describe(w, q, m[i], dp_ring_at(q->r, q->p.prod + i), q->p.prod + i, ns, c))
+        if (dpw_describe(w, q, m[i], dp_prod_at(&q->p, q->p.prod + i), q->p.prod + i, ns, c))
             done[n_done++] = m[i];
     }
     dp_ring_submit(&q->p, room);

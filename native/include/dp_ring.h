@@ -78,7 +78,7 @@ static inline void dp_prod_init(struct dp_prod *p, struct dp_ring *r)
 static inline uint32_t dp_ring_reserve(struct dp_prod *p, uint32_t want)
 {
     uint32_t free_n = p->size - (uint32_t)(p->prod - p->cons_cache);
-    if (free_n < want) {
+    if (free_n < want || p->fault) {
         if (dp_prod_load_cons(p) < 0)
             return 0;
         free_n = p->size - (uint32_t)(p->prod - p->cons_cache);
@@ -89,6 +89,13 @@ static inline uint32_t dp_ring_reserve(struct dp_prod *p, uint32_t want)
 static inline struct dp_desc *dp_ring_at(struct dp_ring *r, uint64_t idx)
 {
     return &r->desc[idx & r->mask];
+}
+
+/* The same, masked with the producer's own copy of the size: a worker never writes outside
+ * desc[] whatever the shared mask says. */
+static inline struct dp_desc *dp_prod_at(const struct dp_prod *p, uint64_t idx)
+{
+    return &p->r->desc[idx & (p->size - 1)];
 }
 
 /* The release on prod publishes the descriptors (and frame bytes) written before it. */
@@ -121,7 +128,7 @@ static inline uint32_t dp_ring_peek(struct dp_cons *c, uint32_t max, uint64_t *s
 {
     uint32_t avail = (uint32_t)(c->prod_cache - c->next);
     *start = c->next;
-    if (avail == 0) {
+    if (avail == 0 || c->fault) {
         if (dp_cons_load_prod(c) < 0)
             return 0;
         avail = (uint32_t)(c->prod_cache - c->next);

@@ -76,7 +76,7 @@ static inline void urw_describe(struct urw *w, struct urw_ring *q, uint16_t bid,
                                 uint64_t ns)
 {
     uint64_t idx = q->p.prod + q->n;
-    struct dp_desc *d = dp_ring_at(q->r, idx);
+    struct dp_desc *d = dp_prod_at(&q->p, idx);
     struct dp_ring_counters *c = &q->r->c;
     uint64_t addr = dp_prod_slot(&q->p, bid);
     const uint8_t *frame = (const uint8_t *)w->base + addr;
