@@ -81,7 +81,10 @@ def test_status_reads_an_arena(capsys: pytest.CaptureFixture[str], tmp_path: Pat
         a.unlink()
     out = capsys.readouterr().out
     assert find_arenas(name, [tmp_path]) == []
-    for f in (f"dataplane-123-{name}", f"dataplane-{name}", f"dataplane-1-x-{name}"):
+    # another run's arena of worker "x-NAME" and the plain arena of worker "x-NAME" are not
+    # NAME's
+    for f in (f"dataplane-123-{name}", f"dataplane-{name}", f"dataplane-1-x-{name}",
+              f"dataplane-x-{name}"):
         (tmp_path / f).touch()
     assert {f.name for f in find_arenas(name, [tmp_path])} == {
         f"dataplane-123-{name}", f"dataplane-{name}"}

@@ -94,7 +94,7 @@ def transport_lines(cfg: Config) -> Iterator[str]:
 
 def find_arenas(worker: str, dirs: list[Path]) -> list[Path]:
     """The worker's arena files, newest first: plan() names them dataplane-NAME, the supervisor
-    dataplane-RUNID-NAME (a run id without dashes)."""
-    pattern = re.compile(rf"{re.escape(arena_filename(''))}([^-]+-)?{re.escape(worker)}")
+    dataplane-RUNID-NAME (the run's pid: digits, so worker "b" does not find "a-b"'s file)."""
+    pattern = re.compile(rf"{re.escape(arena_filename(''))}([0-9]+-)?{re.escape(worker)}")
     found = [f for d in dirs if d.is_dir() for f in d.iterdir() if pattern.fullmatch(f.name)]
     return sorted(found, key=lambda f: f.stat().st_mtime, reverse=True)
