@@ -88,7 +88,7 @@ struct dp_transport_config {
 /* Check a frame's header h against a ring of ring_size positions and slots of slot_size bytes,
  * and, when d is not NULL, its h->count descriptors (each fits a slot, their lens sum to
  * payload_len).  A pure function of its arguments (the receiver's parser, fuzzed by
- * tests/test_transport_attacks.py): 0 valid, -1 not, with the reason in why[why_len]. */
+ * tests/test_transport_fuzz.py): 0 valid, -1 not, with the reason in why[why_len]. */
 int dp_tw_check(const struct dp_tw_frame *h, const struct dp_desc *d, uint32_t ring_size,
                 uint32_t slot_size, char *why, size_t why_len);
 
