@@ -252,6 +252,31 @@ def test_garbage_fails_the_handshake_a_bad_frame_is_counted_and_receiver_carries
     src.close()
 
 
+@ROOT
+def test_a_sender_with_another_key_is_refused_on_both_ends(lab: Lab, tmp_path: Path) -> None:
+    """Each end checks the other: a sender holding another key finds the receiver's proof
+    wrong and says nothing more (bad_proof on its side, closed on the receiver's); it retries
+    with backoff, and nothing is published."""
+    other = tmp_path / "other.key"
+    auth.write_key(other, auth.generate_key())
+    src = source_arena(lab)
+    with receiver(lab) as rx, sender(lab, src, "copy", key_file=str(other),
+                                     backoff_max_ms=200) as tx:
+        rx.start()
+        rx.wait_running()
+        tx.start()
+        tx.wait_running()
+        p = produce(src, 100)
+        bad_proof, closed = auth.REASONS.index("bad_proof"), auth.REASONS.index("closed")
+        _wait(lambda: tx.control.hdr.auth.failures[bad_proof] >= 3, "three refusals", 20)
+        _wait(lambda: rx.control.hdr.auth.failures[closed] >= 3, "counted by the receiver")
+        assert tx.control.hdr.auth.ok == 0 and rx.control.hdr.auth.ok == 0
+        assert rx.control.counter("batches") == 0 and rx.arena.rings[0].occupancy() == 0
+        assert tx.control.counter("batches") == 0 and tx.control.hdr.connected == 0
+        p.join()
+    src.close()
+
+
 def _read_all(s) -> bytes:
     """Everything the peer sends until it closes (RST included: it closes with data unread)."""
     s.settimeout(10)

@@ -144,7 +144,7 @@ def attack_wrong_key(lab: Lab) -> dict[str, int]:
 def attack_replay(lab: Lab) -> dict[str, int]:
     """A handshake recorded between ends holding the right key, under the real ends' names,
     replayed: the receiver's fresh nonce makes the recorded proof worthless."""
-    hello, proof = record_handshake(key_of(lab), client="tx", server="rx")
+    hello, proof = rogue.record_handshake(key_of(lab), client="tx", server="rx")
     with rogue.connect_in(lab.a, lab.peer, PORT) as s:
         s.sendall(hello)
         _recv(s, auth.CHALLENGE_SIZE)
@@ -283,34 +283,6 @@ def flood_without_reading(lab: Lab, key: bytes) -> int:
         except (BrokenPipeError, ConnectionResetError):
             return n - 1
     raise AssertionError("the receiver never dropped a peer that does not read")
-
-
-def record_handshake(key: bytes, client: str, server: str) -> tuple[bytes, bytes]:
-    """What a client holding key sends in a whole, successful handshake (HELLO, PROOF)."""
-    a, b = socket.socketpair()
-    sent: list[bytes] = []
-
-    class Recording:
-        def __init__(self, sock: socket.socket):
-            self.sock = sock
-
-        def sendall(self, data: bytes) -> None:
-            sent.append(bytes(data))
-            self.sock.sendall(data)
-
-        def __getattr__(self, name: str):
-            return getattr(self.sock, name)
-
-    t = threading.Thread(target=auth.authenticate_server, args=(b, key, server))
-    t.start()
-    try:
-        assert auth.authenticate_client(Recording(a), key, client) == server  # type: ignore
-    finally:
-        t.join()
-        a.close()
-        b.close()
-    assert len(sent) == 2
-    return sent[0], sent[1]
 
 
 def _recv(s: socket.socket, n: int) -> bytes:

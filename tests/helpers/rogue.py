@@ -1,7 +1,7 @@
 """A peer of the TCP transport under the test's control (tests/test_transport.py,
 tests/test_transport_attacks.py): sockets connected from inside a network namespace (setns in
-a thread of their own, so the test process stays where it is), and frames of the wire format
-(native/include/dp_transport.h) packed from the compiled structs."""
+a thread of their own, so the test process stays where it is), frames of the wire format
+(native/include/dp_transport.h) packed from the compiled structs, and a recorded handshake."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 from dataplane._native import ffi, lib
 
 from dataplane.shm.layout import DESC_DTYPE
+from dataplane.transport import auth
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -76,3 +77,31 @@ def frame(lens: list[int], batch_seq: int, session: int, fill: int = 0x5A) -> by
 def acks_in(data: bytes) -> bool:
     """Whether data holds anything the receiver says after a handshake (HELLO, ACK)."""
     return int(lib.DP_TW_ACK_MAGIC).to_bytes(4, "little") in data
+
+
+def record_handshake(key: bytes, client: str, server: str) -> tuple[bytes, bytes]:
+    """What a client holding key sends in a whole, successful handshake (HELLO, PROOF)."""
+    a, b = socket.socketpair()
+    sent: list[bytes] = []
+
+    class Recording:
+        def __init__(self, sock: socket.socket):
+            self.sock = sock
+
+        def sendall(self, data: bytes) -> None:
+            sent.append(bytes(data))
+            self.sock.sendall(data)
+
+        def __getattr__(self, name: str):
+            return getattr(self.sock, name)
+
+    t = threading.Thread(target=auth.authenticate_server, args=(b, key, server))
+    t.start()
+    try:
+        assert auth.authenticate_client(Recording(a), key, client) == server  # type: ignore
+    finally:
+        t.join()
+        a.close()
+        b.close()
+    assert len(sent) == 2
+    return sent[0], sent[1]
