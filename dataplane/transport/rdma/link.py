@@ -85,7 +85,8 @@ def qps_held(device: str) -> int:
 class Link:
     """One RC QP and its CQ in a device context (sq_depth send WRs, rq_depth receive WRs)."""
 
-    def __init__(self, ctx: Any, pd: Any, device: str, sq_depth: int, rq_depth: int) -> None:
+    def __init__(self, ctx: Any, pd: Any, device: str, sq_depth: int, rq_depth: int,
+                 remote_write: bool) -> None:
         from pyverbs.cq import CQ
         from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
         e = verbs()
@@ -105,7 +106,9 @@ class Link:
             self.qp = QP(pd, QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq,
                                         cap=cap, sq_sig_all=0))
             a = QPAttr(qp_state=e.IBV_QPS_INIT)
-            a.qp_access_flags = (e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE)
+            # only a receiver's QP takes RDMA WRITEs; a sender's refuses any remote access
+            a.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | \
+                (e.IBV_ACCESS_REMOTE_WRITE if remote_write else 0)
             a.port_num, a.pkey_index = 1, 0
             self.qp.to_init(a)
         except BaseException:

@@ -184,7 +184,8 @@ class RdmaReceiver:
         conn, _, _ = self.acceptor.ready.get_nowait()
         conn.setblocking(True)
         try:
-            link = Link(self.ctx, self.pd, self.device, sq_depth=1, rq_depth=MAX_BATCH)
+            link = Link(self.ctx, self.pd, self.device, sq_depth=1, rq_depth=MAX_BATCH,
+                        remote_write=True)
         except RdmaError as err:        # no QP left on the device: say so to this sender
             conn.close()
             self.last_error = str(err)

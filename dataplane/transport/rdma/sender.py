@@ -141,7 +141,8 @@ class RdmaSender:
             raise RdmaError(f"receiver slots of {peer['slot_size']} B are smaller than the "
                             f"sender's {self.slot_size} B")
         self.link = Link(self.ctx, self.pd, self.device,
-                         sq_depth=self.window * (self.max_batch + 2), rq_depth=1)
+                         sq_depth=self.window * (self.max_batch + 2), rq_depth=1,
+                         remote_write=False)
         self.link.connect(peer)
         send_json(sock, self.link.info())
         if not recv_json(sock, 10.0, {"ready": bool}).get("ready"):
