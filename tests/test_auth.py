@@ -104,7 +104,7 @@ def test_a_client_without_the_key_learns_nothing_past_the_challenge():
     t.start()
     with socket.create_connection(ls.getsockname()) as c:
         c.sendall(auth._hello(0, os.urandom(auth.NONCE), "rogue"))
-        challenge = auth._recv_exact(c, auth.CHALLENGE_SIZE, time.monotonic() + 5)
+        challenge = auth.recv_exact(c, auth.CHALLENGE_SIZE, time.monotonic() + 5)
         assert challenge.startswith(auth.MAGIC)
         c.sendall(bytes(auth.MAC))                       # a guessed proof
         c.settimeout(5)
@@ -136,7 +136,7 @@ def test_a_recorded_handshake_replays_to_nothing():
     # the attacker has every byte the real client sent: HELLO then PROOF
     with socket.create_connection(ls.getsockname()) as c:
         c.sendall(rec.sent[:auth.HELLO_SIZE])
-        auth._recv_exact(c, auth.CHALLENGE_SIZE, time.monotonic() + 5)   # a fresh nonce
+        auth.recv_exact(c, auth.CHALLENGE_SIZE, time.monotonic() + 5)   # a fresh nonce
         c.sendall(rec.sent[auth.HELLO_SIZE:])
         c.settimeout(5)
         assert c.recv(4096) == b""
