@@ -46,3 +46,10 @@ def test_rogue_bad_descriptors_are_counted_and_not_published(guest):
     assert d["receiver"]["bad_descriptors"] == 2 and d["receiver"]["packets"] == 0
     assert d["cases"] == {"len": {"prod": 0, "unchanged": True},
                           "flags": {"prod": 0, "unchanged": True}}
+
+
+def test_impossible_consumer_index_stops_the_receiver(guest):
+    d = guest.ok("corrupted_cons")
+    print(d)
+    assert "corrupted or foreign writer" in d["at_start"]
+    assert "consumer index 3 outside [0, 0]" in d["running"]

@@ -427,3 +427,22 @@ def test_tcp_receiver_stops_on_cons_ahead(lab: Lab) -> None:  # noqa: F811
         assert rx.control.state() == "failed"
         assert rx.control.error().startswith("ring 0: consumer index 1000000 ahead of producer"), \
             rx.control.error()
+
+
+@pytest.mark.root("netns, veth")
+@pytest.mark.parametrize("where", ["past the end", "inside the header"])
+def test_tcp_sender_stops_on_a_descriptor_outside_the_arena(lab: Lab, where: str) -> None:  # noqa: F811
+    """The sender turns each descriptor into an iovec of the worker's arena: one pointing past
+    the mapping (or into the header) would send other memory or crash.  It stops instead,
+    having sent nothing of it."""
+    with tcp_pair(lab) as (src, rx, tx):
+        ring = src.rings[0]
+        d = ring.desc[100 % ring.size]
+        d["addr"] = len(src.mapping) + 4096 if where == "past the end" else 8
+        d["len"] = 64
+        ring.desc[100 % ring.size] = d
+        lib.dp_ring_store_prod(ring.shared, 101)
+        assert wait_exit(tx.proc) > 0
+        assert tx.control.state() == "failed"
+        assert "points outside the arena" in tx.control.error(), tx.control.error()
+        assert rx.control.counter("packets") == 100          # nothing of it was shipped

@@ -140,6 +140,7 @@ def run(spec: TransportSpec) -> int:
         return EXIT_SETUP_FAILED
     ctl = Control(Path(spec.control_path))
     cfg = _config(spec)
+    cfg.arena_len = length[0]
     hdr = ctl.hdr
     try:
         key = spec.load_key()

@@ -76,6 +76,8 @@ struct dp_transport_config {
     uint32_t backoff_min_ms;
     uint32_t backoff_max_ms;
     uint64_t session;       /* send: 0 picks one from the clock */
+    uint64_t arena_len;     /* send: bytes mapped at arena_base: every descriptor's frame must
+                               lie inside (a descriptor is written by another process) */
     int32_t  handoff_fd;    /* recv: read end of a pipe (O_NONBLOCK) carrying each authenticated
                                connection's fd as an int; it replaces the current connection */
     uint32_t io_timeout_ms; /* recv: an ack not taken, or a frame stalled mid-way, for this long

@@ -35,6 +35,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -73,6 +74,8 @@ struct txb {
 
 struct tx {
     struct dp_t_end e;
+    int bad_desc;               /* a descriptor pointed outside the arena: stop (bad_why) */
+    char bad_why[200];
     int have_uring, hello;
     struct io_uring ring;
     struct dp_cons c;          /* c.next: the next descriptor to ship; c.cons: released */
@@ -331,14 +334,27 @@ static int tx_take(struct tx *x)
     int v = 2;
     for (i = 0; i < n; i++) {
         const struct dp_desc *d = dp_ring_at(x->e.r, start + i);
-        if (i && bytes + d->len > x->e.cfg->max_bytes)
+        uint64_t addr = d->addr, len = d->len;   /* read once: another process writes them */
+        if (addr < sizeof(struct dp_arena) || addr > x->e.cfg->arena_len ||
+            len > x->e.cfg->arena_len - addr) {
+            /* never sent, never freed: the frame would be memory outside the arena */
+            x->bad_desc = 1;
+            snprintf(x->bad_why, sizeof(x->bad_why), "descriptor at position %llu points "
+                     "outside the arena (addr %llu len %llu, arena %llu bytes): corrupted or "
+                     "foreign writer", (unsigned long long)(start + i),
+                     (unsigned long long)addr, (unsigned long long)len,
+                     (unsigned long long)x->e.cfg->arena_len);
+            dp_ring_cancel(&x->c, n);
+            return 0;
+        }
+        if (i && bytes + len > x->e.cfg->max_bytes)
             break;
-        char *p = (char *)x->e.a + d->addr;
+        char *p = (char *)x->e.a + addr;
         if (v > 2 && (char *)x->iov[v - 1].iov_base + x->iov[v - 1].iov_len == p)
-            x->iov[v - 1].iov_len += d->len;   /* adjacent frames: one iovec */
-        else if (d->len)
-            x->iov[v++] = (struct iovec){ p, d->len };
-        bytes += d->len;
+            x->iov[v - 1].iov_len += len;   /* adjacent frames: one iovec */
+        else if (len)
+            x->iov[v++] = (struct iovec){ p, len };
+        bytes += (uint32_t)len;
     }
     dp_ring_cancel(&x->c, n - i);   /* past max_bytes: the next batch's */
     n = i;
@@ -505,6 +521,8 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
             dp_ring_why(why, sizeof(why), 0, x.c.bad, x.c.cons, x.c.prod_cache, x.c.size);
             return dp_t_fail(t, "ring %u: %s", ring, why);
         }
+        if (x.bad_desc)
+            return dp_t_fail(t, "ring %u: %s", ring, x.bad_why);
         if (x.hello && x.cur && tx_push(&x) < 0)
             continue;
         if (x.e.fd >= 0 && x.have_uring)

@@ -200,9 +200,37 @@ def bad_descriptors() -> dict[str, Any]:
     return {"cases": out, "receiver": s}
 
 
+def corrupted_cons() -> dict[str, Any]:
+    """The ring's consumer index is written by another process: one the receiver could not
+    have seen (ahead of what it published) stops it with the reason, before any credit
+    goes out from it; the same at start."""
+    from dataplane.shm.ring import RingCorrupted
+    a = make_arena("rogue-cons", RING)
+    out: dict[str, Any] = {}
+    a.rings[0].shared.cons = 5                    # ahead of prod 0
+    try:
+        RdmaReceiver(a, port=18704, key=KEY).close()
+        out["at_start"] = "accepted"
+    except RingCorrupted as e:
+        out["at_start"] = str(e)
+    a.rings[0].shared.cons = 0
+    rx = RdmaReceiver(a, port=18704, key=KEY)
+    try:
+        a.rings[0].shared.cons = 3
+        try:
+            rx._cons()            # what poll() and _publish() read the consumer index through
+            out["running"] = "accepted"
+        except RingCorrupted as e:
+            out["running"] = str(e)
+    finally:
+        rx.close()
+    assert "impossible" in out["at_start"] and "outside [0, 0]" in out["running"], out
+    return out
+
+
 if __name__ == "__main__":
     checks = Checks(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/lab/results.json"),
                     "rdma-rogue")
-    for step in (writes_outside, descriptors_rewritten, bad_descriptors):
+    for step in (writes_outside, descriptors_rewritten, bad_descriptors, corrupted_cons):
         checks.run(step)
     sys.exit(checks.exit_code())

@@ -127,7 +127,9 @@ def check_accounting(tx: Worker, rx: Worker, first_seq: int, count: int) -> np.n
     seqs = np.concatenate(rx.seqs) if rx.seqs else np.empty(0, np.uint64)
     uniq, dup = np.unique(seqs, return_counts=True)
     assert (dup == 1).all(), f"duplicated seqs: {uniq[dup > 1][:10]}"
-    assert ((uniq >= first_seq) & (uniq < first_seq + count)).all(), "seq out of range"
+    out = uniq[(uniq < first_seq) | (uniq >= first_seq + count)]
+    assert len(out) == 0, (f"seq out of range [{first_seq}, {first_seq + count}): "
+                           f"{len(out)} of {len(uniq)}, e.g. {out[:8].tolist()}")
     missing = count - len(uniq)
     dropped = (rx.ring_counter("ring_full_drops") + rx.port_counter("nic_missed")
                + rx.port_counter("rx_nombuf") + tx.port_counter("nic_errors"))

@@ -29,6 +29,7 @@ from dataplane._native import lib
 from dataplane.shm.arena import Arena
 from dataplane.shm.control import Control
 from dataplane.shm.layout import RDMA_COUNTERS, TRANSPORT_COUNTERS
+from dataplane.shm.ring import RingCorrupted
 from dataplane.transport.auth import AuthBook
 from dataplane.transport.process import RDMA_MODULE
 from dataplane.transport.spec import EXIT_SETUP_FAILED, TransportSpec, parse_spec
@@ -204,8 +205,16 @@ def run(spec: TransportSpec) -> int:
     hdr.state = lib.DP_W_RUNNING
     try:
         _serve(spec, ctl, end, books, max_qp)
-    finally:
+    except RingCorrupted as err:    # not restarted: the ring needs the operator
+        _error(ctl, f"stopped: shared memory corrupted: {err}")
+        print(f"transport {spec.name}: stopped: {err}", file=sys.stderr, flush=True)
         _stop(spec, ctl, end, books, max_qp)
+        hdr.state = lib.DP_W_FAILED
+        return EXIT_SETUP_FAILED
+    except BaseException:
+        _stop(spec, ctl, end, books, max_qp)
+        raise
+    _stop(spec, ctl, end, books, max_qp)
     return 0
 
 

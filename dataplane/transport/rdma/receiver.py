@@ -88,7 +88,7 @@ import numpy as np
 from dataplane._native import lib
 from dataplane.shm.arena import Arena
 from dataplane.shm.layout import DESC_DTYPE
-from dataplane.shm.ring import slot_address
+from dataplane.shm.ring import RingCorrupted, slot_address
 from dataplane.transport.auth import Acceptor, AuthBook
 from dataplane.transport.rdma.link import (
     CREDIT,
@@ -142,6 +142,12 @@ class RdmaReceiver:
         self.slots_off, self.desc = reader.slots_off, reader.desc
         self.port_index, self.queue = int(self._ring.port), int(self._ring.queue)
         self.ring_id = _ring_id(arena, ring)
+        # this end is the ring's only producer: its own prod, checked once against cons here
+        self._prod, self._cons_seen = int(self._ring.prod), int(self._ring.cons)
+        if not 0 <= self._prod - self._cons_seen <= self.size:
+            raise RingCorrupted(f"{arena.path} ring {ring}: producer index {self._prod} and "
+                                f"consumer index {self._cons_seen} are impossible for a ring "
+                                f"of {self.size} (corrupted or foreign writer)")
         # what a valid descriptor's addr is at each position: compared by slices, per batch
         self._want = slot_address(self.slots_off, self.slot_size, np.arange(self.size))
         self.ctx = Context(name=device)
@@ -177,6 +183,18 @@ class RdmaReceiver:
                   "bad_descriptors": 0, "wc_errors": 0, "peer_errors": 0, "connects": 0,
                   "credits_sent": 0, "ends": 0}
 
+    def _cons(self) -> int:
+        """The consumer's index, checked: it never goes back and never passes what this end
+        published (its own copy of prod: the shared one is only written, never trusted).  A
+        credit from an impossible index would let the sender overwrite unread slots."""
+        cons = int(self._ring.cons)
+        if not self._cons_seen <= cons <= self._prod:
+            raise RingCorrupted(f"{self.arena.path} ring {self.ring_index}: consumer index "
+                                f"{cons} outside [{self._cons_seen}, {self._prod}] (corrupted "
+                                "or foreign writer)")
+        self._cons_seen = cons
+        return cons
+
     def _accept(self) -> None:
         """Set up the QP with the next authenticated sender, if one is waiting."""
         if self.acceptor.ready.empty():
@@ -193,12 +211,12 @@ class RdmaReceiver:
         try:
             for wr in self._rwrs:
                 link.qp.post_recv(wr)
-            cons = int(self._ring.cons)
+            cons = self._cons()
             send_json(conn, {**link.info(), "slot_rkey": self.slots_reg.rkey,
                              "slot_addr": self.slots_reg.addr,
                              "stage_rkey": self.stage_reg.rkey,
                              "stage_addr": self.stage_reg.addr, "ring_size": self.size,
-                             "slot_size": self.slot_size, "prod": int(self._ring.prod),
+                             "slot_size": self.slot_size, "prod": self._prod,
                              "cons": cons, "ring_id": self.ring_id})
             link.connect(recv_json(conn, 10.0, QP_INFO))
             send_json(conn, {"ready": True})
@@ -259,7 +277,7 @@ class RdmaReceiver:
                 return published
             if not self._read_msgs() or (self._end_at is not None and self._end()):
                 return published
-        cons = int(self._ring.cons)
+        cons = self._cons()
         if cons != self.last_credit:
             try:
                 self.conn.send(MSG.pack(CREDIT, cons))
@@ -295,7 +313,7 @@ class RdmaReceiver:
         """The sender ended its stream: once everything up to END's position is published (its
         completions may still be on their way into this CQ), acknowledge and close.  True when
         the connection is gone."""
-        prod = int(self._ring.prod)
+        prod = self._prod
         if prod < self._end_at:
             if time.monotonic() < self._end_by:
                 return False
@@ -314,8 +332,8 @@ class RdmaReceiver:
         return True
 
     def _publish(self, n: int) -> int:
-        prod = int(self._ring.prod)
-        cons = int(self._ring.cons)
+        prod = self._prod
+        cons = self._cons()
         if n <= 0 or prod + n - cons > self.size:
             self.s["bad_batches"] += 1
             self._drop(f"batch of {n} past the credits (prod {prod}, cons {cons})", "peer_errors")
@@ -341,7 +359,8 @@ class RdmaReceiver:
         c.rx_bytes += nbytes
         c.copied += n               # the frames sit in slots (the TCP receiver counts so too)
         c.bursts += 1
-        lib.dp_ring_store_prod(self._ring, prod + n)
+        self._prod = prod + n
+        lib.dp_ring_store_prod(self._ring, self._prod)
         self.s["batches"] += 1
         self.s["packets"] += n
         self.s["bytes"] += nbytes
