@@ -24,6 +24,7 @@ from dataplane.consumers.stats import LATENCY_EDGES, TrafficStats
 from dataplane.host.proc import poll
 from dataplane.metrics.arenas import ArenaCollector
 from dataplane.metrics.consumers import ConsumerCollector
+from dataplane.metrics.drops import DropsCollector
 from dataplane.metrics.mr_cache import MRCacheCollector
 from dataplane.metrics.rdma import RdmaCollector, mr_caches
 from dataplane.metrics.server import serve
@@ -126,7 +127,8 @@ class Run:
         controls = [(t.spec, t.control) for t in self.transports]
         self.metrics = serve(arenas, ConsumerCollector(self.stats, self.loop, arenas),
                              TransportCollector(controls), RdmaCollector(controls),
-                             MRCacheCollector(mr_caches(controls)), host=m.host, port=m.port,
+                             MRCacheCollector(mr_caches(controls)),
+                             DropsCollector(arenas, controls), host=m.host, port=m.port,
                              web=m.web, max_connections=m.max_connections)
         log.info("metrics on %s", self.metrics.url)
         # receivers first, so the generators' first packets find someone listening
