@@ -37,8 +37,9 @@ fi
 # Rebuild only when the inputs changed: the stamp hashes every native source and header (any
 # depth under native/), the build metadata and the build switches.  DATAPLANE_TESTING=1: this is
 # a development install, so the test-only extension dataplane._testing is built too.
-# DATAPLANE_DPDK=0 leaves the DPDK worker (dataplane._dpdk) out.
-export DATAPLANE_TESTING=1
+# DATAPLANE_DPDK=0 leaves the DPDK worker (dataplane._dpdk) out.  DATAPLANE_WERROR=1: warnings
+# fail this build (and so CI's: scripts/test runs this), not a user's pip install.
+export DATAPLANE_TESTING=1 DATAPLANE_WERROR=1
 stamp=$( (cat pyproject.toml setup.py MANIFEST.in
           for f in $(find native -type f \( -name '*.c' -o -name '*.h' -o -name '*.py' \) |
                      LC_ALL=C sort); do
@@ -50,7 +51,8 @@ if [ "$(cat .venv/.dataplane-stamp 2>/dev/null)" != "$stamp" ] || \
     echo "bootstrap: installing Python dependencies and building native code"
     .venv/bin/pip install -q --disable-pip-version-check setuptools wheel "cffi>=1.16"
     .venv/bin/pip install -q --disable-pip-version-check "numpy>=1.26" "scapy>=2.5" \
-        "prometheus-client>=0.19" "pyyaml>=6" "bcrypt>=4" "pytest>=7" "hypothesis>=6" "ruff>=0.4"
+        "prometheus-client>=0.19" "pyyaml>=6" "bcrypt>=4" "shtab>=1.6" "argparse-manpage>=4" \
+        "pytest>=7" "hypothesis>=6" "ruff>=0.4" "build>=1"
     .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e "$ROOT"
     echo "$stamp" > .venv/.dataplane-stamp
 fi

@@ -1,4 +1,4 @@
-"""Tuning profiles: config/profiles/NAME.toml, a named set of sysctls and the locked-memory limit.
+"""Tuning profiles: dataplane/profiles/NAME.toml, named sets of sysctls and a memlock limit.
 
     description = "bulk transfers"
     memlock = "unlimited"                 # bytes, or "unlimited": RLIMIT_MEMLOCK of the dataplane
@@ -28,7 +28,8 @@ from dataplane.host.proc import CAP_IPC_LOCK, CAP_SYS_RESOURCE, has_cap, start_t
 from dataplane.host.qdisc import RootQdisc
 from dataplane.host.sysctl import CC_KEY, QDISC_KEY, Sysctl, TuningError, normalise, path, read
 
-PROFILE_DIR = Path(dataplane.__file__).resolve().parent.parent / "config" / "profiles"
+# package data (config/profiles links here), so an installed package finds them too
+PROFILE_DIR = Path(dataplane.__file__).resolve().parent / "profiles"
 INFINITY = resource.RLIM_INFINITY
 
 
