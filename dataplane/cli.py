@@ -106,7 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from dataplane.run import updown
     cfg = config.load(args.config)
     try:
-        lines = updown.up(cfg, args.config)
+        lines = updown.up(cfg, args.config, host_only=args.host_only)
     except updown.Blocked as e:
         raise Usage(str(e)) from None
     for ln in lines:
@@ -261,6 +261,9 @@ def _add_host_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) -
                        "the unfinished journal first.",
                        epilog="examples:\n  sudo dataplane up --config config/appliance.toml\n"
                        "  sudo dataplane status --config config/appliance.toml")
+    u.add_argument("--host-only", action="store_true",
+                   help="prepare the host (journaled) but start no run: for a service manager "
+                   "that runs `dataplane run` itself (config/systemd/dataplane.service)")
     u.set_defaults(func=cmd_up)
     d = sub.add_parser("down", parents=[common, with_config], formatter_class=fmt,
                        help="stop the dataplane and restore the host from the journal (root)",

@@ -6,6 +6,11 @@ Everything `up` does is a journaled change, including the background `dataplane 
 after a SIGKILL'd `up` undoes whatever that `up` had reached.  `up` on a host that still has a
 journal from an `up` that never finished restores it first; `up` while the dataplane runs does
 nothing; `down` with no journal does nothing.
+
+`up --host-only` prepares the host and starts nothing: a service manager runs `dataplane run`
+itself (config/systemd/dataplane.service: ExecStartPre= `up --host-only`, ExecStopPost= `down`).
+It leaves the memlock limit out too: a limit set on `up`'s own process would end with it, and
+the unit's LimitMEMLOCK= gives the run its limit.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataplane.host import Journal, PlanLine
 from dataplane.host.files import open_private
 from dataplane.host.plan import host_changes, problems
 from dataplane.host.proc import poll, start_time
+from dataplane.host.profile import Memlock
 from dataplane.run.lock import HOST_LOCK, RUN_LOCK, HostLock, Locked, holder
 
 log = logging.getLogger("dataplane.up")
@@ -90,14 +96,15 @@ def running(journal: Journal) -> int | None:
     return None
 
 
-def up(cfg, config_path: str | None) -> list[str]:
-    """Apply the host changes and start the run; refused (Locked) while another `up` or `down`
-    runs, or while a `dataplane run` of someone else's runs, before anything changes."""
+def up(cfg, config_path: str | None, host_only: bool = False) -> list[str]:
+    """Apply the host changes and start the run (not with host_only); refused (Locked) while
+    another `up` or `down` runs, or while a `dataplane run` of someone else's runs, before
+    anything changes."""
     with HostLock(HOST_LOCK, "dataplane up", cfg.source):
-        return _up(cfg, config_path)
+        return _up(cfg, config_path, host_only)
 
 
-def _up(cfg, config_path: str | None) -> list[str]:
+def _up(cfg, config_path: str | None, host_only: bool) -> list[str]:
     journal = Journal(cfg.host.journal_dir)
     pid = running(journal)
     if pid:
@@ -113,13 +120,15 @@ def _up(cfg, config_path: str | None) -> list[str]:
                    "restoring what it changed first")
         out += host.undo(journal)
     changes = host_changes(cfg)
+    if host_only:       # no run of ours to carry the limit: the service manager sets it
+        changes = [c for c in changes if not isinstance(c, Memlock)]
     blocked = problems(changes)
     if blocked:
         raise Blocked("nothing was changed; `up` cannot apply this plan:\n  - "
                       + "\n  - ".join(blocked))
     try:
         out += host.apply(changes, journal)
-        if cfg.workers:
+        if cfg.workers and not host_only:
             out.append(_start_run(cfg, config_path, journal))
     except BaseException as e:
         log.error("up failed (%s); restoring what it had changed", e)
