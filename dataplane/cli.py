@@ -49,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise Usage(f"--duration {args.duration:g}: expected seconds > 0")
     from dataplane.run import runner  # here, not at the top: --help stays fast
-    rc = runner.run(cfg, duration=args.duration)
+    rc = runner.run(cfg, duration=args.duration, books_json=args.json)
     return int(rc or 0)
 
 
@@ -131,9 +131,37 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dataplane.run import status
-    for ln in status.lines(config.load(args.config)):
-        print(ln)
-    return OK
+    cfg = config.load(args.config)
+    rep = status.report(cfg)
+    if args.json:
+        print(status.to_json(rep))
+    else:
+        for ln in status.lines(cfg, rep):
+            print(ln)
+    return status.exit_code(rep)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from dataplane.metrics.scrape import Endpoint
+    from dataplane.run import top
+    if args.interval <= 0:
+        raise Usage(f"--interval {args.interval:g}: expected seconds > 0")
+    if (args.cert is None) != (args.key is None):
+        raise Usage("--cert and --key go together (the client certificate and its key)")
+    password = None
+    if args.user is not None:
+        import os
+        password = (Path(args.password_file).read_text().rstrip("\n") if args.password_file
+                    else os.environ.get("DATAPLANE_METRICS_PASSWORD"))
+        if password is None:
+            raise Usage("--user needs a password: DATAPLANE_METRICS_PASSWORD or --password-file")
+    ep = Endpoint(args.url, ca=args.ca, cert=args.cert, key=args.key, user=args.user,
+                  password=password)
+    if args.frames is not None and args.frames < 1:
+        raise Usage(f"-n {args.frames}: expected at least one frame")
+    frames = 1 if args.once else args.frames
+    return top.main(ep, args.interval, frames, lambda m: print(f"dataplane top: {m}",
+                                                               file=sys.stderr))
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -218,6 +246,8 @@ def _add_run_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) ->
     r.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics here instead of [metrics] listen "
                    "(a non-loopback address exposes the counters)")
+    r.add_argument("--json", action="store_true",
+                   help="end with the books as one JSON object, the last line of stdout")
     r.set_defaults(func=cmd_run)
 
     lb = sub.add_parser("lab", parents=[common, with_config], formatter_class=fmt,
@@ -230,6 +260,7 @@ def _add_run_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) ->
     lb.add_argument("action", choices=("up", "down", "status"))
     lb.set_defaults(func=cmd_lab)
 
+    from dataplane.run.status import EXIT_CODES as STATUS_CODES  # light: config, /proc
     st = sub.add_parser("status", parents=[common, with_config], formatter_class=fmt,
                         help="host changes, lab, workers and transports of a run",
                         description="Read-only: the host changes applied (journal), hugepage "
@@ -237,10 +268,46 @@ def _add_run_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) ->
                         "(hugetlbfs or /dev/shm) with state, pid and heartbeat age, and each "
                         "[[transport]]: state, connection, batches; for RDMA its queue pairs "
                         "against the device's max_qp, credits, errors, reconnects, lost packets "
-                        "and the memory-registration cache.",
+                        "and the memory-registration cache.  Each worker's and transport's "
+                        "counters too.",
                         epilog="examples:\n  dataplane status\n  "
-                        "dataplane status --config config/appliance.toml")
+                        "dataplane status --config config/appliance.toml\n  "
+                        "dataplane status --json         # one JSON object\n\nexit codes: "
+                        + STATUS_CODES)
+    st.add_argument("--json", action="store_true",
+                    help="one JSON object: host changes, lab, workers, transports, what is down")
     st.set_defaults(func=cmd_status)
+    _add_top_command(sub, common, fmt)
+
+
+def _add_top_command(sub, common: argparse.ArgumentParser, fmt: type) -> None:
+    """top: the live view, from the metrics endpoint."""
+    t = sub.add_parser("top", parents=[common], formatter_class=fmt,
+                       help="live view of a running dataplane, from its metrics endpoint",
+                       description="Rates per port, drops by reason, ring occupancy and "
+                       "latency, workers and transports, refreshed every --interval, read from "
+                       "the metrics endpoint (no root needed; any run: `run`, `up`, systemd). "
+                       "q quits.  Not on a terminal, or with --once / -n, it prints frames as "
+                       "plain text.",
+                       epilog="examples:\n  dataplane top\n  dataplane top --once\n  "
+                       "dataplane top --url https://10.0.0.5:9477/metrics --ca ca.crt --user "
+                       "prometheus --password-file pw\n\nexit codes: 0 ok, 1 the endpoint "
+                       "could not be read (the reason is printed), 2 usage error")
+    t.add_argument("--url", default="http://127.0.0.1:9477/metrics",
+                   help="the metrics endpoint (default: %(default)s)")
+    t.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="between frames; rates are over this interval (default: 1)")
+    t.add_argument("--once", action="store_true", help="print one frame as text and exit")
+    t.add_argument("-n", "--frames", type=int, metavar="N",
+                   help="print N frames as text and exit")
+    t.add_argument("--ca", type=Path, metavar="FILE",
+                   help="https: verify the server against this CA (default: the system's)")
+    t.add_argument("--cert", type=Path, metavar="FILE", help="https: client certificate")
+    t.add_argument("--key", type=Path, metavar="FILE", help="https: its private key")
+    t.add_argument("--user", help="basic auth user; the password comes from the environment "
+                   "variable DATAPLANE_METRICS_PASSWORD or --password-file")
+    t.add_argument("--password-file", metavar="FILE", help="basic auth password (first line)")
+    t.set_defaults(func=cmd_top)
 
 
 def _add_host_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) -> None:

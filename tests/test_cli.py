@@ -75,7 +75,8 @@ def test_status_reads_an_arena(capsys: pytest.CaptureFixture[str], tmp_path: Pat
                                          pool_bytes=2 << 20))
     try:
         a.header.pid = os.getpid()
-        assert cli.main(["status", "--config", str(cfg)]) == 0
+        # an arena nobody runs in (state empty): read, shown, and not running (exit 3)
+        assert cli.main(["status", "--config", str(cfg)]) == 3
     finally:
         a.close()
         a.unlink()
@@ -89,7 +90,7 @@ def test_status_reads_an_arena(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert {f.name for f in find_arenas(name, [tmp_path])} == {
         f"dataplane-123-{name}", f"dataplane-{name}"}
     assert f"worker {name}: arena {path} state=empty pid={os.getpid()} (alive)" in out
-    assert cli.main(["status", "--config", str(cfg)]) == 0
+    assert cli.main(["status", "--config", str(cfg)]) == 3
     assert "no arena (not running)" in capsys.readouterr().out
 
 
@@ -164,7 +165,7 @@ def test_lab_up_status_down(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         assert f"netns {ns}: present" in r.stdout and f"{ns}/dpt{TAG}c1: UP" in r.stdout
         r = run("status", "--config", str(cfg))
-        assert r.returncode == 0 and "lab: up" in r.stdout
+        assert r.returncode == 3 and "lab: up" in r.stdout     # the lab, no run: exit 3
     finally:
         r = run("lab", "down", "--config", str(cfg))
     assert r.returncode == 0, r.stderr

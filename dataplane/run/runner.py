@@ -306,6 +306,17 @@ class Run:
         lines += [f"PROBLEM: {p}" for p in res.problems]
         return "\n".join(lines)
 
+    @staticmethod
+    def books_json(res: RunResult) -> str:
+        """The books report() prints, as one JSON object on one line (`run --json`): seconds,
+        totals (with the drops they sum), streams by id, restarts, ok, problems."""
+        import dataclasses
+        import json
+        d = dataclasses.asdict(res)
+        d["totals"]["drops"] = res.totals.drops
+        d["streams"] = {str(k): v for k, v in res.streams.items()}
+        return json.dumps(d, sort_keys=True)
+
     def close(self) -> None:
         """Everything this run created goes away, whatever state it is in.  Idempotent."""
         try:
@@ -332,7 +343,8 @@ class Run:
         self.close()
 
 
-def run(cfg: config.Config, duration: float | None = None, out: TextIO = sys.stdout) -> int:
+def run(cfg: config.Config, duration: float | None = None, out: TextIO = sys.stdout,
+        books_json: bool = False) -> int:
     """The `dataplane run` command: 0 when every generated packet is accounted for."""
     stop = threading.Event()
 
@@ -361,6 +373,8 @@ def run(cfg: config.Config, duration: float | None = None, out: TextIO = sys.std
             r.serve_until(stop, duration)
             res = r.finish()
             print(r.report(res), file=out, flush=True)
+            if books_json:      # the last line of stdout, for scripts
+                print(r.books_json(res), file=out, flush=True)
             return 0 if res.ok else 1
     finally:
         for s, h in old.items():
