@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from dataplane import config
 from dataplane.run import lab
 from dataplane.run.runner import Run
 from dataplane.shm.layout import PORT_COUNTERS
-from tests.helpers.default_lab import DEFAULT, default_text, lab_config
+from tests.helpers.default_lab import default_text, lab_config, ship_rx_ring
 from tests.helpers.metrics import metric, promtool_check, scrape
 
 pytestmark = [pytest.mark.root("netns, veth, DPDK"), pytest.mark.dpdk]
@@ -232,36 +231,7 @@ def test_lab_with_transport_ships_the_receivers_ring_across_the_veth(tmp_path: P
     sequence number arrives there (or is counted lost)."""
     tag = f"{os.getpid() % 10000}x"
     cfg = lab_config(tag, count=5000, rate=10000, rx_driver="af_packet")
-    tport = 7000 + os.getpid() % 1000
-    key = tmp_path / "link.key"         # both ends authenticate with it
-    from dataplane.transport import auth
-    auth.write_key(key, auth.generate_key())
-    # the transport gets a network of its own (as it would in a deployment): over the captured
-    # veth, the receiver's AF_PACKET socket would capture the transport's own TCP segments
-    from dataplane.config.loader import Veth
-    cfg.lab.veths.append(Veth(name=f"dpt{tag}g", netns=f"dpe-{tag}-g", peer=f"dpt{tag}r",
-                              peer_netns=f"dpe-{tag}-r", address="10.78.0.1/24",
-                              peer_address="10.78.0.2/24"))
-    extra = config.loads(DEFAULT.read_text() + f"""
-[[transport]]
-name = "ship{tag}"
-role = "send"
-from = "rx.in"
-peer = "10.78.0.1:{tport}"
-mode = "zerocopy"
-netns = "dpe-{tag}-r"
-key_file = "{key}"
-[[transport]]
-name = "col{tag}"
-role = "recv"
-listen = "10.78.0.1:{tport}"
-label = "from-rx"
-netns = "dpe-{tag}-g"
-key_file = "{key}"
-""")
-    for x in extra.transports:
-        x.worker = f"rx{tag}" if x.worker else ""
-    cfg.transports = extra.transports
+    ship_rx_ring(cfg, tag, tmp_path / "link.key")
     with Run(cfg, io.StringIO()) as r:
         r.start()
         gen = r.sup.workers[f"gen{tag}"]

@@ -46,3 +46,43 @@ def lab_config(tag: str, count: int = 0, rate: int = 20000, gen: bool = True,
     if not gen:
         cfg.workers = [w for w in cfg.workers if w.name != f"gen{tag}"]
     return cfg
+
+
+def ship_rx_ring(cfg: Config, tag: str, key: Path) -> None:
+    """Add to a lab_config() a TCP transport: the rx worker's ring shipped by a sender
+    "ship{tag}" in the rx namespace to a receiver "col{tag}" in the gen namespace, whose port is
+    labelled "from-rx"; both ends authenticate with a new key written to `key`."""
+    import os
+
+    from dataplane import config
+    from dataplane.config.loader import Veth
+    from dataplane.transport import auth
+
+    auth.write_key(key, auth.generate_key())
+    tport = 7000 + os.getpid() % 1000
+    # the transport gets a network of its own (as it would in a deployment): over the captured
+    # veth, the receiver's AF_PACKET socket would capture the transport's own TCP segments
+    assert cfg.lab is not None
+    cfg.lab.veths.append(Veth(name=f"dpt{tag}g", netns=f"dpe-{tag}-g", peer=f"dpt{tag}r",
+                              peer_netns=f"dpe-{tag}-r", address="10.78.0.1/24",
+                              peer_address="10.78.0.2/24"))
+    extra = config.loads(DEFAULT.read_text() + f"""
+[[transport]]
+name = "ship{tag}"
+role = "send"
+from = "rx.in"
+peer = "10.78.0.1:{tport}"
+mode = "zerocopy"
+netns = "dpe-{tag}-r"
+key_file = "{key}"
+[[transport]]
+name = "col{tag}"
+role = "recv"
+listen = "10.78.0.1:{tport}"
+label = "from-rx"
+netns = "dpe-{tag}-g"
+key_file = "{key}"
+""")
+    for x in extra.transports:
+        x.worker = f"rx{tag}" if x.worker else ""
+    cfg.transports = extra.transports
