@@ -37,6 +37,7 @@ from dataplane.metrics.server import serve
 from dataplane.shm.layout import PORT_COUNTERS, RING_COUNTERS
 from tests.helpers.default_lab import free_port, lab_config, ship_rx_ring
 from tests.helpers.metrics import promtool_check, samples, scrape
+from tests.helpers.wait import wait
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "config" / "prometheus"
@@ -216,15 +217,6 @@ def query(url: str, q: str) -> list[dict[str, Any]]:
     r = get(url, "/api/v1/query?" + urllib.parse.urlencode({"query": q}))
     assert r is not None and r["status"] == "success", (q, r)
     return r["data"]["result"]
-
-
-def wait(cond, what: str, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.mark.root("netns, veth, DPDK: a live run of the default lab")

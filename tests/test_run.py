@@ -19,6 +19,7 @@ from dataplane.run.runner import Run
 from dataplane.shm.layout import PORT_COUNTERS
 from tests.helpers.default_lab import default_text, lab_config, ship_rx_ring
 from tests.helpers.metrics import metric, promtool_check, scrape
+from tests.helpers.wait import wait as _wait
 
 pytestmark = [pytest.mark.root("netns, veth, DPDK"), pytest.mark.dpdk]
 
@@ -135,15 +136,6 @@ def test_malformed_frames_counted_and_dropped_worker_survives() -> None:
         # the valid stacked frames were parsed through their tags: inner IPv4 and IPv6 counted
         assert metric(text, "dataplane_consumer_ethertype_packets_total", worker=f"rx{tag}",
                       ethertype="ipv6") >= n_good // 2
-
-
-def _wait(cond, what: str, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {what}")
 
 
 @pytest.mark.parametrize("rx_driver", ["af_xdp", "af_packet"])
