@@ -55,6 +55,7 @@ class Built:
     src: Path             # the clone
     sdist: Path
     wheel: Path
+    log: str              # what `python -m build` printed: the compiler's command lines
     installs: dict[str, Install]
 
 
@@ -70,10 +71,11 @@ def clean_env(venv: Path | None = None, **more: str) -> dict[str, str]:
 
 
 def sh(*args: str | Path, timeout: float = BUILD_TIMEOUT, **kw) -> str:
+    """stdout and stderr of a command that must succeed."""
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
                        **kw)
     assert p.returncode == 0, f"{args}: exit {p.returncode}\n{p.stdout[-3000:]}{p.stderr[-3000:]}"
-    return p.stdout
+    return p.stdout + p.stderr
 
 
 def has_libdpdk() -> bool:
@@ -97,7 +99,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     elsewhere.mkdir()
     sh("git", "clone", "-q", REPO, src)
     # sdist first, then the wheel from the unpacked sdist: the wheel proves the sdist complete
-    sh(sys.executable, "-m", "build", "--outdir", dist, src, env=clean_env(), cwd=tmp)
+    log = sh(sys.executable, "-m", "build", "--outdir", dist, src, env=clean_env(), cwd=tmp)
     (sdist,), (wheel,) = dist.glob("*.tar.gz"), dist.glob("*.whl")
     installs = {
         "wheel": Install("wheel", venv_with(tmp, "wheel", wheel), has_libdpdk(), elsewhere),
@@ -105,7 +107,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
                                  venv_with(tmp, "sdist", sdist, DATAPLANE_DPDK="0"), False,
                                  elsewhere),
     }
-    return Built(src, sdist, wheel, installs)
+    return Built(src, sdist, wheel, log, installs)
 
 
 INSTALLS = ["wheel", "sdist-no-dpdk"]
@@ -135,6 +137,17 @@ def test_wheel_carries_every_module_and_what_plan_reads(built: Built) -> None:
     assert {"dataplane/default.toml", "dataplane/profiles/throughput.toml"} <= names
     exts = sorted(n.split("/")[1].split(".")[0] for n in names if n.endswith(".so"))
     assert exts == (["_dpdk", "_native"] if has_libdpdk() else ["_native"]), exts  # no _testing
+
+
+def test_a_users_build_warns_but_does_not_fail_on_warnings(built: Built) -> None:
+    """-Wall -Wextra on every compile; -Werror only in development and CI (DATAPLANE_WERROR=1,
+    which scripts/bootstrap.sh sets and this build's environment does not have)."""
+    compiles = [ln for ln in built.log.splitlines()
+                if re.match(r"\S*gcc\b", ln) and " -c " in ln and "native/" in ln]
+    assert compiles, built.log[-3000:]
+    for ln in compiles:     # (Debian's Python adds -Werror=format-security: one warning only)
+        flags = ln.split()
+        assert "-Wall" in flags and "-Wextra" in flags and "-Werror" not in flags, ln
 
 
 def versions(src: Path) -> tuple[str, str]:
