@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dataplane import config
+from dataplane import about, config
 from dataplane.config.specs import describe
 from dataplane.config.tables import checks
 from dataplane.host.proc import missing_caps
@@ -37,19 +37,26 @@ def need_root(what: str, example: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     need_root("dataplane run", "dataplane run")       # first: before anything is read or made
-    cfg = config.load(args.config)
     if args.metrics is not None:
         bad = checks.host_port(args.metrics)
         if bad:
             raise Usage(f"--metrics {args.metrics}: {bad}")
-        host, _, port = args.metrics.rpartition(":")
-        # only the address: the config's web_config (TLS, auth) and max_connections still hold
-        m = cfg.metrics
-        m.listen, m.host, m.port = args.metrics, host.strip("[]"), int(port)
     if args.duration is not None and args.duration <= 0:
         raise Usage(f"--duration {args.duration:g}: expected seconds > 0")
+
+    def load() -> config.Config:     # at start, and again at each SIGHUP (reload)
+        cfg = config.load(args.config)
+        if args.metrics is not None:
+            host, _, port = args.metrics.rpartition(":")
+            # only the address: the config's web_config and max_connections still hold
+            m = cfg.metrics
+            m.listen, m.host, m.port = args.metrics, host.strip("[]"), int(port)
+        return cfg
+
+    cfg = load()
     from dataplane.run import runner  # here, not at the top: --help stays fast
-    rc = runner.run(cfg, duration=args.duration, books_json=args.json)
+    rc = runner.run(cfg, duration=args.duration, books_json=args.json,
+                    progress=True if args.progress else None, load=load)
     return int(rc or 0)
 
 
@@ -222,12 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "workers, shared-memory rings, numpy consumers, Prometheus.",
                                 epilog=EPILOG_MAIN, formatter_class=fmt)
     p.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    p.add_argument("--version", action=about.VersionAction,
+                   help="print the version, the arena layout and whether DPDK is built")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = [common, with_config]
     _add_run_commands(sub, parents, fmt)
     _add_host_commands(sub, parents, fmt)
     _add_config_command(sub, common, fmt)
     _add_transport_command(sub, common, fmt)
+    about.add_commands(p, sub, common, fmt)   # completion, man
     return p
 
 
@@ -248,6 +258,8 @@ def _add_run_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) ->
                    "(a non-loopback address exposes the counters)")
     r.add_argument("--json", action="store_true",
                    help="end with the books as one JSON object, the last line of stdout")
+    r.add_argument("--progress", action="store_true",
+                   help="print the line a second even when stdout is not a terminal")
     r.set_defaults(func=cmd_run)
 
     lb = sub.add_parser("lab", parents=[common, with_config], formatter_class=fmt,
@@ -354,9 +366,11 @@ def _add_config_command(sub, common: argparse.ArgumentParser, fmt: type) -> None
                        epilog="examples:\n  dataplane config check config/appliance.toml\n  "
                        "dataplane config show\n  dataplane config show my.toml --json")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ck = csub.add_parser("check", parents=[common], help="validate FILE",
-                         epilog="example:\n  dataplane config check my.toml", formatter_class=fmt)
-    ck.add_argument("file", metavar="FILE")
+    ck = csub.add_parser("check", parents=[common], help="validate FILE (or the default)",
+                         epilog="examples:\n  dataplane config check my.toml\n  dataplane "
+                         "config check               # the embedded default lab",
+                         formatter_class=fmt)
+    ck.add_argument("file", metavar="FILE", nargs="?", help="default: the embedded default lab")
     sh = csub.add_parser("show", parents=[common], help="print the plan of FILE (or the default)",
                          epilog="examples:\n  dataplane config show\n  dataplane config show "
                          "my.toml --json", formatter_class=fmt)
@@ -384,9 +398,15 @@ def _add_transport_command(sub, common: argparse.ArgumentParser, fmt: type) -> N
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    from dataplane.run.notify import JournalFormatter, journal_stream
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if journal_stream():     # stderr is the journal: its priorities, its timestamps
+        handler = logging.StreamHandler()
+        handler.setFormatter(JournalFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: "
+                            "%(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
     except (config.ConfigError, Usage) as e:

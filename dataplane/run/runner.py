@@ -13,27 +13,25 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import numpy as np
-
 from dataplane import config
 from dataplane.consumers.loop import ConsumerLoop, ring_sources
-from dataplane.consumers.stats import LATENCY_EDGES, TrafficStats
+from dataplane.consumers.stats import TrafficStats
 from dataplane.host.proc import poll
 from dataplane.metrics.arenas import ArenaCollector
+from dataplane.metrics.build import BuildInfoCollector
 from dataplane.metrics.consumers import ConsumerCollector
 from dataplane.metrics.drops import DropsCollector
 from dataplane.metrics.mr_cache import MRCacheCollector
 from dataplane.metrics.rdma import RdmaCollector, mr_caches
 from dataplane.metrics.server import serve
 from dataplane.metrics.transports import TransportCollector
-from dataplane.run import lab
+from dataplane.run import lab, progress, transports
 from dataplane.run.lock import RUN_LOCK, HostLock
-from dataplane.shm.control import control_path
-from dataplane.transport.process import TransportProcess
-from dataplane.transport.spec import TransportSpec
+from dataplane.run.notify import Notifier
 from dataplane.workers.supervisor import Supervisor
 
 log = logging.getLogger("dataplane.run")
@@ -72,13 +70,15 @@ class RunResult:
 class Run:
     """One run of a config.  `with Run(cfg) as r: r.start(); ...; result = r.finish()`."""
 
-    def __init__(self, cfg: config.Config, out: TextIO = sys.stdout):
+    def __init__(self, cfg: config.Config, out: TextIO = sys.stdout,
+                 notifier: Notifier | None = None):
         # first, before any file is made or removed: a second run refuses here (lock.Locked)
         # and touches nothing of the first; close() releases it
         self.lock = HostLock(RUN_LOCK, "dataplane run", cfg.source)
         self.lock.acquire()
         try:
             self._setup(cfg, out)
+            self.notifier = notifier or Notifier({})    # {}: not a service, no messages
         except BaseException:
             self.lock.release()
             raise
@@ -95,7 +95,10 @@ class Run:
         self.lab_created = False
         self.t0 = 0.0
         self.result: RunResult | None = None
-        self.transports = self._transports()
+        self.transports = transports.processes(cfg, self.specs)
+        self.progress = True           # the line a second (run(): on a terminal or --progress)
+        self.reload_pending = False    # SIGHUP seen; serve_until reloads (dataplane.run.reload)
+        self.load: Callable[[], config.Config] | None = None   # how a reload reads the config
 
     # -- start --
     def start(self) -> None:
@@ -107,27 +110,20 @@ class Run:
             config.ensure_run_dir()
         self.sup.create_arenas()
         # transport receivers first: a sender connects as soon as it runs
-        receivers = [t for t in self.transports if t.spec.role == "recv"]
-        for t in receivers:
+        self.receivers = [t for t in self.transports if t.spec.role == "recv"]
+        for t in self.receivers:
             t.start()
             t.wait_running()
-        shipped = {(t.spec.arena_path, t.spec.ring) for t in self.transports
-                   if t.spec.role == "send"}
-        # a shipped ring has one consumer, its sender; the local consumers get the others and
-        # the rings of the transport receivers' arenas
-        arenas = [w.arena for w in self.sup.workers.values()] + [t.arena for t in receivers]
-        sources = [(a, r) for a, r in ring_sources(arenas)
-                   if (str(a.path), r.index) not in shipped]
-        self.loop = ConsumerLoop(sources, [self.stats])
+        self.shipped = {(t.spec.arena_path, t.spec.ring) for t in self.transports
+                        if t.spec.role == "send"}
+        self.loop = ConsumerLoop(self._ring_sources(), [self.stats])
         self.loop.start()
-        arenas = ArenaCollector(
-            [(w.name, w.arena, self.labels[w.name]) for w in self.sup.workers.values()]
-            + [(t.spec.name, t.arena, [t.spec.label]) for t in receivers])
+        arenas = self.arena_collector = ArenaCollector(self._arena_sources())
         m = self.cfg.metrics
         controls = [(t.spec, t.control) for t in self.transports]
         self.metrics = serve(arenas, ConsumerCollector(self.stats, self.loop, arenas),
                              TransportCollector(controls), RdmaCollector(controls),
-                             MRCacheCollector(mr_caches(controls)),
+                             MRCacheCollector(mr_caches(controls)), BuildInfoCollector(),
                              DropsCollector(arenas, controls), host=m.host, port=m.port,
                              web=m.web, max_connections=m.max_connections)
         log.info("metrics on %s", self.metrics.url)
@@ -140,31 +136,31 @@ class Run:
                 t.wait_running()
         self.t0 = time.monotonic()
 
-    def _transports(self) -> list[TransportProcess]:
-        """[[transport]] tables as processes: a sender ships the first ring of a worker's
-        port; a receiver owns a one-ring arena whose port carries the remote's label."""
-        out: list[TransportSpec] = []
-        specs = {s.name: s for s in self.specs}
-        for x in self.cfg.transports:
-            ctl = control_path(x.name)
-            spec = TransportSpec(name=x.name, role=x.role, control_path=ctl,
-                                 arena_path=ctl.removesuffix(".ctl"), host=x.host,
-                                 tcp_port=x.tcp_port, mode=x.mode, netns=x.netns,
-                                 label=x.label, device=x.device, key_file=x.key_file,
-                                 insecure=x.insecure)
-            if x.role == "send":
-                w = specs[x.worker]
-                port = [p.label or p.name for p in w.ports].index(x.port)
-                spec.arena_path = w.arena_path
-                spec.ring = w.rings().index((port, 0))
-            out.append(spec)
-        for spec in out:   # an unusable key refuses the run before any file is made
-            try:
-                spec.load_key()
-            except ValueError as e:
-                raise RuntimeError(f"transport {spec.name}: {e}") from None
-        return [TransportProcess(spec, self.cfg.arena.ring_size, self.cfg.arena.slot_size)
-                for spec in out]
+    def _ring_sources(self) -> list[tuple]:
+        """A shipped ring has one consumer, its sender; the local consumers get the others and
+        the rings of the transport receivers' arenas."""
+        arenas = [w.arena for w in self.sup.workers.values()] + [t.arena for t in self.receivers]
+        return [(a, r) for a, r in ring_sources(arenas)
+                if (str(a.path), r.index) not in self.shipped]
+
+    def _arena_sources(self) -> list[tuple]:
+        return ([(w.name, w.arena, [p.label or p.name for p in w.spec.ports])
+                 for w in self.sup.workers.values()]
+                + [(t.spec.name, t.arena, [t.spec.label]) for t in self.receivers])
+
+    def refresh_sources(self) -> None:
+        """After a reload added, removed or restarted workers: the consumer loop's rings and
+        the exporter's arenas and labels, from the workers there are now."""
+        self.specs = self.sup.specs
+        if self.loop is not None:
+            self.loop.set_sources(self._ring_sources())
+            self.arena_collector.set_workers(self._arena_sources())
+
+    def health(self) -> str:
+        """'' when every worker and transport is healthy, else why not (the watchdog's food)."""
+        return self.sup.health() or next(
+            (f"transport {t.spec.name} gave up: {t.gave_up}" for t in self.transports
+             if t.gave_up), "")
 
     # -- while running --
     def totals(self) -> Totals:
@@ -187,47 +183,51 @@ class Run:
                                if x.spec.role == "send")
         return t
 
-    def latency_quantiles(self, qs: tuple[float, ...] = (0.5, 0.99)) -> list[float | None]:
-        """Upper bucket edges (seconds) holding each quantile; None before any latency."""
-        hist = sum((rs.latency for rs in self.stats.rings.values()),
-                   np.zeros(len(LATENCY_EDGES) + 1, dtype=np.int64))
-        n = int(hist.sum())
-        if n == 0:
-            return [None for _ in qs]
-        cum = np.cumsum(hist)
-        edges = [*LATENCY_EDGES, float("inf")]
-        return [edges[int(np.searchsorted(cum, q * n))] for q in qs]
-
-    def summary_line(self, prev: Totals, cur: Totals, dt: float) -> str:
-        up = sum(w.arena.worker_state() == "running" for w in self.sup.workers.values())
-        p50, p99 = self.latency_quantiles()
-        lat = "-" if p50 is None else f"<={_us(p50)} p99 <={_us(p99)}"
-        return (f"[{time.monotonic() - self.t0:5.0f}s] "
-                f"rx {_rate((cur.rx_packets - prev.rx_packets) / dt)}pps "
-                f"{_rate(8 * (cur.rx_bytes - prev.rx_bytes) / dt)}b/s | "
-                f"tx {_rate((cur.tx_packets - prev.tx_packets) / dt)}pps | "
-                f"drops {cur.drops - prev.drops} (ring {cur.ring_full_drops} nic "
-                f"{cur.nic_missed} tx {cur.tx_drops}) | ring {100 * cur.occupancy:.1f}% | "
-                f"malformed {cur.malformed} | latency p50 {lat} | workers {up}/"
-                f"{len(self.sup.workers)} up")
-
     def serve_until(self, stop: threading.Event, duration: float | None) -> None:
-        """Watch workers and print a line a second until stop is set or duration passes."""
+        """Watch workers, reload on request, feed the service watchdog while healthy, and print
+        a line a second (with `progress`) until stop is set or duration passes."""
         prev, t_prev = self.totals(), time.monotonic()
         end = None if duration is None else self.t0 + duration
+        health = ""
         while not stop.is_set():
             now = time.monotonic()
             if end is not None and now >= end:
                 break
-            stop.wait(min(1.0 - (now - t_prev) % 1.0, 1.0 if end is None else max(0, end - now)))
-            events = self.sup.check() + [e for t in self.transports if (e := t.check())]
-            for ev in events:
-                print(f"[{time.monotonic() - self.t0:5.0f}s] {ev}", file=self.out, flush=True)
+            wait = min(1.0 - (now - t_prev) % 1.0, 1.0 if end is None else max(0, end - now))
+            ping = self.notifier.next_ping_in(now)
+            stop.wait(wait if ping is None else min(wait, ping))
+            if self.reload_pending and not stop.is_set():
+                self.reload_pending = False
+                self._reload()
+            wevents = self.sup.check()
+            tevents = [e for t in self.transports if (e := t.check())]
+            for ev in wevents + tevents:
+                if self.progress:
+                    print(f"[{time.monotonic() - self.t0:5.0f}s] {ev}", file=self.out, flush=True)
+            for ev in tevents if not self.progress else []:
+                log.warning("%s", ev)    # the supervisor logs its own workers' events
             now = time.monotonic()
+            if (why := self.health()) != health:
+                health = why
+                self.notifier.status(f"degraded: {why}" if why else self.status_line())
+            self.notifier.ping(not health, now)
             if now - t_prev >= 0.999:
                 cur = self.totals()
-                print(self.summary_line(prev, cur, now - t_prev), file=self.out, flush=True)
+                if self.progress:
+                    print(progress.line(self, prev, cur, now - t_prev), file=self.out, flush=True)
                 prev, t_prev = cur, now
+
+    def _reload(self) -> None:
+        from dataplane.run import reload  # here: only a reloaded run pays for it
+        if self.load is None:
+            log.warning("SIGHUP: this run has no config to re-read; ignored")
+            return
+        reload.reload(self, self.load)
+
+    def status_line(self) -> str:
+        """What systemctl status shows (STATUS=) while all is well."""
+        return (f"running {len(self.sup.workers)} worker(s), {len(self.transports)} "
+                f"transport(s); metrics on {self.metrics.url if self.metrics else '-'}")
 
     # -- stop --
     def finish(self, settle: float = 0.5) -> RunResult:
@@ -344,33 +344,53 @@ class Run:
 
 
 def run(cfg: config.Config, duration: float | None = None, out: TextIO = sys.stdout,
+        progress: bool | None = None, load: Callable[[], config.Config] | None = None,
         books_json: bool = False) -> int:
-    """The `dataplane run` command: 0 when every generated packet is accounted for."""
+    """The `dataplane run` command: 0 when every generated packet is accounted for.
+
+    progress: the line a second (None: when `out` is a terminal).  load: how SIGHUP re-reads
+    the config (dataplane.run.reload); None: SIGHUP is ignored with a warning.  Under systemd
+    (NOTIFY_SOCKET) it tells the service manager READY=1 once every worker and transport runs,
+    RELOADING=1/READY=1 around a reload, STOPPING=1, and feeds the watchdog while healthy."""
     stop = threading.Event()
+    notifier = Notifier()
+    holder: list[Run] = []
 
     def on_signal(signum, _frame) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
         stop.set()
 
+    def on_hup(_signum, _frame) -> None:
+        # the work is the main loop's (serve_until): a handler must not start processes
+        if holder:
+            holder[0].reload_pending = True
+
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP before the run is up would kill it by default: ignored until serve_until
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
         try:
-            run_ = Run(cfg, out)
+            run_ = Run(cfg, out, notifier)
         except RuntimeError as e:   # refused before anything was made (a transport's key)
             log.error("%s", e)
             return 1
         with run_ as r:
+            r.load = load
+            r.progress = out.isatty() if progress is None else progress
             try:
                 r.start()
             except RuntimeError as e:
                 log.error("%s", e)
                 return 1
+            holder.append(r)
             print(f"running {len(r.specs)} worker(s): "
                   + ", ".join(f"{s.name}" + (f"@core{s.core}" if s.core is not None else "")
                               for s in r.specs)
                   + ("" if duration is None else f" for {duration:g} s")
                   + "; Ctrl-C stops", file=out, flush=True)
+            notifier.ready(r.status_line())
             r.serve_until(stop, duration)
+            notifier.stopping()
             res = r.finish()
             print(r.report(res), file=out, flush=True)
             if books_json:      # the last line of stdout, for scripts
@@ -395,14 +415,3 @@ def _wait_quiet(read, settle: float, timeout: float = 5.0) -> None:
         poll(quiet, timeout, interval=0.05, what="quiet counters")
     except TimeoutError:
         pass        # still moving: report what there is
-
-
-def _rate(v: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if v >= div:
-            return f"{v / div:.2f} {unit}"
-    return f"{v:.0f} "
-
-
-def _us(s: float | None) -> str:
-    return "inf" if s is None or s == float("inf") else f"{s * 1e6:.0f}us"

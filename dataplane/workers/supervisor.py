@@ -70,19 +70,22 @@ class Supervisor:
     # -- set-up --
     def create_arenas(self) -> None:
         for spec in self.specs:
-            geo = spec.geometry()
-            if spec.arena_path:
-                path = Path(spec.arena_path)        # the plan chose it
-            else:
-                name = f"dataplane-{self.run_id}-{spec.name}"
-                path = choose_backing(name, Arena.layout(geo).arena_size,
-                                      prefer_huge=spec.hugepages)
-            _remove_stale(path)
-            arena = Arena.create(path, geo)
-            spec.arena_path = str(path)
-            self.workers[spec.name] = WorkerProcess(spec, arena)
-            log.info("arena %s: %d MiB, %d ring(s) of %d", path, arena.header.arena_size >> 20,
-                     arena.n_rings, arena.ring_size)
+            self._create_arena(spec)
+
+    def _create_arena(self, spec: WorkerSpec) -> WorkerProcess:
+        geo = spec.geometry()
+        if spec.arena_path:
+            path = Path(spec.arena_path)        # the plan chose it
+        else:
+            name = f"dataplane-{self.run_id}-{spec.name}"
+            path = choose_backing(name, Arena.layout(geo).arena_size, prefer_huge=spec.hugepages)
+        _remove_stale(path)
+        arena = Arena.create(path, geo)
+        spec.arena_path = str(path)
+        w = self.workers[spec.name] = WorkerProcess(spec, arena)
+        log.info("arena %s: %d MiB, %d ring(s) of %d", path, arena.header.arena_size >> 20,
+                 arena.n_rings, arena.ring_size)
+        return w
 
     def start(self, timeout: float = 60.0) -> None:
         """Receivers first, generators once every receiver runs: a generator's first packets
@@ -115,6 +118,22 @@ class Supervisor:
                  f" in netns {w.spec.netns}" if w.spec.netns else "")
 
     # -- watching --
+    def health(self, stale: float = 1.0) -> str:
+        """'' when every worker is healthy, else why not (the first one that is not): given up,
+        exited, or running with a heartbeat older than `stale` seconds (the 1 s after which
+        dataplane_worker_up says 0; check() restarts it only after heartbeat_timeout).  A
+        worker being started or restarted counts as healthy: check() bounds that by
+        start_timeout.  What the service's watchdog is fed on (dataplane.run.notify)."""
+        for w in self.workers.values():
+            if w.gave_up:
+                return f"worker {w.name} gave up: {w.gave_up}"
+            if w.proc is None or w.proc.poll() is not None:
+                return f"worker {w.name} is not running"
+            age = w.heartbeat_age()
+            if w.arena.worker_state() == "running" and (age is None or age > stale):
+                return f"worker {w.name}: heartbeat {age or 0:.1f} s old"
+        return ""
+
     def check(self) -> list[str]:
         """Restart dead or hung workers.  Returns a line per event, for the live summary."""
         events = []
@@ -193,10 +212,13 @@ class Supervisor:
     def stop(self, timeout: float = 10.0) -> None:
         """Ask every worker to stop, wait, then force; unlink arenas.  Idempotent."""
         self._stopping = True
-        for w in self.workers.values():
+        self._stop_workers(list(self.workers.values()), timeout)
+
+    def _stop_workers(self, workers: list[WorkerProcess], timeout: float = 10.0) -> None:
+        for w in workers:
             w.arena.request_stop()
         deadline = time.monotonic() + timeout
-        for w in self.workers.values():
+        for w in workers:
             if w.proc is None:
                 continue
             try:
@@ -204,6 +226,36 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 log.warning("worker %s did not stop in %.0f s; killing it", w.name, timeout)
             self._reap(w)
+
+    # -- reload (dataplane.run.reload decides what; these do it) --
+    def replace(self, spec: WorkerSpec) -> WorkerProcess:
+        """Restart a worker with a new spec on its own arena, whose geometry the caller checked
+        is the spec's: its counters go on (invariant 3).  Not a failure: its restart count
+        stays, and its restart budget starts afresh (a new spec that fails set-up on its first
+        start is given up at once, as at the run's start)."""
+        w = self.workers[spec.name]
+        self._stop_workers([w])
+        spec.arena_path, spec.hugepages, spec.huge_dir = (w.spec.arena_path, w.spec.hugepages,
+                                                         w.spec.huge_dir)
+        w.spec, w.starts, w.gave_up = spec, [], ""
+        self.specs = [spec if s.name == spec.name else s for s in self.specs]
+        self._spawn(w)
+        return w
+
+    def add(self, spec: WorkerSpec) -> WorkerProcess:
+        """A new worker: its arena, then the process."""
+        w = self._create_arena(spec)
+        self.specs = [*self.specs, spec]
+        self._spawn(w)
+        return w
+
+    def remove(self, name: str) -> WorkerProcess:
+        """Stop a worker and forget it; the caller closes and unlinks its arena once no reader
+        (the consumer loop, a scrape) holds it any more."""
+        w = self.workers.pop(name)
+        self.specs = [s for s in self.specs if s.name != name]
+        self._stop_workers([w])
+        return w
 
     def close(self) -> None:
         self.stop()
