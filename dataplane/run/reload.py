@@ -34,6 +34,9 @@ log = logging.getLogger("dataplane.run.reload")
 # another backing (hugepages "auto" while our own arenas hold the free pages); the running
 # arena stays where it is
 WHERE = ("arena_path", "hugepages", "huge_dir")
+# and what only names a worker in native log lines: its index in the config, which moves when
+# a worker before it is added or removed (the name is what identifies a worker)
+IGNORED = (*WHERE, "worker_id")
 
 
 @dataclass
@@ -102,7 +105,7 @@ def _labels(s: WorkerSpec) -> list[str]:
 
 def _what(s: WorkerSpec) -> dict:
     d = asdict(s)
-    for k in WHERE:
+    for k in IGNORED:
         d.pop(k)
     return d
 

@@ -47,12 +47,12 @@ class NotifyListener:
             self.messages = [*self.messages, (time.monotonic(), msg)]    # replaced: no lock
 
     def wait_for(self, key: str, value: str = "1", timeout: float = 90.0,
-                 contains: bool = False) -> tuple[int, dict[str, str]]:
-        """The first message with KEY=value (KEY containing value if `contains`) and its index;
-        AssertionError, listing what came, on timeout."""
+                 contains: bool = False, after: int = 0) -> tuple[int, dict[str, str]]:
+        """The first message from index `after` on with KEY=value (KEY containing value if
+        `contains`), and its index; AssertionError, listing what came, on timeout."""
         deadline = time.monotonic() + timeout
         while True:
-            for i, (_, m) in enumerate(self.messages):
+            for i, (_, m) in enumerate(self.messages[after:], after):
                 got = m.get(key)
                 if got == value or (contains and got is not None and value in got):
                     return i, m
