@@ -9,9 +9,9 @@ The sdist is installed with DATAPLANE_DPDK=0, as on a host without DPDK: no DPDK
 lab runs on io_uring.  The venvs are plain (no --system-site-packages): nothing here needs
 Debian's pyverbs, and a plain venv is what shows a dependency missing from pyproject.toml.
 
-Three compiles of the native code in all (the wheel, the sdist's install) plus the venvs'
-dependencies: about two minutes on a 2-core box, shared by every test through the module-scoped
-`installs` fixture.
+Two compiles of the native code in all (the wheel from the sdist; the sdist's install) plus the
+venvs' dependencies: about a minute on a 2-core box, shared by every test through the
+module-scoped `built` fixture.
 """
 
 from __future__ import annotations
