@@ -37,6 +37,10 @@ def need_root(what: str, example: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     need_root("dataplane run", "dataplane run")       # first: before anything is read or made
+    log_file = None
+    if args.log_file:       # then: everything after goes to the file, a config error too
+        from dataplane.run.logfile import LogFile
+        log_file = LogFile(args.log_file)
     if args.metrics is not None:
         bad = checks.host_port(args.metrics)
         if bad:
@@ -56,7 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load()
     from dataplane.run import runner  # here, not at the top: --help stays fast
     rc = runner.run(cfg, duration=args.duration, books_json=args.json,
-                    progress=True if args.progress else None, load=load)
+                    progress=True if args.progress else None, load=load,
+                    log_file=log_file)
     return int(rc or 0)
 
 
@@ -260,6 +265,9 @@ def _add_run_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) ->
                    help="end with the books as one JSON object, the last line of stdout")
     r.add_argument("--progress", action="store_true",
                    help="print the line a second even when stdout is not a terminal")
+    r.add_argument("--log-file", metavar="FILE",
+                   help="stdout and stderr to FILE, rotated at 4 MiB (3 kept): what `up` gives "
+                   "its background run")
     r.set_defaults(func=cmd_run)
 
     lb = sub.add_parser("lab", parents=[common, with_config], formatter_class=fmt,

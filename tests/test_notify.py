@@ -94,3 +94,51 @@ def test_journal_stream_priorities_no_timestamps_no_progress(tmp_path: Path) -> 
     out = run.stdout.read_text()
     assert not PROGRESS.search(out), f"a line a second without a terminal or --progress:\n{out}"
     assert "ran " in out, out           # the report still comes
+
+
+def test_log_file_takes_the_output(tmp_path: Path) -> None:
+    """--log-file (what `up` gives its background run): the log, the report and the workers'
+    own lines in the file, nothing on the inherited stdout and stderr."""
+    tag = f"{os.getpid() % 10000}f"
+    cfg = lab_file(tmp_path, tag)
+    log = tmp_path / "state" / "run.log"
+    log.parent.mkdir(mode=0o700)
+    with service_run(cfg, tmp_path, f"@dp-test-logfile-{os.getpid()}",
+                     extra=("--duration", "2", "--log-file", str(log))) as run:
+        assert run.proc.wait(90) == 0, log.read_text()
+    assert run.logs() == "", run.logs()
+    text = log.read_text()
+    assert "dataplane.workers.supervisor: worker " in text and "\nran " in text, text
+
+
+ROTATE = """
+import os, sys
+from dataplane.run.logfile import LogFile
+lf = LogFile(sys.argv[1], max_bytes=1000, keep=2)
+for i in range(13):
+    print(f"line {i:03d} " + "x" * 290, flush=True)    # 300 bytes a line
+    lf.rotate_if_full()
+"""
+
+
+def test_log_file_rotates(tmp_path: Path) -> None:
+    """Without root: a real process writing through LogFile keeps at most keep + 1 files of
+    about max_bytes each, newest last, and refuses a link in place of the file."""
+    import subprocess
+    import sys
+    log = tmp_path / "run.log"
+    r = subprocess.run([sys.executable, "-c", ROTATE, str(log)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["run.log", "run.log.1", "run.log.2"], files
+    for p in tmp_path.iterdir():
+        assert p.stat().st_size <= 1200, (p, p.stat().st_size)
+    assert "line 012" in log.read_text() and "line 011" in (tmp_path / "run.log.1").read_text()
+    assert "line 000" not in "".join(p.read_text() for p in tmp_path.iterdir()), "kept too much"
+    log.unlink()
+    log.symlink_to(tmp_path / "elsewhere")
+    r = subprocess.run([sys.executable, "-c", ROTATE, str(log)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "symbolic link" in r.stderr, r.stderr
+    assert not (tmp_path / "elsewhere").exists()

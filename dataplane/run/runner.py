@@ -31,6 +31,7 @@ from dataplane.metrics.server import serve
 from dataplane.metrics.transports import TransportCollector
 from dataplane.run import lab, progress, transports
 from dataplane.run.lock import RUN_LOCK, HostLock
+from dataplane.run.logfile import LogFile
 from dataplane.run.notify import Notifier
 from dataplane.workers.supervisor import Supervisor
 
@@ -99,6 +100,7 @@ class Run:
         self.progress = True           # the line a second (run(): on a terminal or --progress)
         self.reload_pending = False    # SIGHUP seen; serve_until reloads (dataplane.run.reload)
         self.load: Callable[[], config.Config] | None = None   # how a reload reads the config
+        self.log_file: LogFile | None = None     # --log-file: rotated by serve_until
 
     # -- start --
     def start(self) -> None:
@@ -212,6 +214,8 @@ class Run:
                 self.notifier.status(f"degraded: {why}" if why else self.status_line())
             self.notifier.ping(not health, now)
             if now - t_prev >= 0.999:
+                if self.log_file is not None:
+                    self.log_file.rotate_if_full()
                 cur = self.totals()
                 if self.progress:
                     print(progress.line(self, prev, cur, now - t_prev), file=self.out, flush=True)
@@ -345,7 +349,7 @@ class Run:
 
 def run(cfg: config.Config, duration: float | None = None, out: TextIO = sys.stdout,
         progress: bool | None = None, load: Callable[[], config.Config] | None = None,
-        books_json: bool = False) -> int:
+        books_json: bool = False, log_file: LogFile | None = None) -> int:
     """The `dataplane run` command: 0 when every generated packet is accounted for.
 
     progress: the line a second (None: when `out` is a terminal).  load: how SIGHUP re-reads
@@ -375,7 +379,7 @@ def run(cfg: config.Config, duration: float | None = None, out: TextIO = sys.std
             log.error("%s", e)
             return 1
         with run_ as r:
-            r.load = load
+            r.load, r.log_file = load, log_file
             r.progress = out.isatty() if progress is None else progress
             try:
                 r.start()

@@ -62,7 +62,9 @@ class RunProcess:
         return {}    # pid known only after apply(): recorded then (see up())
 
     def apply(self) -> None:
-        argv = [sys.executable, "-m", "dataplane.cli", "run"]
+        # --log-file: the run rotates the file itself (dataplane/run/logfile.py); the fd below
+        # only catches what it prints before it opens it
+        argv = [sys.executable, "-m", "dataplane.cli", "run", "--log-file", str(self.log_path)]
         if self.config_path:
             argv += ["--config", str(Path(self.config_path).resolve())]
         fd = open_private(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
