@@ -96,6 +96,20 @@ def test_reload_rate_refusals_and_counters(tmp_path: Path) -> None:
         assert metric(text_m, "dataplane_worker_restarts_total", worker=gen) == 0, \
             "a reload is not a failure"
         assert metric(text_m, "dataplane_worker_up", worker=gen) == 1
+
+        # valid, but the generator cannot start on it (no such interface): rolled back, the
+        # previous settings run again on the same arena, the receiver untouched
+        pre, seq0 = pids(run, gen, rx), seq()
+        cfg.write_text(text.replace("rate_pps = 20000", "rate_pps = 500")
+                       .replace(f'iface = "dpe{tag}g"', 'iface = "nosuch0"'))
+        ready = hup(run, "reload failed")
+        assert "rolled back" in ready["STATUS"], ready
+        back = pids(run, gen, rx)
+        assert back[rx] == pre[rx], "the receiver was touched"
+        cmdline = Path(f"/proc/{back[gen]}/cmdline").read_text()
+        assert '"rate_pps":1000' in cmdline and "nosuch0" not in cmdline, cmdline
+        assert seq() >= seq0, "a counter went backwards"
+        wait_until(lambda: seq() > seq0 + 100, "the generator sending again")
         # every packet sent before, during and after the reload accounted for
         assert stop(run) == 0, run.logs()
 

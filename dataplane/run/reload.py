@@ -11,7 +11,8 @@ The rules (docs/operations.md, "Service mode"):
   on their own arena (counters go on: invariant 3), receivers before generators as at start;
   unchanged workers keep running untouched; removed ones are stopped and their arenas removed;
   added ones get a new arena and start.
-Nothing is changed before every check passed, so a refused reload touches nothing.
+Nothing is changed before every check passed, so a refused reload touches nothing; a reload
+whose new or changed worker does not start is rolled back to what ran before.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ def reload(run: Run, load: Callable[[], config.Config]) -> bool:
                           "config (these need a restart)", ok=False)
     try:
         apply(run, new, ch)
-    except RuntimeError as e:    # a new spec that does not start: the supervisor watches it
-        log.error("reload: %s", e)
+    except RuntimeError as e:    # a new spec that does not start: rolled back
+        log.error("reload failed: %s", e)
         return _done(run, f"reload failed: {e}", ok=False)
     log.info("reload applied: %s", ch.summary())
     return _done(run, f"reloaded: {ch.summary()}", ok=True)
@@ -146,23 +147,51 @@ def _done(run: Run, status: str, ok: bool) -> bool:
 
 
 def apply(run: Run, new: config.Config, ch: Changes) -> None:
-    """Do what diff() decided: removed workers first, then receivers, then generators."""
+    """Do what diff() decided: removed workers stopped first (they may hold an interface an
+    added one takes), then receivers started, then generators.  If a started worker does not
+    run, everything is rolled back (RuntimeError): the previous specs restarted, the removed
+    workers started again on their arenas (kept until the reload succeeded, counters and all),
+    the added ones removed."""
     sup = run.sup
+    old_specs = {s.name: sup.workers[s.name].spec for s in ch.changed}
     gone = [sup.remove(name) for name in ch.removed]
-    if gone:
-        run.refresh_sources()
-        _let_go(run)
-        for w in gone:
-            w.arena.close()
-            w.arena.unlink()
-            log.info("worker %s removed, arena %s unlinked", w.name, w.arena.path)
+    run.refresh_sources()
+    started = []
+    try:
+        for gens in (False, True):
+            todo = [s for s in ch.changed + ch.added if (s.gen is not None) == gens]
+            group = [sup.replace(s) if s.name in sup.workers else sup.add(s) for s in todo]
+            started += group
+            run.refresh_sources()
+            if group:
+                sup.wait_running(workers=group)
+    except RuntimeError as e:
+        _roll_back(run, started, old_specs, gone)
+        raise RuntimeError(f"{e}; rolled back, the previous config runs") from None
     run.cfg = new
-    for gens in (False, True):
-        todo = [s for s in ch.changed + ch.added if (s.gen is not None) == gens]
-        started = [sup.replace(s) if s.name in sup.workers else sup.add(s) for s in todo]
-        run.refresh_sources()
-        if started:
-            sup.wait_running(workers=started)
+    _unlink(run, gone)
+
+
+def _roll_back(run: Run, started: list, old_specs: dict[str, WorkerSpec], gone: list) -> None:
+    sup = run.sup
+    added = [sup.remove(w.name) for w in started if w.name not in old_specs]
+    back = [sup.replace(old_specs[w.name]) for w in started if w.name in old_specs]
+    back += [sup.restore(w) for w in gone]
+    run.refresh_sources()
+    _unlink(run, added)
+    if back:
+        sup.wait_running(workers=back)
+
+
+def _unlink(run: Run, gone: list) -> None:
+    """Close and remove the arenas of workers that are gone, once the loop let go of them."""
+    if not gone:
+        return
+    _let_go(run)
+    for w in gone:
+        w.arena.close()
+        w.arena.unlink()
+        log.info("worker %s removed, arena %s unlinked", w.name, w.arena.path)
 
 
 def _let_go(run: Run, timeout: float = 5.0) -> None:

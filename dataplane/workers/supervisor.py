@@ -249,6 +249,14 @@ class Supervisor:
         self._spawn(w)
         return w
 
+    def restore(self, w: WorkerProcess) -> WorkerProcess:
+        """A removed worker back, on its arena (a reload rolled back)."""
+        self.workers[w.name] = w
+        self.specs = [*self.specs, w.spec]
+        w.starts, w.gave_up = [], ""
+        self._spawn(w)
+        return w
+
     def remove(self, name: str) -> WorkerProcess:
         """Stop a worker and forget it; the caller closes and unlinks its arena once no reader
         (the consumer loop, a scrape) holds it any more."""
