@@ -51,10 +51,10 @@ def test_unit_runs_the_run_under_notify_with_up_and_down() -> None:
     u = unit_settings()
     assert u["Type"] == ["notify"] and u["NotifyAccess"] == ["main"]
     assert u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
-    assert u["ExecStartPre"] == ["+/usr/local/bin/dataplane up --host-only --config "
-                                 "${DATAPLANE_CONFIG}"]
+    host = "+/usr/local/bin/dataplane"
+    assert u["ExecStartPre"] == [f"{host} up --host-only --config ${{DATAPLANE_CONFIG}}"]
     assert u["ExecStart"] == ["/usr/local/bin/dataplane run --config ${DATAPLANE_CONFIG}"]
-    assert u["ExecStopPost"] == ["+/usr/local/bin/dataplane down --config ${DATAPLANE_CONFIG}"]
+    assert u["ExecStopPost"] == [f"{host} down --config ${{DATAPLANE_CONFIG}}"]
     assert u["LimitMEMLOCK"] == ["infinity"] and u["RuntimeDirectory"] == ["dataplane"]
 
 
@@ -86,7 +86,7 @@ def guest(guest_lab) -> GuestRun:
 
 def test_service_installs_and_verifies_in_the_guest(guest: GuestRun) -> None:
     d = guest.ok("install")
-    assert d["before"]["shm"] == [] and d["before"]["netns"] == [], d
+    assert d["before"]["arenas"] == [] and d["before"]["netns"] == [], d
 
 
 def test_start_reaches_ready_and_serves_metrics(guest: GuestRun) -> None:
@@ -109,6 +109,13 @@ def test_reload_of_a_broken_config_is_refused_and_logged(guest: GuestRun) -> Non
 def test_a_killed_worker_is_restarted_under_the_service(guest: GuestRun) -> None:
     d = guest.ok("kill_worker")
     assert d["restarts"] >= 1 and d["status"]["NRestarts"] == "0", d
+
+
+def test_a_crash_is_restored_and_restarted(guest: GuestRun) -> None:
+    """The run SIGKILLed: `down` (ExecStopPost) removes its stale arenas and restores the host,
+    `up` prepares it again, the service is restarted once."""
+    d = guest.ok("crash")
+    assert d["status"]["NRestarts"] == "1" and d["journal"], d
 
 
 def test_stop_restores_the_host_as_the_journal_says(guest: GuestRun) -> None:

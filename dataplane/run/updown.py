@@ -120,6 +120,7 @@ def _up(cfg, config_path: str | None, host_only: bool) -> list[str]:
     if journal.entries:
         out.append(f"{journal.path}: an earlier `up` did not finish (crashed or killed); "
                    "restoring what it changed first")
+        out += remove_stale_arenas(cfg)
         out += host.undo(journal)
     changes = host_changes(cfg)
     if host_only:       # no run of ours to carry the limit: the service manager sets it
@@ -185,9 +186,31 @@ def down(cfg) -> list[str]:
 
 def _down(cfg) -> list[str]:
     journal = Journal(cfg.host.journal_dir)
+    out = remove_stale_arenas(cfg)
     if not journal.entries:
-        return ["nothing to undo: no journal (the host is as `up` found it)"]
-    return host.undo(journal)
+        return [*out, "nothing to undo: no journal (the host is as `up` found it)"]
+    return out + host.undo(journal)
+
+
+def remove_stale_arenas(cfg) -> list[str]:
+    """The arena files of a run that died without cleaning up (SIGKILL, systemd's watchdog):
+    in hugetlbfs they hold pages that a journaled pool size cannot be restored without.  None
+    while a run holds the run lock; a file whose worker still lives is left, with a warning."""
+    if holder(RUN_LOCK):
+        return []
+    from dataplane.host.hugepages import hugetlbfs_mounts
+    from dataplane.run.status import find_arenas
+    from dataplane.workers.supervisor import _remove_stale  # the run's own rule, reused
+    dirs = [*hugetlbfs_mounts(), Path("/dev/shm")]
+    out = []
+    for w in cfg.workers:
+        for f in find_arenas(w.name, dirs):
+            try:
+                _remove_stale(f)
+                out.append(f"removed stale arena {f}")
+            except RuntimeError as e:
+                log.warning("%s", e)
+    return out
 
 
 def status_lines(cfg) -> list[str]:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ count = 16
 mount = "{HUGE_MOUNT}"
 """
 RATE, NEW_RATE = 200, 1000
+DONE = ("reloaded", "reload refused", "reload failed")     # the run's STATUS= after a reload
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 180) -> str:
@@ -70,6 +72,14 @@ def explain(what: str) -> str:
     return f"{what}\nunit: {show()}\njournal:\n{journal()[-4000:]}"
 
 
+def wait(what: str, cond: Callable[[], Any], timeout: float, interval: float = 0.5) -> None:
+    """poll(), failing with the unit's state and journal as they are at the end."""
+    try:
+        poll(cond, timeout=timeout, interval=interval, what=what)
+    except TimeoutError as e:
+        raise AssertionError(explain(str(e))) from None
+
+
 def write_config(rate: int, broken: bool = False) -> None:
     """config/default.toml as the guest runs it: the uring backend (no EAL under TCG), AF_PACKET
     on the receiver, a slow generator, and a [host] table with real changes for up/down."""
@@ -91,8 +101,9 @@ def host_state() -> dict[str, Any]:
                        for k in SYSCTLS},
             "nr_hugepages": Path("/proc/sys/vm/nr_hugepages").read_text().strip(),
             "hugetlbfs": mounts,
-            "shm": sorted(p.name for p in Path("/dev/shm").iterdir()
-                          if p.name.startswith("dataplane")),
+            "arenas": sorted(str(p) for d in ("/dev/shm", "/dev/hugepages", HUGE_MOUNT)
+                             if os.path.isdir(d) for p in Path(d).iterdir()
+                             if p.name.startswith("dataplane")),
             "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []}
 
 
@@ -117,6 +128,9 @@ class Service:
 
     def install(self) -> dict[str, Any]:
         """The unit verbatim; `dataplane` where the unit expects it (the venv, linked)."""
+        # the guest's root is the host's under a tmpfs overlay: a journal of the host's
+        # (another test's `up`) would be taken for an unfinished one here
+        shutil.rmtree(JOURNAL.parent, ignore_errors=True)
         bin_ = Path("/usr/local/bin/dataplane")
         bin_.parent.mkdir(parents=True, exist_ok=True)
         bin_.unlink(missing_ok=True)
@@ -141,24 +155,30 @@ class Service:
         st = show()
         assert (st["ActiveState"], st["SubState"]) == ("active", "running"), explain("state")
         assert st["StatusText"], explain("no STATUS= from the run")
-        poll(lambda: tx(scrape(METRICS)) > 0, timeout=60, interval=1, what="generator packets")
+        wait("generator packets", lambda: tx(scrape(METRICS)) > 0, 60)
+        # the host's mount namespace: the lab and up's mounts are everyone's (the unit's comment)
+        mnt = {pid: os.readlink(f"/proc/{pid}/ns/mnt") for pid in ("1", st["MainPID"])}
+        assert len(set(mnt.values())) == 1, mnt
         text = scrape(METRICS)
         up = {w: metric(text, "dataplane_worker_up", worker=w) for w in ("gen", "rx")}
         assert up == {"gen": 1, "rx": 1}, up
         self.applied = json.loads(JOURNAL.read_text())["entries"]
         now = host_state()
         assert all(now["sysctl"][k] == v.split() for k, v in SYSCTLS.items()), now
-        assert HUGE_MOUNT in now["hugetlbfs"] and now["nr_hugepages"] == "16", now
+        assert HUGE_MOUNT in now["hugetlbfs"] and now["nr_hugepages"] == "16", \
+            f"{now}\n{sh('findmnt', '-t', 'hugetlbfs', check=False)}\n" \
+            + Path(f"/proc/{st['MainPID']}/mountinfo").read_text()
         return {"status": st, "journal_entries": self.applied, "host": now}
 
     def reload_rate(self) -> dict[str, Any]:
         rate0, before = tx_rate()
         write_config(NEW_RATE)
         sh("systemctl", "reload", UNIT)
-        poll(lambda: "reloaded" in journal().lower() or "reload" in show()["StatusText"]
-             .lower(), timeout=60, interval=1, what="the reload to be logged")
-        poll(lambda: show()["ActiveState"] == "active", timeout=60, interval=0.5,
-             what="active after the reload")
+        # kill -HUP returns at once (systemd 252 has no Type=notify-reload): the run says
+        # RELOADING=1, then READY=1 with STATUS=reloaded: ... once its workers run again
+        wait("STATUS= of the reload", lambda: show()["StatusText"].startswith(DONE), 90)
+        st = show()
+        assert st["StatusText"].startswith("reloaded:"), explain("reload not applied")
         time.sleep(3)       # the generator restarted on its arena
         rate1, after = tx_rate()
         assert after >= before, f"counters reset by the reload: {before} -> {after}"
@@ -172,8 +192,10 @@ class Service:
         write_config(NEW_RATE, broken=True)
         try:
             sh("systemctl", "reload", UNIT)
-            poll(lambda: "burst" in journal(), timeout=60, interval=1,
-                 what="the refusal, naming the key, in the journal")
+            wait("STATUS= of the refused reload",
+                 lambda: show()["StatusText"].startswith("reload refused"), 90)
+            wait("the refusal, naming the key, in the journal",
+                 lambda: "generate.burst" in journal(), 30)
         finally:
             write_config(NEW_RATE)      # `down` at the stop reads this file too
         st = show()
@@ -184,27 +206,53 @@ class Service:
         return {"journal": lines[-5:], "pps": round(rate), "status": st}
 
     def kill_worker(self) -> dict[str, Any]:
+        from dataplane.host.hugepages import hugetlbfs_mounts
+        from dataplane.run.status import find_arenas
         from dataplane.shm.arena import Arena
-        path = next(p for p in ("/dev/shm/dataplane-rx", "/mnt/dataplane-huge/dataplane-rx")
-                    if os.path.exists(p))
-        with Arena.open(Path(path)) as a:
-            pid = int(a.hdr.pid)
+        path = find_arenas("rx", [*hugetlbfs_mounts(), Path("/dev/shm")])[0]
+        with Arena.open(path) as a:
+            pid = int(a.header.pid)
         os.kill(pid, signal.SIGKILL)
-        poll(lambda: metric(scrape(METRICS), "dataplane_worker_restarts_total", worker="rx")
-             >= 1, timeout=90, interval=1, what="rx restarted")
-        poll(lambda: metric(scrape(METRICS), "dataplane_worker_up", worker="rx") == 1,
-             timeout=90, interval=1, what="rx up again")
+        wait("rx restarted", lambda: metric(scrape(METRICS), "dataplane_worker_restarts_total",
+                                            worker="rx") >= 1, 90)
+        wait("rx up again", lambda: metric(scrape(METRICS), "dataplane_worker_up",
+                                           worker="rx") == 1, 90)
         text = scrape(METRICS)
         st = show()
         assert (st["ActiveState"], st["NRestarts"]) == ("active", "0"), explain("service")
         return {"killed": pid, "restarts": metric(text, "dataplane_worker_restarts_total",
                                                   worker="rx"), "status": st}
 
+    def crash(self) -> dict[str, Any]:
+        """The run SIGKILLed (its workers orphaned, its arenas left): systemd stops what is left
+        of the cgroup, `down` removes the stale arenas and restores the host, the service is
+        started again (`up` first), and the new run is healthy."""
+        pid, mark = show()["MainPID"], len(journal().splitlines())
+        sh("systemctl", "kill", "--kill-who=main", "-s", "SIGKILL", UNIT)
+        wait("the service restarted", lambda: (lambda st: st["NRestarts"] == "1" and st[
+            "ActiveState"] == "active" and st["MainPID"] not in ("0", pid))(show()), 240, 1)
+        since = journal().splitlines()[mark:]
+        for want in ("removed stale arena", "undone hugepages", "applied hugepages"):
+            assert any(want in ln for ln in since), explain(f"no {want!r} after the crash")
+        wait("generator packets", lambda: tx(scrape(METRICS)) > 0, 60)
+        now = host_state()
+        assert all(now["sysctl"][k] == v.split() for k, v in SYSCTLS.items()), now
+        return {"journal": [ln for ln in since if "stale" in ln or "undone" in ln],
+                "status": show()}
+
     def stop(self) -> dict[str, Any]:
         sh("systemctl", "stop", UNIT, timeout=240)
         st = show()
-        assert st["ActiveState"] == "inactive", explain(f"after stop: {st}")
+        assert (st["ActiveState"], st["Result"]) == ("inactive", "success"), \
+            explain(f"after stop: {st}")
         after = host_state()
+        # the run restarted after the crash found the dead run's lab and used it, so it leaves
+        # it at its stop as it would a lab someone else made (docs/operations.md)
+        lab_left = after["netns"]
+        if lab_left:
+            assert lab_left == ["dp-gen", "dp-rx"], lab_left
+            sh("/usr/local/bin/dataplane", "lab", "down", "--config", str(CONFIG))
+            after = host_state()
         assert after == self.before, explain(f"host not restored:\n{self.before}\n{after}")
         # and each value the state journal held is what the kernel has again
         kinds = {e["kind"] for e in self.applied}
@@ -217,14 +265,21 @@ class Service:
         assert not JOURNAL.exists(), JOURNAL.read_text()
         left = sh("/usr/local/bin/dataplane", "down", "--config", str(CONFIG))
         assert "nothing to undo" in left, left
-        return {"after": after, "down_again": left.strip(), "status": st}
+        return {"after": after, "down_again": left.strip(), "status": st, "lab_left": lab_left}
 
 
 def main() -> int:
+    # it installs a unit and removes /var/lib/dataplane: never on a real host
+    if os.environ.get("GUEST_SYSTEMD") != "1" or Path("/proc/1/comm").read_text() != "systemd\n":
+        print("service_checks.py runs only inside `scripts/guest --systemd`", file=sys.stderr)
+        return 2
     out = Path(sys.argv[-1])
     checks = Checks(out, "service")
     s = Service()
-    for fn in (s.install, s.start, s.reload_rate, s.reload_broken, s.kill_worker, s.stop):
+    # kill_worker leaves the run's books short (what the veth got while no socket was there),
+    # and it exits 1 at its stop: the crash replaces it with a fresh run, whose stop is clean
+    for fn in (s.install, s.start, s.reload_rate, s.reload_broken, s.kill_worker, s.crash,
+               s.stop):
         checks.run(fn)
     sh("systemctl", "stop", UNIT, check=False)
     (out.parent / "journal.txt").write_text(journal())
