@@ -113,9 +113,10 @@ def test_root_commands_refuse_non_root(args: list[str], tmp_path: Path) -> None:
 @pytest.mark.root("netns, veth, DPDK")
 def test_run_embedded_default_for_real() -> None:
     """The README's first command, minus the bootstrap: the embedded default lab, for real."""
+    # --progress: the line a second is printed on a terminal, as the README's reader has one
     p = subprocess.run([str(Path(sys.executable).parent / "dataplane"), "run", "--duration", "3",
-                        "--metrics", f"127.0.0.1:{free_port()}"], capture_output=True, text=True,
-                       timeout=120)
+                        "--progress", "--metrics", f"127.0.0.1:{free_port()}"],
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr[-2000:]
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[")]
     assert len(lines) >= 2 and all(" rx " in ln and "workers 2/2 up" in ln for ln in lines)
