@@ -189,9 +189,11 @@ def test_sigterm_stops_cleanly_and_leaves_nothing() -> None:
     path = Path(f"/tmp/dpe-{tag}.toml")
     path.write_text(default_text(tag))
     try:
+        # --progress: the line a second is printed on a pipe too (only a terminal gets it
+        # by default); two of them say the run is up
         p = subprocess.Popen([str(Path(sys.executable).parent / "dataplane"), "run", "--config",
-                              str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                              str(path), "--progress"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
         lines = []
         for line in p.stdout:
             lines.append(line)
