@@ -71,7 +71,7 @@ def test_watchdog_stops_when_a_worker_is_given_up(tmp_path: Path) -> None:
         run.notify.collect(3.5)          # three ping intervals
         after = [m for _, m in run.notify.messages[k + 1:]]
         assert not [m for m in after if m.get("WATCHDOG")], run.notify.kinds()
-        assert stop(run) == 1, "a given-up worker is a problem in the books"
+        assert stop(run, timeout=150) == 1, "a given-up worker is a problem in the books"
 
 
 def test_journal_stream_priorities_no_timestamps_no_progress(tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ class Notifier:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
                 # never blocks: a manager that stopped reading must not stall the run's loop
                 s.sendto(msg, socket.MSG_DONTWAIT, self.address)
+            self._failed = False       # the next failure is logged again
             return True
         except OSError as e:
             if not self._failed:

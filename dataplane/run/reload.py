@@ -164,7 +164,7 @@ def apply(run: Run, new: config.Config, ch: Changes) -> None:
             started += group
             run.refresh_sources()
             if group:
-                sup.wait_running(workers=group)
+                sup.wait_running(workers=group, tick=lambda: _tick(run))
     except RuntimeError as e:
         _roll_back(run, started, old_specs, gone)
         raise RuntimeError(f"{e}; rolled back, the previous config runs") from None
@@ -180,7 +180,13 @@ def _roll_back(run: Run, started: list, old_specs: dict[str, WorkerSpec], gone: 
     run.refresh_sources()
     _unlink(run, added)
     if back:
-        sup.wait_running(workers=back)
+        sup.wait_running(workers=back, tick=lambda: _tick(run))
+
+
+def _tick(run: Run) -> None:
+    """While workers start: the main loop is busy here, not hung; a slow start must not let
+    the service watchdog expire (workers starting count as healthy, as in the loop)."""
+    run.notifier.ping(not run.health(), time.monotonic())
 
 
 def _unlink(run: Run, gone: list) -> None:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,12 +191,15 @@ class Supervisor:
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
 
-    def wait_running(self, timeout: float = 60.0,
-                     workers: list[WorkerProcess] | None = None) -> None:
-        """Block until every worker is running; raise with the worker's own error otherwise."""
+    def wait_running(self, timeout: float = 60.0, workers: list[WorkerProcess] | None = None,
+                     tick: Callable[[], object] | None = None) -> None:
+        """Block until every worker is running; raise with the worker's own error otherwise.
+        tick: called at every look (a reload feeds the service watchdog with it)."""
         workers = list(self.workers.values()) if workers is None else workers
 
         def all_running() -> bool:
+            if tick is not None:
+                tick()
             for w in workers:
                 if w.proc is not None and w.proc.poll() is not None:
                     err = w.arena.worker_error() or f"exited with status {w.proc.returncode}"
