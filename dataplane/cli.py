@@ -129,7 +129,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     need_caps("dataplane down", "dataplane down", HOST_CAPS)
     from dataplane.run import updown
-    cfg = config.load(args.config)
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        # the host must come back even when the config was broken after `up` (a refused
+        # reload, an edit before a stop): what `down` needs is only where the journal is and
+        # which workers' arenas may be stale
+        log.warning("%s", e)
+        cfg = updown.down_config(args.config)
+        log.warning("going on with journal_dir %s from %s", cfg.host.journal_dir, cfg.source)
     if args.forget_journal:   # not loaded: the journal may be the damaged thing
         path = Path(cfg.host.journal_dir) / "journal.json"
         with updown.HostLock(updown.HOST_LOCK, "dataplane down --forget-journal", cfg.source):

@@ -183,3 +183,18 @@ def test_shipped_profile_needing_fq_is_refused_cleanly_when_fq_is_missing(setup)
     plan = dp("plan", "--config", str(cfg))
     assert "BLOCKED" in plan.stdout
     assert snapshot(dummy) == before and not journal.exists()
+
+
+def test_down_restores_the_host_when_the_config_broke_after_up(setup) -> None:
+    """A config edited into something that no longer loads (a refused reload, an edit before a
+    stop) must not keep `down` from putting the host back: it says why and uses the journal."""
+    cfg, dummy, before, journal = setup
+    up = dp("up", "--config", str(cfg))
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert snapshot(dummy) != before
+    cfg.write_text(cfg.read_text().replace("[host]", "bogus_key = 1\n[host]", 1))
+    assert dp("config", "check", str(cfg)).returncode == 2
+    down = dp("down", "--config", str(cfg))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "bogus_key" in down.stderr and "going on with journal_dir" in down.stderr
+    assert snapshot(dummy) == before and not journal.exists()

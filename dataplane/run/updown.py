@@ -20,7 +20,9 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from dataplane import host
@@ -176,6 +178,26 @@ def _worker_running(path: Path) -> bool:
             return a.worker_state() == "running"
     except (OSError, RuntimeError):
         return False        # not there yet
+
+
+def down_config(path: str | None) -> SimpleNamespace:
+    """What `down` needs of a config that no longer loads: its journal_dir ([host], else the
+    default) and its workers' names, read leniently from the TOML; the journal itself says
+    what to undo."""
+    from dataplane.config.tables import checks
+    from dataplane.host.journal import DEFAULT_DIR
+    try:
+        raw = tomllib.loads(Path(path).read_text()) if path else {}
+    except (OSError, ValueError):
+        raw = {}
+    host = raw.get("host") if isinstance(raw.get("host"), dict) else {}
+    jd = host.get("journal_dir")
+    workers = raw.get("worker") if isinstance(raw.get("worker"), list) else []
+    names = [w["name"] for w in workers if isinstance(w, dict) and isinstance(w.get("name"), str)
+             and checks.name(w["name"]) is None]
+    return SimpleNamespace(source=str(path), workers=[SimpleNamespace(name=n) for n in names],
+                           host=SimpleNamespace(journal_dir=Path(jd if isinstance(jd, str)
+                                                                 else DEFAULT_DIR)))
 
 
 def down(cfg) -> list[str]:
