@@ -4,6 +4,10 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage or config error (also: missing priv
 are checked before anything is changed).  Modules that need the native build, scapy or the
 runner are imported inside the commands that use them, so `--help` and `config check` stay fast
 and the CLI works before every part of the project exists.
+
+Over 400 lines on purpose: every command's handler sits next to its parser, with its help and
+examples, so one file is the whole user-facing surface (completion and the man page are
+generated from it); the work itself is in the rooms the handlers import.
 """
 
 from __future__ import annotations
