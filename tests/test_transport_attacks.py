@@ -365,7 +365,7 @@ def test_config_without_key_is_refused_unless_insecure() -> None:
 @ROOT
 def test_insecure_runs_and_says_so(lab: Lab) -> None:
     from dataplane import config
-    from dataplane.run.status import transport_lines
+    from dataplane.run.status import transport, transport_lines
     from dataplane.shm.control import control_path
 
     name = f"insec{os.getpid() % 100000}"
@@ -389,6 +389,6 @@ def test_insecure_runs_and_says_so(lab: Lab) -> None:
         assert (f'dataplane_transport_insecure{{mode="",peer="0.0.0.0:{PORT}",role="recv",'
                 f'transport="{name}"}} 1.0') in text, text
         cfg = config.loads(WORKER + recv_table(name, "insecure = true\n"))
-        line = next(transport_lines(cfg))
+        line = next(transport_lines(transport(cfg.transports[0])))
         assert "state=running" in line and "INSECURE (no key)" in line, line
     src.close()
