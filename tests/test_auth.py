@@ -208,7 +208,7 @@ def test_key_files(tmp_path: Path):
     os.chmod(k, 0o600)
     link = tmp_path / "via-link.key"
     link.symlink_to(k)
-    with pytest.raises(KeyFileError, match="symlink"):
+    with pytest.raises(KeyFileError, match="symbolic link"):
         load_key(link)
     short = tmp_path / "short.key"
     write_key(short, b"x" * 8)

@@ -16,17 +16,19 @@ class UnsafePath(PermissionError):
     """A path root was about to write is a link, someone else's, or writable by others."""
 
 
-def _problem(st: os.stat_result, want_dir: bool) -> str:
+def _problem(st: os.stat_result, want_dir: bool, refused: int = 0o022) -> str:
     """Why a file or directory with this stat is not private to the running user (root's files
-    are private to any user: only root may change them); '' when it is."""
+    are private to any user: only root may change them); '' when it is.  `refused` are the mode
+    bits that disqualify it: group/other write by default, all group/other access for a key."""
     kind = stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)
     if not kind:
         return "not a directory" if want_dir else "not a regular file"
     if st.st_uid not in (0, os.geteuid()):
         return f"owned by uid {st.st_uid}, not by root or the running user (uid {os.geteuid()})"
-    if st.st_mode & 0o022:
-        return (f"mode {stat.S_IMODE(st.st_mode):04o}: group or others may write it "
-                "(chmod go-w)")
+    if st.st_mode & refused:
+        access = "write" if refused & 0o044 == 0 else "read or write"
+        return (f"mode {stat.S_IMODE(st.st_mode):04o}: group or others may {access} it "
+                f"(chmod {'go-w' if access == 'write' else 'go='})")
     return ""
 
 
@@ -57,19 +59,20 @@ def private_dir(path: Path, what: str) -> Path:
     return path
 
 
-def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
+def open_private(path: Path, flags: int, mode: int = 0o600, refused: int = 0o022) -> int:
     """os.open with O_NOFOLLOW and O_CLOEXEC, refusing a file that is not a regular file of the
-    running user or that others may write: a planted link or file is refused, not used."""
+    running user (or root) or that has any of the `refused` mode bits (by default: others may
+    write it): a planted link or file is refused, not used."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:      # O_NOFOLLOW: the last component is a symbolic link
             raise UnsafePath(f"{path} is a symbolic link; refusing to follow it") from None
         raise
-    why = _problem(os.fstat(fd), want_dir=False)
+    why = _problem(os.fstat(fd), want_dir=False, refused=refused)
     if why:
         os.close(fd)
-        raise UnsafePath(f"{path}: {why}; refusing to use it (remove it)")
+        raise UnsafePath(f"{path}: {why}; refusing to use it")
     return fd
 
 

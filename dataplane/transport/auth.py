@@ -42,12 +42,13 @@ import queue
 import secrets
 import select
 import socket
-import stat
 import struct
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from dataplane.host.files import UnsafePath, open_private
 
 MAGIC = b"DPAUTH1\n"
 INSECURE = 1
@@ -95,23 +96,14 @@ def write_key(path: Path, key: bytes) -> None:
 
 
 def load_key(path: Path) -> bytes:
-    """The key in path; refused unless a regular file owned by us with no group/other access
-    (like ssh's private keys: a key others can read authenticates them too)."""
+    """The key in path; refused unless a regular file of ours (or root's) with no group/other
+    access, like ssh's private keys: a key others can read authenticates them too."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise KeyFileError(f"key file {path}: {e.strerror}"
-                           + (" (a symlink is refused)" if e.errno == 40 else "")) from None
+        fd = open_private(path, os.O_RDONLY, refused=0o077)
+    except OSError as e:    # UnsafePath (a link, someone else's, readable by others) included
+        raise KeyFileError(f"key file {e}" if isinstance(e, UnsafePath)
+                           else f"key file {path}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"key file {path}: not a regular file")
-        if st.st_uid != os.geteuid():
-            raise KeyFileError(f"key file {path}: owned by uid {st.st_uid}, not by the running "
-                               f"user (uid {os.geteuid()})")
-        if st.st_mode & 0o077:
-            raise KeyFileError(f"key file {path}: mode {stat.S_IMODE(st.st_mode):04o}, must be "
-                               f"0600 or stricter (chmod 600 {path})")
         text = f.read(4096)
     try:
         key = base64.b64decode(text.strip(), validate=True)
