@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:   # scripts/guest_run.py, shared with perf/
     sys.path.insert(0, str(REPO))
 
+from tests.helpers.processes import stop_process  # noqa: E402 - after the path is set
+
 if TYPE_CHECKING:
     from dataplane.shm.arena import Arena
     from scripts.guest_run import GuestRun
@@ -138,13 +140,7 @@ def workers() -> Iterator[Callable[..., Worker]]:
 
     yield start
     for w in started:
-        if w.proc.poll() is None:
-            w.arena.request_stop()
-            try:
-                w.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait()
+        stop_process(w.proc, w.arena.request_stop, 20)
         path = w.arena.path
         w.arena.close()
         path.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.helpers.default_lab import default_text
+from tests.helpers.processes import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 DATAPLANE = [sys.executable, "-m", "dataplane.cli"]
@@ -63,10 +64,4 @@ def live_run(tmp_path: Path, tag: str, *args: str, rate: int = 20000) -> Iterato
                 time.sleep(0.3)
         yield run
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, signal.SIGINT, 90)

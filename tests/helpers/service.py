@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.processes import stop_process
+
 DP = str(Path(sys.executable).parent / "dataplane")
 
 
@@ -126,13 +128,7 @@ def service_run(cfg: Path, tmp: Path, notify_address: str, watchdog_usec: int = 
     try:
         yield run
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, signal.SIGTERM, 60)
         listener.close()
 
 

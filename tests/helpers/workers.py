@@ -18,6 +18,7 @@ from dataplane._native import lib
 from dataplane.shm.arena import Arena
 from dataplane.shm.layout import PORT_COUNTERS, TRAILER_DTYPE
 from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
+from tests.helpers.processes import stop_process
 
 F_COPIED, F_GENERATED = lib.DP_F_COPIED, lib.DP_F_GENERATED
 TRAILER = TRAILER_DTYPE.itemsize
@@ -87,13 +88,7 @@ class Worker:
         return n
 
     def stop(self) -> None:
-        self.arena.request_stop()
-        try:
-            rc = self.proc.wait(timeout=20)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+        rc = stop_process(self.proc, self.arena.request_stop, 20)
         err = self.proc.stderr.read() if self.proc.stderr else ""
         assert rc == 0, f"{self.spec.name} exited {rc}: {err}"
         assert self.arena.worker_state() == "stopped"
