@@ -123,8 +123,11 @@ def check_run_with_rdma_transport() -> dict[str, Any]:
 def _watch(cfg: Path, run: subprocess.Popen) -> dict[str, Any]:
     # generous limits: a `dataplane status` takes seconds in the emulated guest, many more when
     # the host is busy (60 s ran out once with the ends connected and packets flowing)
-    seen = wait_for("status shows both RDMA ends connected with packets",
+    # every part of the condition: a status taken while the sender turns from starting to
+    # running to its first publish reads its state before and its counters after (seen once)
+    seen = wait_for("status shows both RDMA ends running and connected with packets",
                     lambda: (s := status(cfg)).count("QPs 1/") == 2 and
+                    s.count("): state=running") >= 2 and "\nDOWN" not in s and
                     "packets 0;" not in s and s, 180)
     text = scrape()
     before = {"qps": metric(text, "dataplane_rdma_queue_pairs"),
