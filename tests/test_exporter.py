@@ -145,7 +145,8 @@ def test_scrapes_do_not_stall_the_consumer(arenas):
         try:
             for _ in range(20):
                 got = samples(scrape(server.address))
-                assert got[("dataplane_consumer_batches_total", ())] > 0
+                assert got[("dataplane_consumer_loop_batches_total", ())] > 0
+                assert got[("dataplane_consumer_batches_total", (("consumer", "stats"),))] > 0
         finally:
             stop.set()
             producer.join()

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 from dataplane._native import ffi, lib
 
+from dataplane.consumers.api import Batch
 from dataplane.consumers.loop import ConsumerLoop
 from dataplane.host.files import UnsafePath
 from dataplane.shm.arena import Arena, ArenaGeometry
@@ -250,7 +250,7 @@ class Count:
     def __init__(self) -> None:
         self.n = 0
 
-    def consume(self, batch: np.ndarray, arena: Arena) -> None:
+    def on_batch(self, batch: Batch) -> None:
         self.n += len(batch)
 
 
@@ -265,7 +265,7 @@ def test_consumer_loop_drops_the_corrupted_ring_only(new_arena):
     assert count.n == 10
     assert len(loop.ring_faults) == 1 and "producer index 5000000" in loop.ring_faults[0]
     assert loop.errors == 1
-    assert [r for _, r in loop.sources] == [good.rings[0]]
+    assert [s.ring for s in loop.sources] == [good.rings[0]]
     fill.put([frame(size=64)] * 4)
     assert loop.sweep() == 4 and count.n == 14        # the other ring goes on
     assert len(loop.ring_faults) == 1

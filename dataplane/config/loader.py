@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dataplane.config import consumers as consumer_cfg
 from dataplane.config import host as host_cfg
 from dataplane.config import limits
 from dataplane.config import transports as transport_cfg
@@ -80,6 +81,7 @@ class Config:
     host: Host = field(default_factory=Host)
     warnings: list[str] = field(default_factory=list)
     transports: list[transport_cfg.TransportCfg] = field(default_factory=list)
+    consumers: list[consumer_cfg.ConsumerCfg] = field(default_factory=list)
 
 
 def load(path: str | os.PathLike | None = None) -> Config:
@@ -112,8 +114,11 @@ def loads(text: str, source: str = "<string>") -> Config:
                for t in top.tables("worker", required="host" not in data)]
     transports = [transport_cfg.parse(t) for t in top.tables("transport")]
     transport_cfg.cross_check(transports, workers, p)
+    consumers = [consumer_cfg.parse(t) for t in top.tables("consumer")]
     top.close()
-    cfg = Config(source, metrics, arena, workers, lab, host, transports=transports)
+    cfg = Config(source, metrics, arena, workers, lab, host, transports=transports,
+                 consumers=consumers)
+    consumer_cfg.cross_check(consumers, cfg, p)
     _cross_check(cfg, p)
     limits.cross_check(cfg, p)          # names across kinds, the workers' native limits
     if p.errors:

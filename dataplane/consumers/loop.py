@@ -1,12 +1,14 @@
-"""Ring consumers: hand every batch of descriptors to a set of consumers, then release it.
+"""The consumer loop: hand every batch of every ring to the consumers that read it, then
+release it (dataplane.consumers.api is the protocol a consumer implements).
 
-A consumer sees a batch as the numpy structured view RingReader.peek() returns (no copy) and
-must be done with it when consume() returns: the batch is released right after, and the worker
-reuses the slots.  ConsumerLoop.sweep() is one pass over the rings; drain() sweeps until nothing
-is ready.  What consumers make of the batches is theirs (stats.py: TrafficStats).
+ConsumerLoop.sweep() is one pass over the rings; drain() sweeps until nothing is ready.  Each
+consumer runs inside a Running: its books (batches, packets, seconds, errors) and what happens
+when it raises (on_error: made again by its factory, at most MAX_REMAKES times a minute, or
+disabled).  A consumer's exception never reaches the loop or the other consumers, and never
+keeps a batch from being released.
 
-The loop's progress counters are plain ints written by its thread only; readers copy them
-without a lock (docs/design.md, invariant 7).
+The loop's progress counters and each Running's books are plain ints written by its thread
+only; readers copy them without a lock (docs/design.md, invariant 7).
 """
 
 from __future__ import annotations
@@ -14,36 +16,104 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-import numpy as np
-
+from dataplane.consumers.api import Batch, Consumer, RingSource
 from dataplane.shm.arena import Arena
-from dataplane.shm.ring import RingCorrupted, RingReader
+from dataplane.shm.ring import RingCorrupted
 
 log = logging.getLogger(__name__)
 
-
-class Consumer(Protocol):
-    def consume(self, batch: np.ndarray, arena: Arena) -> None:
-        """Fold one batch in; the batch (and its frames) is released when this returns."""
-
-
-def flush_all(consumers: Iterable[Consumer]) -> None:
-    """Let consumers that stage batches (an optional `flush()`) fold in what they hold."""
-    for c in consumers:
-        flush = getattr(c, "flush", None)
-        if flush is not None:
-            flush()
+ON_ERROR = ("restart", "disable")
+MAX_REMAKES = 5            # within REMAKE_WINDOW seconds; the next error disables
+REMAKE_WINDOW = 60.0
 
 
-Source = tuple[Arena, RingReader]
+class Running:
+    """One consumer in the loop: which rings it reads, its books, its error policy."""
+
+    def __init__(self, consumer: Consumer, rings: Iterable[str] = (),
+                 on_error: str = "restart", remake: Callable[[], Consumer] | None = None):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error {on_error!r}: one of {', '.join(ON_ERROR)}")
+        self.consumer = consumer
+        self.name: str = getattr(consumer, "name", "") or type(consumer).__name__
+        self.rings = frozenset(rings)      # empty: every ring the run consumes
+        self.on_error = on_error if remake is not None else "disable"
+        self.remake = remake
+        self.batches = self.packets = self.errors = self.remakes = 0
+        self.ns = 0                        # time spent in the consumer's calls
+        self.disabled = ""                 # why it no longer runs
+        self.last_error = ""
+        self._remade_at: list[float] = []
+
+    def wants(self, src: RingSource) -> bool:
+        """A ring is named by its worker ("rx") or its worker and port label ("rx:p0")."""
+        return not self.rings or src.name in self.rings or \
+            f"{src.name}:{src.port_label}" in self.rings
+
+    def call(self, method: str, *args: Any) -> None:
+        """consumer.METHOD(*args), timed; an exception counted, logged and handled here."""
+        t0 = time.perf_counter_ns()
+        try:
+            fn = getattr(self.consumer, method, None)
+            if fn is not None:
+                fn(*args)
+        except Exception as e:     # noqa: BLE001 - a consumer's fault stays the consumer's
+            self._failed(method, e)
+        finally:
+            self.ns += time.perf_counter_ns() - t0
+
+    def _failed(self, method: str, e: Exception) -> None:
+        self.errors += 1
+        msg = f"{type(e).__name__}: {e}"
+        if msg != self.last_error:      # each new kind logged once, not once per batch
+            log.error("consumer %s: %s raised %s", self.name, method, msg,
+                      exc_info=(type(e), e, e.__traceback__))
+        self.last_error = msg
+        now = time.monotonic()
+        self._remade_at = [t for t in self._remade_at if now - t < REMAKE_WINDOW]
+        if self.on_error == "restart" and len(self._remade_at) < MAX_REMAKES:
+            self._close()
+            try:
+                self.consumer = self.remake()          # type: ignore[misc]
+            except Exception as e2:   # noqa: BLE001 - a factory that fails disables it
+                self.disabled = f"could not be made again: {type(e2).__name__}: {e2}"
+                log.error("consumer %s disabled: %s", self.name, self.disabled)
+                return
+            self._remade_at.append(now)
+            self.remakes += 1
+            log.warning("consumer %s made again after %s (%d in %.0f s)", self.name, msg,
+                        len(self._remade_at), REMAKE_WINDOW)
+            return
+        self.disabled = (f"{msg} ({self.remakes} times made again)" if self.remakes
+                         else msg)
+        log.error("consumer %s disabled after: %s", self.name, self.disabled)
+        self._close()
+
+    def _close(self) -> None:
+        try:
+            self.consumer.close()
+        except Exception as e:     # noqa: BLE001 - closing a failed consumer may fail too
+            log.warning("consumer %s: close raised %s: %s", self.name, type(e).__name__, e)
+
+    def close(self) -> None:
+        if not self.disabled:
+            self._close()
 
 
-def ring_sources(arenas: Iterable[Arena]) -> list[Source]:
-    """Every ring of every arena, as the (arena, ring) pairs ConsumerLoop drains."""
-    return [(a, r) for a in arenas for r in a.rings]
+def running(consumers: Iterable[Consumer | Running]) -> list[Running]:
+    return [c if isinstance(c, Running) else Running(c) for c in consumers]
+
+
+def ring_sources(arenas: Iterable[Arena]) -> list[RingSource]:
+    """Every ring of every arena, named after its arena file."""
+    return [RingSource(a, r) for a in arenas for r in a.rings]
+
+
+def _source(s: RingSource | tuple) -> RingSource:
+    return s if isinstance(s, RingSource) else RingSource(*s)
 
 
 class ConsumerLoop:
@@ -51,51 +121,54 @@ class ConsumerLoop:
 
     Each pass takes, from each ring in turn, everything ready up to one ring's worth (so a busy
     ring cannot starve the others), in batches of at most max_batch.  When a whole pass finds
-    nothing, or flush_interval seconds went by, consumers flush what they staged; an empty pass
-    then naps idle_sleep seconds on the stop event, so stop() is prompt.
+    nothing, or tick_interval seconds went by, every consumer gets tick(); an empty pass then
+    naps idle_sleep seconds on the stop event, so stop() is prompt.
     """
 
-    def __init__(self, sources: Iterable[Source], consumers: Sequence[Consumer],
-                 max_batch: int = 4096, idle_sleep: float = 0.0005, flush_interval: float = 0.1):
-        self.sources = list(sources)
-        self.consumers = list(consumers)
+    def __init__(self, sources: Iterable[RingSource | tuple],
+                 consumers: Sequence[Consumer | Running], max_batch: int = 4096,
+                 idle_sleep: float = 0.0005, tick_interval: float = 0.1):
+        self.sources = [_source(s) for s in sources]
+        self.consumers = running(consumers)
         self.max_batch = max_batch
         self.idle_sleep = idle_sleep
-        self.flush_interval = flush_interval
+        self.tick_interval = tick_interval
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
         # progress, read by anyone at any time
         self.passes = 0
         self.batches = 0
         self.descriptors = 0
-        self.errors = 0
-        self.last_error = ""
-        self.ring_faults: list[str] = []   # rings dropped as corrupted, why (also in errors)
+        self.errors = 0                    # rings dropped as corrupted
+        self.ring_faults: list[str] = []   # why each was
 
-    def set_sources(self, sources: Iterable[Source]) -> None:
+    def set_sources(self, sources: Iterable[RingSource | tuple]) -> None:
         """Swap the rings drained (after a worker's arena was replaced): takes effect at the
         next pass; the list is replaced, never mutated, so the loop needs no lock."""
-        self.sources = list(sources)
+        self.sources = [_source(s) for s in sources]
 
     def sweep(self) -> int:
         """One pass over all rings; returns how many descriptors were consumed."""
         total = 0
-        for arena, ring in self.sources:
+        for src in self.sources:
+            ring = src.ring
+            readers = [c for c in self.consumers if not c.disabled and c.wants(src)]
             budget = ring.size
             while budget > 0:
                 try:
-                    batch = ring.peek(min(self.max_batch, budget))
+                    desc = ring.peek(min(self.max_batch, budget))
                 except RingCorrupted as e:   # that ring stops; the others go on
-                    self._ring_failed(ring, e)
+                    self._ring_failed(src, e)
                     break
-                n = len(batch)
+                n = len(desc)
                 if n == 0:
                     break
-                for c in self.consumers:
-                    try:
-                        c.consume(batch, arena)
-                    except Exception as e:   # a bad consumer must not stop the others
-                        self._failed(c, e)
+                batch = Batch(desc, src)
+                for c in readers:
+                    if not c.disabled:
+                        c.call("on_batch", batch)
+                        c.batches += 1
+                        c.packets += n
                 # everything consumers needed from the frames is copied: give the slots back
                 ring.release(n)
                 self.batches += 1
@@ -105,38 +178,30 @@ class ConsumerLoop:
         self.descriptors += total
         return total
 
-    def _ring_failed(self, ring: RingReader, e: RingCorrupted) -> None:
+    def _ring_failed(self, src: RingSource, e: RingCorrupted) -> None:
         """Drop a corrupted ring from the sweep (replacing the list, as set_sources does), count
         it and log it; its worker stops on its own check of the same indices."""
-        self.sources = [s for s in self.sources if s[1] is not ring]
+        self.sources = [s for s in self.sources if s.ring is not src.ring]
         self.ring_faults.append(str(e))
         self.errors += 1
-        self.last_error = str(e)
         log.error("ring stopped: %s", e)
 
-    def _failed(self, consumer: Consumer, e: Exception) -> None:
-        self.errors += 1
-        msg = f"{type(consumer).__name__}: {type(e).__name__}: {e}"
-        if msg != self.last_error:   # log each new kind once, not once per batch
-            log.exception("consumer failed: %s", msg)
-        self.last_error = msg
-
-    def flush(self) -> None:
-        try:
-            flush_all(self.consumers)
-        except Exception as e:
-            self._failed(self, e)
+    def tick(self) -> None:
+        now = time.monotonic()
+        for c in self.consumers:
+            if not c.disabled:
+                c.call("tick", now)
 
     def run(self) -> None:
-        next_flush = time.monotonic() + self.flush_interval
+        next_tick = time.monotonic() + self.tick_interval
         while not self.stop_event.is_set():
             n = self.sweep()
-            if n == 0 or time.monotonic() >= next_flush:
-                self.flush()
-                next_flush = time.monotonic() + self.flush_interval
+            if n == 0 or time.monotonic() >= next_tick:
+                self.tick()
+                next_tick = time.monotonic() + self.tick_interval
             if n == 0:
                 self.stop_event.wait(self.idle_sleep)
-        self.flush()
+        self.tick()
 
     def start(self) -> threading.Thread:
         self.stop_event.clear()
@@ -150,6 +215,12 @@ class ConsumerLoop:
             self.thread.join(timeout)
             self.thread = None
 
+    def close(self) -> None:
+        """Stop, and close every consumer (once)."""
+        self.stop()
+        for c in self.consumers:
+            c.close()
+
     def __enter__(self) -> ConsumerLoop:
         self.start()
         return self
@@ -158,11 +229,12 @@ class ConsumerLoop:
         self.stop()
 
 
-def drain(sources: Iterable[Source], consumers: Sequence[Consumer], max_batch: int = 4096) -> int:
-    """Consume everything ready now on the given rings, once; returns the descriptor count."""
+def drain(sources: Iterable[RingSource | tuple], consumers: Sequence[Consumer | Running],
+          max_batch: int = 4096) -> int:
+    """Consume everything ready now on the given rings, once, then tick; the descriptor count."""
     loop = ConsumerLoop(sources, consumers, max_batch)
     total = n = loop.sweep()
     while n:
         total += (n := loop.sweep())
-    flush_all(consumers)
+    loop.tick()
     return total

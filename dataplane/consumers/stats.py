@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dataplane._native import lib
+from dataplane.consumers.api import Batch
 from dataplane.consumers.flows import SeqTracker, TopFlows
 from dataplane.shm.arena import Arena
 from dataplane.shm.layout import DESC_DTYPE, TRAILER_DTYPE
@@ -100,7 +101,8 @@ class TrafficStats:
     consume() only copies what it needs out of the arena (the descriptors, and the 24-byte
     trailers when the batch has generated frames: one gather) and folds `stage` descriptors at a
     time, so the fixed cost of each numpy call is paid per few thousand packets whatever the
-    batch size.  ConsumerLoop calls flush() when idle and every flush_interval.
+    batch size.  It is a consumer (dataplane.consumers.api) like any other: on_batch() stages,
+    tick() folds what is staged.
     """
 
     def __init__(self, flow_capacity: int = 1024, seq_window: int = 1 << 22, stage: int = 4096,
@@ -112,6 +114,17 @@ class TrafficStats:
         self.streams = SeqTracker(seq_window)
         self.stage = stage
         self.folds = 0
+
+    name = "stats"
+
+    def on_batch(self, batch: Batch) -> None:
+        self.consume(batch.desc, batch.arena)
+
+    def tick(self, now: float) -> None:
+        self.flush()
+
+    def close(self) -> None:
+        self.flush()
 
     def consume(self, batch: np.ndarray, arena: Arena) -> None:
         n = len(batch)

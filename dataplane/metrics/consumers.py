@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.core import Metric
 
-from dataplane.consumers.loop import ConsumerLoop
+from dataplane.consumers.loop import ConsumerLoop, Running
 from dataplane.consumers.stats import (
     ETHERTYPES,
     FLAGS,
@@ -23,6 +23,7 @@ from dataplane.metrics.arenas import RQ, ArenaCollector, WorkerSource
 from dataplane.metrics.families import ScrapeCollector, Table, buckets, families
 
 S = ("stream",)
+C = ("consumer",)
 
 FAMILIES: Table = {
     "eth_packets": ("c", "dataplane_consumer_ethertype_packets_total",
@@ -66,10 +67,22 @@ FAMILIES: Table = {
     "flow_entries": ("g", "dataplane_flow_table_entries", "Flows in the top-flows table.", ()),
     "flow_untracked": ("c", "dataplane_flow_untracked_bytes_total",
                        "Bytes of new flows that did not fit the top-flows table.", ()),
-    "loop_descriptors": ("c", "dataplane_consumer_descriptors_total",
-                         "Descriptors the consumer loop handed to its consumers.", ()),
-    "loop_batches": ("c", "dataplane_consumer_batches_total", "Batches consumed.", ()),
-    "loop_errors": ("c", "dataplane_consumer_errors_total", "Exceptions raised by consumers.", ()),
+    "loop_descriptors": ("c", "dataplane_consumer_loop_descriptors_total",
+                         "Descriptors the consumer loop took from the rings.", ()),
+    "loop_batches": ("c", "dataplane_consumer_loop_batches_total",
+                     "Batches the consumer loop took from the rings.", ()),
+    "ring_faults": ("c", "dataplane_consumer_ring_faults_total",
+                    "Rings the consumer loop stopped reading: impossible shared indices.", ()),
+    # per consumer (dataplane.consumers.loop.Running)
+    "c_batches": ("c", "dataplane_consumer_batches_total", "Batches given to the consumer.", C),
+    "c_packets": ("c", "dataplane_consumer_packets_total",
+                  "Descriptors in the batches given to the consumer.", C),
+    "c_seconds": ("c", "dataplane_consumer_seconds_total",
+                  "Time spent in the consumer's calls (on_batch and tick): its cost.", C),
+    "c_errors": ("c", "dataplane_consumer_errors_total", "Exceptions the consumer raised.", C),
+    "c_remakes": ("c", "dataplane_consumer_remakes_total",
+                  "Times the consumer was made again after an error (on_error = restart).", C),
+    "c_up": ("g", "dataplane_consumer_up", "1 while the consumer runs; 0 once disabled.", C),
 }
 
 
@@ -89,11 +102,30 @@ class ConsumerCollector(ScrapeCollector):
         if self.stats is not None:
             self.arenas.errors.guard("consumer", self._stats, fams, self.stats,
                                      self.arenas.by_path())
+        own: list[Metric] = []
         if self.loop is not None:
             fams["loop_descriptors"].add_metric([], self.loop.descriptors)
             fams["loop_batches"].add_metric([], self.loop.batches)
-            fams["loop_errors"].add_metric([], self.loop.errors)
+            fams["ring_faults"].add_metric([], self.loop.errors)
+            for r in list(self.loop.consumers):
+                self._running(fams, r)
+                # the consumer's own families: its code, so a failure skips it, counted
+                collect = getattr(r.consumer, "collect", None)
+                if collect is not None and not r.disabled:
+                    self.arenas.errors.guard(f"consumer:{r.name}",
+                                             lambda c=collect: own.extend(c()))
         yield from (f for f in fams.values() if f.samples)
+        yield from own
+
+    @staticmethod
+    def _running(fams: dict[str, Metric], r: Running) -> None:
+        lab = [r.name]
+        fams["c_batches"].add_metric(lab, r.batches)
+        fams["c_packets"].add_metric(lab, r.packets)
+        fams["c_seconds"].add_metric(lab, r.ns / 1e9)
+        fams["c_errors"].add_metric(lab, r.errors)
+        fams["c_remakes"].add_metric(lab, r.remakes)
+        fams["c_up"].add_metric(lab, 0 if r.disabled else 1)
 
     @staticmethod
     def _stats(fams: dict[str, Metric], stats: TrafficStats,

@@ -59,9 +59,9 @@ def diff(old: config.Config, new: config.Config, running: list[WorkerSpec],
          planned: list[WorkerSpec]) -> Changes:
     """What a reload from `old` (running as `running`) to `new` (planned as `planned`) does."""
     ch = Changes()
-    for key in ("lab", "host", "transports"):
+    for key in ("lab", "host", "transports", "consumers"):
         if getattr(old, key) != getattr(new, key):
-            name = "transport" if key == "transports" else key
+            name = key.removesuffix("s")
             ch.refused.append(f"{name}: changed; a running {_WHY[key]} cannot change live")
     for key in ("listen", "web_config", "max_connections"):
         if getattr(old.metrics, key) != getattr(new.metrics, key):
@@ -93,7 +93,8 @@ def diff(old: config.Config, new: config.Config, running: list[WorkerSpec],
 
 
 _WHY = {"lab": "lab's namespaces and links", "host": "host's journaled state (`up`/`down`)",
-        "transports": "transport end's files and connections"}
+        "transports": "transport end's files and connections",
+        "consumers": "consumer's code and state (a [[consumer]] is made when the run starts)"}
 
 
 def _geometry(s: WorkerSpec) -> tuple:

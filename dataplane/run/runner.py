@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from dataplane import config
-from dataplane.consumers.loop import ConsumerLoop, ring_sources
+from dataplane.consumers.api import RingSource
+from dataplane.consumers.loop import ConsumerLoop, Running
+from dataplane.consumers.registry import make as make_consumer
 from dataplane.consumers.stats import TrafficStats
 from dataplane.host.proc import poll
 from dataplane.metrics.arenas import ArenaCollector
@@ -95,6 +97,12 @@ class Run:
         self.labels = {s.name: [p.label or p.name for p in s.ports] for s in self.specs}
         self.sup = Supervisor(self.specs)
         self.stats = TrafficStats()
+        # the built-in statistics are a consumer like the others; an error loses that batch's
+        # figures only: "made again" as the same object, its books carry on.  The [[consumer]]
+        # tables are resolved and made now, before anything starts: a bad entry is an error,
+        # not a half-started run
+        self.consumers = [Running(self.stats, remake=lambda: self.stats),
+                          *(make_consumer(c) for c in cfg.consumers)]
         self.loop: ConsumerLoop | None = None
         self.metrics = None
         self.lab_created = False
@@ -122,7 +130,7 @@ class Run:
             t.wait_running()
         self.shipped = {(t.spec.arena_path, t.spec.ring) for t in self.transports
                         if t.spec.role == "send"}
-        self.loop = ConsumerLoop(self._ring_sources(), [self.stats])
+        self.loop = ConsumerLoop(self._ring_sources(), self.consumers)
         self.loop.start()
         arenas = self.arena_collector = ArenaCollector(self._arena_sources())
         m = self.cfg.metrics
@@ -142,11 +150,11 @@ class Run:
                 t.wait_running()
         self.t0 = time.monotonic()
 
-    def _ring_sources(self) -> list[tuple]:
+    def _ring_sources(self) -> list[RingSource]:
         """A shipped ring has one consumer, its sender; the local consumers get the others and
-        the rings of the transport receivers' arenas."""
-        arenas = [w.arena for w in self.sup.workers.values()] + [t.arena for t in self.receivers]
-        return [(a, r) for a, r in ring_sources(arenas)
+        the rings of the transport receivers' arenas, each named by its worker and port."""
+        return [RingSource(a, r, name, labels[r.port] if r.port < len(labels) else "")
+                for name, a, labels in self._arena_sources() for r in a.rings
                 if (str(a.path), r.index) not in self.shipped]
 
     def _arena_sources(self) -> list[tuple]:
@@ -265,6 +273,7 @@ class Run:
         if self.loop is not None:
             self.loop.stop()
             self.loop.sweep()      # what the receivers published before they stopped
+            self.loop.tick()       # and folded, before the books are read
         res = RunResult(seconds, self.totals(),
                         restarts=sum(int(w.arena.header.restarts)
                                      for w in self.sup.workers.values()))
@@ -333,6 +342,9 @@ class Run:
             if self.metrics is not None:
                 self.metrics.close()
                 self.metrics = None
+            if self.loop is not None:
+                self.loop.close()          # each consumer's close(), once
+                self.loop = None
             for t in self.transports:
                 t.close()
             self.sup.close()
