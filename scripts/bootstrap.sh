@@ -9,7 +9,8 @@ ROOT=$PWD
 
 PKGS="gcc pkg-config python3-venv python3-dev dpdk dpdk-dev libdpdk-dev liburing-dev libbpf-dev
 libxdp-dev iproute2 ethtool prometheus rdma-core ibverbs-providers python3-pyverbs
-qemu-system-x86 busybox-static cpio kmod iperf3 perftest openssl git man-db"
+qemu-system-x86 busybox-static cpio kmod iperf3 perftest openssl git man-db
+libpcap-dev tcpdump tshark nfdump"
 
 missing=""
 for p in $PKGS; do
