@@ -112,8 +112,12 @@ def ring_sources(arenas: Iterable[Arena]) -> list[RingSource]:
     return [RingSource(a, r) for a in arenas for r in a.rings]
 
 
-def _source(s: RingSource | tuple) -> RingSource:
-    return s if isinstance(s, RingSource) else RingSource(*s)
+def _claimed(sources: Iterable[RingSource | tuple]) -> list[RingSource]:
+    """The sources, each ring claimed for this process (RingClaimed: another consumes it)."""
+    out = [s if isinstance(s, RingSource) else RingSource(*s) for s in sources]
+    for s in out:
+        s.ring.claim()
+    return out
 
 
 class ConsumerLoop:
@@ -128,7 +132,7 @@ class ConsumerLoop:
     def __init__(self, sources: Iterable[RingSource | tuple],
                  consumers: Sequence[Consumer | Running], max_batch: int = 4096,
                  idle_sleep: float = 0.0005, tick_interval: float = 0.1):
-        self.sources = [_source(s) for s in sources]
+        self.sources = _claimed(sources)
         self.consumers = running(consumers)
         self.max_batch = max_batch
         self.idle_sleep = idle_sleep
@@ -144,8 +148,10 @@ class ConsumerLoop:
 
     def set_sources(self, sources: Iterable[RingSource | tuple]) -> None:
         """Swap the rings drained (after a worker's arena was replaced): takes effect at the
-        next pass; the list is replaced, never mutated, so the loop needs no lock."""
-        self.sources = [_source(s) for s in sources]
+        next pass; the list is replaced, never mutated, so the loop needs no lock.  Rings
+        dropped keep their claim: their arenas are being closed, and a claim of a dead run's
+        or a removed arena is taken over anyway."""
+        self.sources = _claimed(sources)
 
     def sweep(self) -> int:
         """One pass over all rings; returns how many descriptors were consumed."""
@@ -216,10 +222,13 @@ class ConsumerLoop:
             self.thread = None
 
     def close(self) -> None:
-        """Stop, and close every consumer (once)."""
+        """Stop, close every consumer (once), give the rings' claims up."""
         self.stop()
         for c in self.consumers:
             c.close()
+        for s in self.sources:
+            s.ring.unclaim()
+        self.sources = []
 
     def __enter__(self) -> ConsumerLoop:
         self.start()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dataplane._native import ffi, lib
+from dataplane.shm.claim import claim, release
 from dataplane.shm.layout import DESC_DTYPE, RING_COUNTERS, U64, u64_words
 
 if TYPE_CHECKING:
@@ -62,10 +63,23 @@ class RingReader:
         self.cons = self._ring.cons
         self._prod_cache = self.cons
         self.fault = ""        # why the ring was found corrupted; sticky
+        self.claimed = 0       # our claim word while this process claims the ring
+
+    def where(self) -> str:
+        return f"{self.arena.path} ring {self.index} (port {self.port} queue {self.queue})"
+
+    def claim(self) -> None:
+        """Claim the ring for this process (dataplane.shm.claim): RingClaimed when another
+        live process consumes it."""
+        self.claimed = claim(self._ring, self.where())
+
+    def unclaim(self) -> None:
+        if self.claimed:
+            release(self._ring, self.claimed)
+            self.claimed = 0
 
     def _corrupted(self, why: str) -> RingCorrupted:
-        self.fault = (f"{self.arena.path} ring {self.index} (port {self.port} queue "
-                      f"{self.queue}): {why} (corrupted or foreign writer)")
+        self.fault = f"{self.where()}: {why} (corrupted or foreign writer)"
         return RingCorrupted(self.fault)
 
     @property

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dataplane._native import ffi, lib
+from dataplane.shm.claim import RingClaimed, claim
 from dataplane.shm.control import Control
 from dataplane.transport import auth
 from dataplane.transport.process import TCP_MODULE
@@ -130,6 +131,25 @@ class _Front:
         os.close(self.wfd)
 
 
+def _claim(base, length: int, ring: int, path: str) -> str:
+    """Claim the shipped ring for this process (dataplane.shm.claim); why not, or ''.  The
+    header is checked first: the ring's address comes from it."""
+    a = ffi.cast("struct dp_arena *", base)
+    if length < ffi.sizeof("struct dp_arena") or a.magic != lib.DP_MAGIC or \
+            a.version != lib.DP_LAYOUT_VERSION:
+        return f"{path}: not an arena of layout {lib.DP_LAYOUT_VERSION}"
+    if ring >= a.n_rings:
+        return f"{path}: no ring {ring} (it has {a.n_rings})"
+    if a.ring_stride < ffi.sizeof("struct dp_ring") or \
+            a.rings_off + (ring + 1) * a.ring_stride > length:
+        return f"{path}: ring {ring} lies outside the file (corrupted header)"
+    try:
+        claim(lib.dp_arena_ring(base, ring), f"{path} ring {ring}")
+    except RingClaimed as e:
+        return str(e)
+    return ""
+
+
 def run(spec: TransportSpec) -> int:
     """Map the arena and the control file, run the C loop until stopped: the exit code."""
     length = ffi.new("uint64_t *")
@@ -142,6 +162,10 @@ def run(spec: TransportSpec) -> int:
     cfg = _config(spec)
     cfg.arena_len = length[0]
     hdr = ctl.hdr
+    if spec.role == "send":
+        why = _claim(base, length[0], spec.ring, spec.arena_path)
+        if why:
+            return _fail(ctl, spec, why)
     try:
         key = spec.load_key()
     except auth.KeyFileError as e:

@@ -70,6 +70,13 @@ void dp_ring_store_cons(struct dp_ring *r, uint64_t cons)
     __atomic_store_n(&r->cons, cons, __ATOMIC_RELEASE);
 }
 
+uint64_t dp_ring_claim(struct dp_ring *r, uint64_t expect, uint64_t mine)
+{
+    __atomic_compare_exchange_n(&r->claim, &expect, mine, 0, __ATOMIC_ACQ_REL,
+                                __ATOMIC_ACQUIRE);
+    return expect;
+}
+
 void dp_ring_store_prod(struct dp_ring *r, uint64_t prod)
 {
     __atomic_store_n(&r->prod, prod, __ATOMIC_RELEASE);

@@ -22,7 +22,9 @@
 
 /* cffi: begin */
 #define DP_MAGIC          0x414e455241504455ull  /* "UDPARENA" little-endian */
-#define DP_LAYOUT_VERSION 2u  /* 2: struct dp_uring_counters appended to dp_arena */
+#define DP_LAYOUT_VERSION 3u  /* 2: struct dp_uring_counters appended to dp_arena;
+                                 3: dp_ring.claim */
+#define DP_CLAIM_PID_BITS 22  /* pid_max is at most 2^22 (PID_MAX_LIMIT) */
 #define DP_CACHE_LINE     64
 #define DP_HUGE_PAGE      (2u << 20)
 #define DP_MAX_PORTS      8
@@ -76,6 +78,10 @@ struct dp_ring {
     uint16_t queue;
     uint32_t pad0;
     uint64_t slots_off;                        /* this ring's copy-mode slots */
+    /* The one process consuming the ring: its start time << DP_CLAIM_PID_BITS | its pid, so a
+     * reused pid is not taken for a dead claimant; 0: unclaimed.  One word: claimed and
+     * taken over with a compare-and-swap (dp_ring_claim). */
+    volatile uint64_t claim;
     _Alignas(DP_CACHE_LINE) struct dp_ring_counters c;
     _Alignas(DP_CACHE_LINE) struct dp_desc desc[];
 };

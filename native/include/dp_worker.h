@@ -84,6 +84,9 @@ int dp_ring_wait_drained(void *base, uint32_t i, uint32_t seconds, uint64_t *lef
 /* Consumer side for Python: one call per batch, with the same barriers as dp_ring.h. */
 uint64_t dp_ring_load_prod(const struct dp_ring *r);
 void     dp_ring_store_cons(struct dp_ring *r, uint64_t cons);
+/* The ring's consumer claim: compare-and-swap claim from `expect` to `mine`; the word found
+ * (== expect when it took).  dataplane/shm/ring.py decides whether a claimant is alive. */
+uint64_t dp_ring_claim(struct dp_ring *r, uint64_t expect, uint64_t mine);
 /* Producer side for Python (the RDMA receiver publishes what the HCA wrote). */
 void     dp_ring_store_prod(struct dp_ring *r, uint64_t prod);
 

@@ -68,6 +68,7 @@ class RdmaSender:
         from pyverbs.pd import PD
         self.arena = arena
         self.reader = arena.rings[ring]
+        self.reader.claim()      # first: a ring has one consuming process (RingClaimed)
         self.host, self.port, self.device = host, port, device
         self.max_batch = max(1, min(max_batch, MAX_BATCH))
         self.window = max(1, window)
@@ -359,3 +360,4 @@ class RdmaSender:
     def close(self) -> None:
         self._teardown()
         self.cache.close()
+        self.reader.unclaim()
