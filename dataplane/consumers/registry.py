@@ -20,7 +20,7 @@ from dataplane.consumers.loop import Running
 
 GROUP = "dataplane.consumers"
 # built-in consumers a [[consumer]] may name by a short entry
-BUILTIN: dict[str, str] = {}
+BUILTIN: dict[str, str] = {"flows": "dataplane.consumers.flowcache:factory"}
 
 Factory = Callable[[str, dict[str, Any]], Consumer]
 

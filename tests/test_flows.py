@@ -1,0 +1,216 @@
+"""The flow cache and its IPFIX export (dataplane.consumers.flowcache, ipfix): unit tests on frames
+built with scapy in a real arena (descriptors filled by the native parser, as a worker fills
+them), and the export read back by a real collector, nfdump's nfcapd, from a run of the lab."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+from dataplane._native import ffi, lib
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+
+from dataplane.config.consumers import ConsumerCfg
+from dataplane.consumers import ipfix
+from dataplane.consumers.flowcache import FlowCache, check_options
+from dataplane.consumers.loop import drain, ring_sources
+from dataplane.consumers.registry import ConsumerLoadError, make
+from tests.helpers.frames import RingFiller
+
+NOW = time.time_ns()
+
+
+def parsed(frame: bytes) -> dict:
+    """The descriptor fields the native parser gives this frame."""
+    d = ffi.new("struct dp_desc *")
+    lib.dp_parse(ffi.from_buffer(frame), len(frame), d)
+    return {"ethertype": d.ethertype, "l4proto": d.l4proto, "l4_off": d.l4_off,
+            "hash": d.hash, "flags": d.flags}
+
+
+def eth(*tags: int):
+    pkt = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    for t in tags:
+        pkt = pkt / Dot1Q(vlan=t)
+    return pkt
+
+
+def put(arena, frames: list[tuple[bytes, int]]) -> None:
+    """Frames with their rx_ns into ring 0, each described by the native parser."""
+    filler = RingFiller(arena)
+    for f, t in frames:
+        filler.put([f], rx_ns=t, **parsed(f))
+
+
+def cache(arena, frames: list[tuple[bytes, int]], **options) -> FlowCache:
+    fc = FlowCache("flows", options)
+    put(arena, frames)
+    drain(ring_sources([arena]), [fc], max_batch=5)    # flows spread over several batches
+    return fc
+
+
+def by_port(fc: FlowCache) -> dict[int, dict]:
+    return {f["sport"]: f for f in fc.top_flows(1000)}
+
+
+def test_ipv4_flows_counted_by_five_tuple(arena):
+    frames = [(bytes(eth() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000 + i % 3,
+                                                                     dport=53) / (b"x" * i)),
+               NOW + i) for i in range(30)]
+    fc = cache(arena, frames)
+    flows = by_port(fc)
+    assert sorted(flows) == [1000, 1001, 1002]
+    for k in range(3):
+        mine = [(f, t) for i, (f, t) in enumerate(frames) if i % 3 == k]
+        f = flows[1000 + k]
+        assert f["packets"] == 10
+        assert f["bytes"] == sum(len(x) - 14 for x, _ in mine)      # IP-level octets
+        assert (f["first_ns"], f["last_ns"]) == (mine[0][1], mine[-1][1])
+        assert (f["src"], f["dst"], f["dport"], f["proto"], f["vlan"]) == \
+            ("10.0.0.1", "10.0.0.2", 53, 17, 0)
+    assert fc.skipped == 0 and fc.table.used == 3
+
+
+def test_vlan_is_part_of_the_key_and_non_ip_is_skipped(arena):
+    l3 = IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=5, dport=6)
+    frames = [(bytes(eth(*tags) / l3), NOW) for tags in ((), (7,), (7,), (9, 7), ())]
+    frames.append((bytes(eth() / ARP()), NOW))
+    fc = cache(arena, frames)
+    got = sorted((f["vlan"], f["packets"]) for f in fc.top_flows(10))
+    assert got == [(0, 2), (7, 2), (9, 1)]      # the outer tag's id
+    assert fc.skipped == 1
+
+
+def test_ipv6_tcp_flags_are_ored(arena):
+    l3 = IPv6(src="2001:db8::1", dst="2001:db8::2")
+    frames = [(bytes(eth() / l3 / TCP(sport=443, dport=50000, flags=fl)), NOW)
+              for fl in ("S", "A", "PA", "FA")]
+    (f,) = cache(arena, frames).top_flows()
+    assert (f["src"], f["dst"], f["sport"], f["dport"], f["proto"]) == \
+        ("2001:db8::1", "2001:db8::2", 443, 50000, 6)
+    assert f["tcp_flags"] == 0x02 | 0x10 | 0x08 | 0x01
+    assert f["bytes"] == 4 * (40 + 20)
+
+
+def udp(sport: int, t: int) -> tuple[bytes, int]:
+    return bytes(eth() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=sport, dport=9)), t
+
+
+def test_timeouts_end_flows_with_their_reason(arena):
+    s = 10**9
+    frames = [udp(1, NOW - 20 * s),                      # idle for 20 s: over 15
+              udp(2, NOW - 70 * s), udp(2, NOW),         # 70 s old and busy: active timeout
+              udp(3, NOW - s)]                           # neither
+    fc = cache(arena, frames)
+    assert fc.table.used == 1                            # the tick after the drain ended 2
+    assert fc.ended[ipfix.IDLE_TIMEOUT] == 1 and fc.ended[ipfix.ACTIVE_TIMEOUT] == 1
+    assert sorted(by_port(fc)) == [3]
+    fc.close()
+    assert fc.ended[ipfix.FORCED_END] == 1 and fc.table.used == 0
+
+
+def ipfix_listener() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(5)
+    return s
+
+
+def messages(sock: socket.socket) -> list[bytes]:
+    out = []
+    sock.settimeout(0.5)
+    try:
+        while True:
+            out.append(sock.recv(65535))
+    except TimeoutError:
+        return out
+
+
+def data_records(msgs: list[bytes]) -> list[tuple[int, bytes]]:
+    """(template id, record bytes) of every data set, by the templates' record sizes."""
+    out = []
+    for m in msgs:
+        body = m[ipfix.HEADER.size:]
+        sid, slen = ipfix.SET_HEADER.unpack_from(body)
+        size = ipfix.RECORD.get(sid, None)
+        if size is not None:
+            data = body[4:slen]
+            out += [(sid, data[i:i + size.itemsize]) for i in range(0, len(data), size.itemsize)]
+    return out
+
+
+def test_eviction_is_counted_and_exported(arena):
+    col = ipfix_listener()
+    port = col.getsockname()[1]
+    frames = [udp(p, NOW + p) for p in (1, 2, 3, 1, 4)]
+    fc = cache(arena, frames, max_flows=2, collectors=[f"127.0.0.1:{port}"])
+    fc.close()
+    ended = fc.ended[ipfix.LACK_OF_RESOURCES]
+    assert ended >= 2 and fc.exporter.records == ended + fc.ended[ipfix.FORCED_END]
+    recs = data_records(messages(col))
+    assert len(recs) == fc.exporter.records
+    # every packet is in some exported record: evicted flows are exported, not lost
+    assert sum(struct.unpack_from("!Q", r, 16)[0] for _, r in recs) == len(frames)
+    counts = {m.name: m.samples for m in fc.collect()}
+    assert counts["dataplane_flow_export_records"][0].value == len(recs)
+
+
+def test_messages_follow_rfc7011(arena):
+    col = ipfix_listener()
+    port = col.getsockname()[1]
+    frames = [udp(p, NOW) for p in range(1, 101)]
+    fc = cache(arena, frames, collectors=[f"127.0.0.1:{port}"], observation_domain=42,
+               mtu=600)
+    fc.close()
+    msgs = messages(col)
+    head = [ipfix.HEADER.unpack_from(m) for m in msgs]
+    assert all(v == 10 and ln == len(m) and ln <= 600 and dom == 42
+               for (v, ln, _, _, dom), m in zip(head, msgs, strict=True))
+    assert ipfix.SET_HEADER.unpack_from(msgs[0], 16)[0] == ipfix.TEMPLATE_SET_ID  # first
+    # sequence number: data records sent before the message
+    sent = 0
+    for (_, _, _, seq, _), m in zip(head, msgs, strict=True):
+        assert seq == sent
+        sent += len(data_records([m]))
+    assert sent == 100 == fc.exporter.records
+
+
+def test_a_collector_that_is_not_there_is_counted(arena):
+    gone = ipfix_listener()
+    port = gone.getsockname()[1]
+    gone.close()
+    fc = cache(arena, [udp(1, NOW)], collectors=[f"127.0.0.1:{port}"], inactive_timeout=1e-9)
+    fc.tick(time.monotonic())
+    assert fc.exporter.send_errors >= 1      # the ICMP unreachable of the first message
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"collector": []}, "collector"),
+    ({"collectors": "127.0.0.1:4739"}, "collectors"),
+    ({"collectors": ["127.0.0.1:99999"]}, "collectors"),
+    ({"max_flows": 0}, "max_flows"),
+    ({"active_timeout": "60"}, "active_timeout"),
+    ({"inactive_timeout": -1}, "inactive_timeout"),
+    ({"observation_domain": 1 << 32}, "observation_domain"),
+    ({"mtu": True}, "mtu"),
+])
+def test_bad_options_name_the_option(options, named):
+    with pytest.raises(ValueError, match=f'option "{named}"'):
+        check_options(options)
+    with pytest.raises(ConsumerLoadError, match=f'option "{named}"'):
+        make(ConsumerCfg("f", "flows", options=options))
+
+
+def test_the_builtin_entry_makes_a_flow_cache():
+    r = make(ConsumerCfg("f", "flows", options={"max_flows": 10}))
+    assert isinstance(r.consumer, FlowCache) and r.consumer.table.capacity == 10
+
+
+def test_collector_addresses():
+    assert ipfix.parse_collector("10.0.0.1:2055") == ("10.0.0.1", 2055)
+    assert ipfix.parse_collector("[::1]:4739") == ("::1", 4739)
+    assert ipfix.parse_collector("collector.example") == ("collector.example", 4739)
