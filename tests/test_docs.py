@@ -194,11 +194,11 @@ def _base_config(fragment: str) -> str:
 
 def _docstring_toml() -> list[tuple[str, str]]:
     """Indented TOML examples in the modules' docstrings: blocks of lines that start at one
-    indentation with a config table ([[worker]], [[transport]], [host])."""
+    indentation with a config table ([[worker]], [[transport]], [[consumer]], [host])."""
     found = []
     for path in sorted((ROOT / "dataplane").rglob("*.py")):
         text = path.read_text()
-        for m in re.finditer(r"^( +)(\[\[worker\]\]|\[\[transport\]\]|\[host\])\n"
+        for m in re.finditer(r"^( +)(\[\[worker\]\]|\[\[transport\]\]|\[\[consumer\]\]|\[host\])\n"
                              r"((?:\1.*\n|\n(?=\1))*)", text, re.M):
             indent = m.group(1)
             body = m.group(2) + "\n" + m.group(3)
@@ -258,7 +258,9 @@ def test_scripts_and_perf_flags_exist() -> None:
 
 
 def test_metrics_named_in_docs_are_exported() -> None:
-    source = "\n".join(p.read_text() for p in (ROOT / "dataplane").rglob("*.py"))
+    # the examples export theirs too (examples/consumers: docs/consumers.md)
+    source = "\n".join(p.read_text() for d in ("dataplane", "examples")
+                       for p in (ROOT / d).rglob("*.py"))
     named = set()
     for doc in DOCS:
         named |= set(re.findall(r"\bdataplane_[a-z0-9_]*[a-z0-9]\b", doc.read_text()))

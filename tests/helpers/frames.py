@@ -69,7 +69,9 @@ class RingFiller:
         return self.r.size - (self.prod - self.r.cons)
 
     def put(self, frames: list[bytes], rx_ns: int | list[int] = 0, publish: bool = True,
-            **fields) -> None:
+            native: bool = False, **fields) -> None:
+        """Write frames and their descriptors; `native`: the descriptors' parsed fields from
+        the workers' own parser (dp_parse: l4_off too), else from describe()."""
         assert len(frames) <= self.free(), "test overfills the ring"
         rx = rx_ns if isinstance(rx_ns, list) else [rx_ns] * len(frames)
         for data, t in zip(frames, rx, strict=True):
@@ -77,7 +79,9 @@ class RingFiller:
             addr = int(self.reader.slots(pos))
             self.arena.buf[addr:addr + len(data)] = np.frombuffer(data, np.uint8)
             d = self.reader.desc[pos]
-            for k, v in {**describe(data), **fields}.items():
+            if native:
+                lib.dp_parse(data, len(data), ffi.addressof(self.r.desc[pos]))
+            for k, v in {**({} if native else describe(data)), **fields}.items():
                 d[k] = v
             d["addr"], d["len"], d["rx_ns"] = addr, len(data), t
             d["port"], d["queue"] = self.r.port, self.r.queue

@@ -40,10 +40,11 @@ class LiveRun:
 
 
 @contextmanager
-def live_run(tmp_path: Path, tag: str, *args: str, rate: int = 20000) -> Iterator[LiveRun]:
-    """`dataplane run --config <the default lab, renamed> ARGS` until the block ends (SIGINT,
-    as Ctrl-C), once its metrics endpoint answers."""
-    text = default_text(tag, ("rate_pps = 20000", f"rate_pps = {rate}"))
+def live_run(tmp_path: Path, tag: str, *args: str, rate: int = 20000,
+             extra: str = "") -> Iterator[LiveRun]:
+    """`dataplane run --config <the default lab, renamed, then `extra`> ARGS` until the block
+    ends (SIGINT, as Ctrl-C), once its metrics endpoint answers."""
+    text = default_text(tag, ("rate_pps = 20000", f"rate_pps = {rate}")) + extra
     cfg = tmp_path / f"lab-{tag}.toml"
     cfg.write_text(text)
     listen = next(ln.split('"')[1] for ln in text.splitlines() if ln.startswith("listen ="))
