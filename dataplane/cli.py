@@ -191,6 +191,12 @@ def cmd_top(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = config.load(args.file)
     if args.action == "check":
+        from dataplane.consumers.registry import ConsumerLoadError, resolve
+        try:
+            for c in cfg.consumers:    # imported, not made: a factory may open sockets
+                resolve(c)
+        except ConsumerLoadError as e:
+            raise Usage(f"{cfg.source}: {e}") from None
         lab = f", lab of {len(cfg.lab.namespaces)} namespaces" if cfg.lab else ""
         print(f"{cfg.source}: ok ({len(cfg.workers)} workers{lab}, "
               f"{len(cfg.warnings)} warnings, logged above)")
