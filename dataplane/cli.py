@@ -188,6 +188,19 @@ def cmd_top(args: argparse.Namespace) -> int:
                                                                file=sys.stderr))
 
 
+def cmd_flows(args: argparse.Namespace) -> int:
+    from dataplane.run import flows
+    if not 0 < args.n <= flows.MAX_N:
+        raise Usage(f"-n {args.n}: expected 1..{flows.MAX_N}")
+    try:
+        ep = flows.endpoint(args.url or flows.url_of(config.load(args.config)), args.ca,
+                            args.user, args.password_file)
+    except ValueError as e:
+        raise Usage(str(e)) from None
+    return flows.main(ep, args.n, args.json, sys.stdout,
+                      lambda m: print(f"dataplane flows: {m}", file=sys.stderr))
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = config.load(args.file)
     if args.action == "check":
@@ -316,6 +329,23 @@ def _add_run_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) ->
                     help="one JSON object: host changes, lab, workers, transports, what is down")
     st.set_defaults(func=cmd_status)
     _add_top_command(sub, common, fmt)
+    fl = sub.add_parser("flows", parents=[common, with_config], formatter_class=fmt,
+                        help="the biggest flows of a running dataplane, from its /flows",
+                        description="The flow caches' biggest active flows and the statistics'"
+                        " top flows, read from /flows on the metrics endpoint of the config's "
+                        "[metrics] listen (no root needed).  docs/flows.md",
+                        epilog="examples:\n  dataplane flows\n  dataplane flows -c my.toml -n "
+                        "20 --json\n\nexit codes: 0 ok, 1 the endpoint could not be read, 2 "
+                        "usage error")
+    fl.add_argument("-n", type=int, default=10, help="flows per table (default: %(default)s)")
+    fl.add_argument("--json", action="store_true", help="the /flows document as it is")
+    fl.add_argument("--url", help="read this /flows URL instead of the config's")
+    fl.add_argument("--ca", type=Path, metavar="FILE", help="https: verify the server with it")
+    fl.add_argument("--user", help="basic auth user (password: DATAPLANE_METRICS_PASSWORD or "
+                    "--password-file)")
+    fl.add_argument("--password-file", metavar="FILE", help="basic auth password (first line)")
+    fl.set_defaults(func=cmd_flows)
+
 
 
 def _add_top_command(sub, common: argparse.ArgumentParser, fmt: type) -> None:

@@ -4,9 +4,14 @@ them), and the export read back by a real collector, nfdump's nfcapd, from a run
 
 from __future__ import annotations
 
+import io
+import os
+import signal
 import socket
 import struct
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from dataplane._native import ffi, lib
@@ -214,3 +219,181 @@ def test_collector_addresses():
     assert ipfix.parse_collector("10.0.0.1:2055") == ("10.0.0.1", 2055)
     assert ipfix.parse_collector("[::1]:4739") == ("::1", 4739)
     assert ipfix.parse_collector("collector.example") == ("collector.example", 4739)
+
+
+# ---- /flows and `dataplane flows` ----
+
+def test_flows_endpoint_behind_basic_auth(arena):
+    import json
+    import urllib.error
+    import urllib.request
+
+    import bcrypt
+
+    from dataplane.consumers.loop import Running
+    from dataplane.consumers.stats import TrafficStats
+    from dataplane.metrics.scrape import Endpoint
+    from dataplane.metrics.server import serve
+    from dataplane.metrics.webconfig import WebConfig
+    from dataplane.run import flows
+
+    stats, fc = TrafficStats(), FlowCache("fl", {})
+    put(arena, [udp(p, NOW) for p in (7, 7, 8)])
+    drain(ring_sources([arena]), [stats, fc])
+    web = WebConfig("test", users={"u": bcrypt.hashpw(b"pw", bcrypt.gensalt(4))})
+    with serve(web=web, port=0, routes={"/flows": flows.route(
+            stats, [Running(stats), Running(fc)])}) as srv:
+        base = srv.url.removesuffix("/metrics")
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{base}/flows", timeout=5)
+        data = json.loads(Endpoint(f"{base}/flows?n=1", user="u", password="pw").get())
+        assert [(f["sport"], f["packets"]) for f in data["consumers"]["fl"]] == [(7, 2)]
+        assert data["stats"][0]["packets"] == 2     # keyed by hash, sampled later
+        with pytest.raises(Exception, match="400"):
+            Endpoint(f"{base}/flows?n=0", user="u", password="pw").get()
+        out = io.StringIO()
+        assert flows.main(Endpoint(f"{base}/flows", user="u", password="pw"), 5, False, out,
+                          print) == 0
+        assert "10.0.0.1:8" in out.getvalue() and "10.0.0.2:9" in out.getvalue()
+
+
+def test_flows_command_without_a_run():
+    from tests.helpers.default_lab import free_port
+    from tests.helpers.live_run import dp
+
+    r = dp("flows", "--url", f"http://127.0.0.1:{free_port()}/flows")
+    assert r.returncode == 1
+    assert "connection refused; is it running?" in r.stderr
+    assert dp("flows", "-n", "0").returncode == 2
+
+
+# ---- the lab, exported to nfcapd ----
+
+FLOWS, PER_FLOW, SIZE = 10, 300, 128      # the default lab's generator: 128-byte frames
+FIRST_PORT = 2000
+
+
+def nfcapd(d: Path) -> tuple[subprocess.Popen, int]:
+    from tests.helpers.default_lab import free_port
+    port = free_port()    # a free TCP port number; nfcapd listens on UDP: free too, in practice
+    d.mkdir()
+    p = subprocess.Popen(["nfcapd", "-w", str(d), "-p", str(port), "-b", "127.0.0.1", "-t", "2"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def bound() -> bool:     # templates sent before nfcapd listens would be lost for 60 s
+        assert p.poll() is None, f"nfcapd exited {p.returncode}"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return True
+        return False
+
+    poll(bound, 10, "nfcapd listening")
+    return p, port
+
+
+def nfdump_flows(d: Path) -> dict[int, tuple[int, int]]:
+    """src_port -> (packets, bytes) of the lab's flows nfdump reads back from d."""
+    import json
+    r = subprocess.run(["nfdump", "-R", str(d), "-o", "json"], capture_output=True, text=True,
+                       env={**os.environ, "TZ": "UTC"}, timeout=60, check=True)
+    out: dict[int, tuple[int, int]] = {}
+    for f in json.loads(r.stdout or "[]"):
+        if f.get("src4_addr") == "10.77.0.1" and f.get("dst_port") == 9:
+            p, b = out.get(f["src_port"], (0, 0))
+            out[f["src_port"]] = (p + f["in_packets"], b + f["in_bytes"])
+    return out
+
+
+def consumer(name: str, port: int, inactive: float) -> str:
+    return f"""
+[[consumer]]
+name = "{name}"
+entry = "flows"
+[consumer.options]
+collectors = ["127.0.0.1:{port}"]
+inactive_timeout = {inactive}
+"""
+
+
+@pytest.mark.root("the lab: netns, veth")
+def test_lab_flows_read_back_by_nfdump(tmp_path):
+    import json
+
+    from dataplane.metrics.scrape import Endpoint, Scrape
+    from dataplane.run import flows
+    from tests.helpers.default_lab import default_text
+    from tests.helpers.live_run import DATAPLANE, ROOT, dp
+    from tests.helpers.processes import stop_process
+
+    # "idle": flows end on their idle timeout while the run goes on; "held": they stay active
+    # (seen at /flows) and are exported when the run stops
+    (idle, p_idle), (held, p_held) = nfcapd(tmp_path / "idle"), nfcapd(tmp_path / "held")
+    text = default_text("fl", ("count = 0", f"count = {FLOWS * PER_FLOW}"),
+                        ("vary_range = [1024, 2047]",
+                         f"vary_range = [{FIRST_PORT}, {FIRST_PORT + FLOWS - 1}]"))
+    cfg = tmp_path / "lab.toml"
+    cfg.write_text(text + consumer("idle", p_idle, 1) + consumer("held", p_held, 600))
+    url = flows.url_of(config_of(cfg))
+    log = (tmp_path / "run.log").open("w")
+    run = subprocess.Popen([*DATAPLANE, "run", "--config", str(cfg), "--json"], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        held_flows: list = []
+
+        def all_held() -> bool:
+            nonlocal held_flows
+            assert run.poll() is None, f"the run exited {run.returncode}"
+            try:
+                held_flows = json.loads(Endpoint(url + "?n=100").get())["consumers"]["held"]
+            except Exception:     # not up yet
+                return False
+            return sum(f["packets"] for f in held_flows) >= FLOWS * PER_FLOW
+
+        poll(all_held, 60, "the held flows at /flows")
+        assert sorted((f["sport"], f["packets"], f["bytes"]) for f in held_flows) == \
+            [(FIRST_PORT + i, PER_FLOW, PER_FLOW * (SIZE - 14)) for i in range(FLOWS)]
+        shown = dp("flows", "--config", str(cfg), "-n", "3")
+        assert shown.returncode == 0, shown.stderr
+        assert "held: 3 biggest active flows" in shown.stdout and "10.77.0.2:9" in shown.stdout
+
+        def idle_ended() -> bool:
+            s = Scrape.parse(Endpoint(url.replace("/flows", "/metrics")).get(), 0)
+            return s.by("dataplane_flows_ended_total", "consumer", "reason").get(
+                ("idle", "idle_timeout"), 0) == FLOWS
+
+        poll(idle_ended, 30, "the idle flows ended by their timeout")
+    finally:
+        stop_process(run, signal.SIGINT, 90)
+        out = run.stdout.read() if run.stdout else ""
+        log.close()
+    books = json.loads(out.strip().splitlines()[-1])
+    (stream,) = books["streams"].values()
+    assert stream["sent"] == FLOWS * PER_FLOW and books["totals"]["drops"] == 0, \
+        out + (tmp_path / "run.log").read_text()
+    for p in (idle, held):
+        stop_process(p, signal.SIGTERM, 30)       # nfcapd writes its last file and exits
+    want = {FIRST_PORT + i: (PER_FLOW, PER_FLOW * (SIZE - 14)) for i in range(FLOWS)}
+    assert nfdump_flows(tmp_path / "idle") == want
+    assert nfdump_flows(tmp_path / "held") == want
+
+
+def config_of(path: Path):
+    from dataplane import config
+    return config.load(str(path))
+
+
+def poll(cond, timeout: float, what: str) -> None:
+    from dataplane.host.proc import poll as host_poll
+    host_poll(cond, timeout, interval=0.2, what=what)
+
+
+def test_promtool_accepts_the_federation_config():
+    import shutil
+    exe = shutil.which("promtool")
+    assert exe, "promtool missing: scripts/bootstrap.sh installs Debian's prometheus"
+    prom = Path(__file__).resolve().parents[1] / "config" / "prometheus"
+    r = subprocess.run([exe, "check", "config", "federate.yml"], cwd=prom, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -360,12 +360,15 @@ class FlowCache:
         yield s
         x = self.exporter
         for attr, name, what in (
-                ("records", "records", "IPFIX data records sent (one per ended flow)"),
-                ("messages", "messages", "IPFIX messages sent, template messages included"),
-                ("templates", "templates", "IPFIX template messages sent"),
-                ("send_errors", "send_errors", "IPFIX messages a collector's socket refused")):
-            c = CounterMetricFamily(f"dataplane_flow_export_{name}_total", what + ".",
-                                    labels=["consumer"])
+                ("records", "dataplane_flow_export_records_total",
+                 "IPFIX data records sent (one per ended flow)."),
+                ("messages", "dataplane_flow_export_messages_total",
+                 "IPFIX messages sent, template messages included."),
+                ("templates", "dataplane_flow_export_templates_total",
+                 "IPFIX template messages sent (at start, then every template_interval)."),
+                ("send_errors", "dataplane_flow_export_send_errors_total",
+                 "IPFIX messages a collector's socket refused (per collector).")):
+            c = CounterMetricFamily(name, what, labels=["consumer"])
             c.add_metric(lab, getattr(x, attr) if x is not None else 0)
             yield c
 

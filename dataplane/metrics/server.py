@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import socket
 import ssl
@@ -22,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
+from urllib.parse import parse_qsl
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import make_wsgi_app
@@ -203,6 +205,30 @@ def basic_auth(app: App, users: dict[str, bytes], stats: ExporterStats) -> App:
     return wrapped
 
 
+Route = Callable[[dict[str, str]], Any]
+
+
+def routed(app: App, routes: dict[str, Route]) -> App:
+    """`app`, but a path of `routes` answers JSON: route(query) as a document, 400 with its
+    message when it raises ValueError (a bad query)."""
+
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        route = routes.get(environ.get("PATH_INFO", ""))
+        if route is None:
+            return app(environ, start_response)
+        query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
+        try:
+            body, status = json.dumps(route(query)), "200 OK"
+        except ValueError as e:
+            body, status = json.dumps({"error": str(e)}), "400 Bad Request"
+        data = body.encode()
+        start_response(status, [("Content-Type", "application/json"),
+                                ("Content-Length", str(len(data)))])
+        return [data]
+
+    return wrapped
+
+
 class MetricsServer:
     """The HTTP endpoint serve() started; close() stops it and frees the port."""
 
@@ -239,15 +265,17 @@ class MetricsServer:
 
 def serve(*collectors: Collector, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           web: WebConfig | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-          timeout: float = DEFAULT_TIMEOUT) -> MetricsServer:
+          timeout: float = DEFAULT_TIMEOUT,
+          routes: dict[str, Route] | None = None) -> MetricsServer:
     """Serve /metrics for these collectors alone (and the endpoint's own counters) on
-    host:port; port 0 picks a free one (see .address).  `web`: TLS and basic auth."""
+    host:port; port 0 picks a free one (see .address).  `web`: TLS and basic auth, for
+    `routes` too (path -> a function of the query answering JSON, e.g. /flows)."""
     registry = CollectorRegistry(auto_describe=False)
     for c in collectors:
         registry.register(c)
     stats = ExporterStats()
     registry.register(stats)
-    app: App = make_wsgi_app(registry)
+    app: App = routed(make_wsgi_app(registry), routes or {})
     if web is not None and web.users:
         app = basic_auth(app, web.users, stats)
     server = _Server(host, port, web.tls if web is not None else None, max_connections,

@@ -35,7 +35,7 @@ from dataplane.metrics.mr_cache import MRCacheCollector
 from dataplane.metrics.rdma import RdmaCollector, mr_caches
 from dataplane.metrics.server import serve
 from dataplane.metrics.transports import TransportCollector
-from dataplane.run import lab, progress, transports
+from dataplane.run import flows, lab, progress, transports
 from dataplane.run.lock import RUN_LOCK, HostLock
 from dataplane.run.logfile import LogFile
 from dataplane.run.notify import Notifier
@@ -139,7 +139,8 @@ class Run:
                              TransportCollector(controls), RdmaCollector(controls),
                              MRCacheCollector(mr_caches(controls)), BuildInfoCollector(),
                              DropsCollector(arenas, controls), host=m.host, port=m.port,
-                             web=m.web, max_connections=m.max_connections)
+                             web=m.web, max_connections=m.max_connections,
+                             routes={"/flows": flows.route(self.stats, self.consumers)})
         log.info("metrics on %s", self.metrics.url)
         # receivers first, so the generators' first packets find someone listening
         self.sup.start()
