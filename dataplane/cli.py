@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = [common, with_config]
     _add_run_commands(sub, parents, fmt)
+    from dataplane.run import capture  # light: its parser; the rest when it runs
+    capture.add_command(sub, common, fmt)
     _add_host_commands(sub, parents, fmt)
     _add_config_command(sub, common, fmt)
     _add_transport_command(sub, common, fmt)

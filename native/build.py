@@ -45,6 +45,7 @@ TRANSPORT = ["transport/transport_common.c", "transport/transport_recv.c",
              "transport/transport_send.c"]
 DPDK = ["dpdk/dpdk_port.c", "dpdk/dpdk_worker.c", "dpdk/kernel_drops.c"]
 TESTING = ["testing/ring_bench.c", "testing/transport_produce.c"]
+CAPTURE = ["core/capture.c"]   # live capture's BPF filter: _native only, it alone links libpcap
 
 # The headers of dataplane._native's declarations.  _dpdk and _testing include them too: cffi
 # checks the included declarations against the compiler in every module that includes them.
@@ -120,10 +121,10 @@ def testing_wanted() -> bool:
 def native() -> FFI:
     """dataplane._native: core, io_uring worker, TCP transport."""
     ffi = FFI()
-    ffi.cdef("\n".join(cdef_of(h) for h in NATIVE_HEADERS))
-    ffi.set_source("dataplane._native", _includes(*NATIVE_HEADERS),
-                   sources=_sources(CORE + URING + TRANSPORT), include_dirs=[INCLUDE],
-                   extra_compile_args=CFLAGS, extra_link_args=["-luring"])
+    ffi.cdef("\n".join(cdef_of(h) for h in (*NATIVE_HEADERS, "dp_capture.h")))
+    ffi.set_source("dataplane._native", _includes(*NATIVE_HEADERS, "dp_capture.h"),
+                   sources=_sources(CORE + URING + TRANSPORT + CAPTURE), include_dirs=[INCLUDE],
+                   extra_compile_args=CFLAGS, extra_link_args=["-luring", "-lpcap"])
     return ffi
 
 

@@ -23,6 +23,7 @@ from typing import TextIO
 
 from dataplane import config
 from dataplane.consumers.api import RingSource
+from dataplane.consumers.capture import CaptureConsumer
 from dataplane.consumers.loop import ConsumerLoop, Running
 from dataplane.consumers.registry import make as make_consumer
 from dataplane.consumers.stats import TrafficStats
@@ -103,6 +104,9 @@ class Run:
         # not a half-started run
         self.consumers = [Running(self.stats, remake=lambda: self.stats),
                           *(make_consumer(c) for c in cfg.consumers)]
+        # live capture (`dataplane capture`): one attribute check a batch while nobody captures
+        self.capture = CaptureConsumer(lambda: self.loop.sources if self.loop else [])
+        self.consumers.append(Running(self.capture, remake=lambda: self.capture))
         self.loop: ConsumerLoop | None = None
         self.metrics = None
         self.lab_created = False
