@@ -7,6 +7,7 @@ refused with a clear error.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -117,11 +118,11 @@ def test_bad_filter_is_a_clear_error() -> None:
 # ---- the service, in this process: a ring filled by the test, a socket in a temporary dir ----
 
 @contextmanager
-def _service(arena: Arena) -> Iterator[tuple[CaptureConsumer, ConsumerLoop, Path]]:
+def _service(arena: Arena, **kw: int) -> Iterator[tuple[CaptureConsumer, ConsumerLoop, Path]]:
     d = Path(tempfile.mkdtemp(prefix="dpcap-"))       # not pytest's 0700 tmp: nobody tries it
     d.chmod(0o755)
     src = RingSource(arena, arena.rings[0], "rx", "in")
-    cap = CaptureConsumer(lambda: [src], path=d / "capture.sock")
+    cap = CaptureConsumer(lambda: [src], path=d / "capture.sock", **kw)
     loop = ConsumerLoop([src], [cap])
     loop.start()
     try:
@@ -220,6 +221,53 @@ def test_service_refuses_another_user(arena: Arena) -> None:
         assert out.stdout.startswith("FAIL"), out
         assert "uid 65534" in out.stdout and "run as root" in out.stdout, out.stdout
         assert not cap.captures
+
+
+def _attach(sock: Path, request: bytes) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(sock))
+    s.sendall(message(b"CAPT", request))
+    kind, body = recv_message(s, 4096)
+    assert kind == b"OKAY", body
+    return s
+
+
+def test_a_slow_client_loses_packets_counted_never_the_ring(arena: Arena) -> None:
+    """A client that reads nothing: its queue fills, the rest of what matched is dropped and
+    counted while the ring keeps being consumed; once it reads, it gets exactly what was queued
+    and books that add up.  A client that goes away ends its capture."""
+    frames = [frame(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1025, dport=9), size=1400)
+              ] * 256
+    with _service(arena, queue_bytes=256 << 10) as (cap, loop, sock):
+        slow = _attach(sock, b'{"filter": "udp"}')
+        gone = _attach(sock, b'{"filter": "udp"}')
+        _attached(cap, 2)
+        gone.close()
+        wait(lambda: len(cap.captures) == 1, "the capture of the client that went away ended")
+        filler = RingFiller(arena)
+        for _ in range(40):                      # 40 x 256 frames of 1400 bytes: 14 MB
+            filler.put(frames)
+            wait(lambda: filler.r.cons == filler.prod, "the ring consumed, the client idle")
+        assert cap.dropped > 0 and cap.captured > 0
+        assert cap.captured + cap.dropped == 40 * 256
+        fams = {m.name: m.samples[0].value for m in cap.collect()}
+        assert fams == {"dataplane_capture_active": 1, "dataplane_capture_packets": cap.captured,
+                        "dataplane_capture_dropped_packets": cap.dropped}
+        slow.shutdown(socket.SHUT_WR)            # Ctrl-C: the books, after what was queued
+        got, books = 0, None
+        while (m := recv_message(slow, 64 << 20)) is not None:
+            if m[0] == b"DONE":
+                books = json.loads(m[1])
+                break
+            got += struct.unpack_from("<II", m[1])[1]
+        slow.close()
+        assert books is not None
+        assert books["captured"] == got == cap.captured
+        assert books["dropped"] == cap.dropped
+        assert books["interfaces"] == [{"seen": 40 * 256, "dropped": cap.dropped,
+                                        "ring_full_drops": 0}]
+        assert books["ended"] == "stopped by the client"
+        assert loop.consumers[0].errors == 0
 
 
 def test_service_refuses_bad_requests(arena: Arena) -> None:

@@ -27,7 +27,7 @@ class Matched:
     """The frames of one batch a filter matched, copied out of the arena."""
     idx: np.ndarray        # uint32: their positions in the batch
     caplen: np.ndarray     # uint32: bytes kept of each (cut to the snaplen)
-    data: bytes            # the kept bytes, one frame after another
+    data: bytearray        # the kept bytes, one frame after another
     bad: int               # descriptors pointing outside the arena: counted, never read
 
     def __len__(self) -> int:
@@ -74,4 +74,4 @@ class BpfFilter:
                                    ffi.from_buffer("uint32_t[]", caplen), m,
                                    ffi.from_buffer("uint8_t[]", out), len(out))
             assert used == len(out)       # sized from the same caplen: always fits
-        return Matched(idx, caplen, bytes(out), int(bad[0]))
+        return Matched(idx, caplen, out, int(bad[0]))

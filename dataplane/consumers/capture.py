@@ -35,6 +35,7 @@ from dataplane.config.workers import RUN_DIR
 from dataplane.consumers.api import Batch, ConsumerBase, RingSource
 from dataplane.consumers.bpf import MAX_SNAPLEN, BpfFilter, FilterError
 from dataplane.consumers.capture_wire import (
+    HEAD,
     MAX_REQUEST,
     PKTS_HEAD,
     QUEUE_BYTES,
@@ -129,10 +130,10 @@ class Capture:
             idx, caplen = m.idx[:k], m.caplen[:k]
             d = batch.desc[idx]
             orig = np.maximum(d["len"].astype(np.uint32), caplen)
-            data = m.data[:int(caplen.sum(dtype=np.uint64))]
-            msg = message(b"PKTS", PKTS_HEAD.pack(i, k) + d["rx_ns"].astype("<u8").tobytes()
-                          + caplen.astype("<u4").tobytes() + orig.astype("<u4").tobytes()
-                          + data)
+            parts = [PKTS_HEAD.pack(i, k), d["rx_ns"].astype("<u8"), caplen.astype("<u4"),
+                     orig.astype("<u4"), memoryview(m.data)[:int(caplen.sum(dtype=np.uint64))]]
+            msg = b"".join([HEAD.pack(b"PKTS", sum(memoryview(x).nbytes for x in parts)),
+                            *parts])              # the frames copied once more, not per part
         with self.cond:
             if self.ended:
                 return
@@ -141,7 +142,8 @@ class Capture:
             self.bad += m.bad
             if not k:
                 return
-            if self.queued + len(msg) > QUEUE_BYTES:
+            # full; an empty queue takes one batch of any size, so a big one is not lost
+            if self.queued and self.queued + len(msg) > self.owner.queue_bytes:
                 self.dropped += k
                 self.iface_dropped[i] += k
                 self.owner.dropped += k
@@ -202,10 +204,11 @@ class CaptureConsumer(ConsumerBase):
     request, the rings the run drains; the socket is made at the first tick."""
 
     def __init__(self, sources: Callable[[], Sequence[RingSource]], path: Path = SOCKET,
-                 name: str = "capture"):
+                 name: str = "capture", queue_bytes: int = QUEUE_BYTES):
         super().__init__(name)
         self.sources = sources
         self.path = Path(path)
+        self.queue_bytes = queue_bytes            # per capture
         self.captures: tuple[Capture, ...] = ()   # replaced, never mutated: read without a lock
         self.captured = self.dropped = 0          # written by the consumer thread only
         self._lock = threading.Lock()             # the server threads' changes to captures
@@ -217,7 +220,12 @@ class CaptureConsumer(ConsumerBase):
     # -- the consumer thread --
     def on_batch(self, batch: Batch) -> None:
         for c in self.captures:                   # () while nobody captures: nothing to do
-            c.offer(batch)
+            try:
+                c.offer(batch)
+            except Exception as e:   # noqa: BLE001 - one capture's fault ends that capture only
+                log.error("capture %r failed: %s: %s", c.req.filter, type(e).__name__, e,
+                          exc_info=(type(e), e, e.__traceback__))
+                c.end(f"failed in the run: {type(e).__name__}: {e}")
 
     def tick(self, now: float) -> None:
         if self._listener is None and not self._failed:
@@ -233,16 +241,19 @@ class CaptureConsumer(ConsumerBase):
                                   "keep up.", value=self.dropped)
 
     def close(self) -> None:
+        """Every capture ended (its books sent), the socket removed.  Not final: when the loop
+        makes this consumer again after an error (Running), the next tick serves anew."""
         self._stopping.set()
         if self._listener is not None:
             self._listener.close()
         for c in self.captures:
-            c.end("the run is stopping")
+            c.end("the capture service closed (the run is stopping)")
         for t in list(self._threads):
             t.join(5.0)
         if self._listener is not None:
             self.path.unlink(missing_ok=True)
             self._listener = None
+        self._stopping.clear()
 
     # -- the server --
     def _listen(self) -> None:
