@@ -30,6 +30,7 @@ from dataplane.consumers.bpf import BpfFilter, FilterError
 from dataplane.consumers.capture import CaptureConsumer
 from dataplane.consumers.capture_wire import message, recv_message
 from dataplane.consumers.loop import ConsumerLoop
+from dataplane.run import pcapng
 from dataplane.run.pcapng import (
     ISB,
     ISB_FILTERACCEPT,
@@ -115,6 +116,26 @@ def test_bad_filter_is_a_clear_error() -> None:
         BpfFilter("", snaplen=-1)
 
 
+@pytest.mark.parametrize("files, names", [(0, ["f", "f1", "f2", "f3"]),
+                                           (3, ["f0", "f1", "f2"]),
+                                           (12, ["f00", "f01", "f02", "f03"])])
+def test_file_ring_names_as_tcpdump(tmp_path: Path, files: int, names: list[str]) -> None:
+    """-C alone: FILE, FILE1, ...; with -W N: FILE0..FILE(N-1), zero-padded, reused; every
+    file starts with the header, a block never split, the statistics never start a file."""
+    head = pcapng.header([pcapng.Interface("rx:in", 0)])
+    ring = pcapng.FileRing(str(tmp_path / "f"), head, max_bytes=len(head) + 400, files=files)
+    pkt = pcapng.packet(0, 1, 300, bytes(300))
+    for _ in range(4):
+        ring.write(pkt)
+    ring.write(pcapng.statistics(0, pcapng.Stats(0, 1, 4, 0, 4, 0, 4)), rotate=False)
+    ring.close()
+    assert ring.names == [str(tmp_path / n) for n in names]
+    for n in names:
+        data = (tmp_path / n).read_bytes()
+        assert data.startswith(head) and len(_pcap_lines("tcpdump", tmp_path / n)) == 1
+    assert len(_isb(Path(ring.names[(4 - 1) % (files or 4)]))) == 1
+
+
 # ---- the service, in this process: a ring filled by the test, a socket in a temporary dir ----
 
 @contextmanager
@@ -185,6 +206,23 @@ def test_service_writes_pcapng_tcpdump_and_tshark_read(arena: Arena, tmp_path: P
     assert _isb(out) == [{ISB_IFRECV: 10, ISB_IFDROP: 0, ISB_FILTERACCEPT: 3, ISB_OSDROP: 0,
                           ISB_USRDELIV: 3}]
     assert cap.captured == 3 and cap.dropped == 0 and not cap.captures
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dataplane capture runs as root")
+def test_the_run_stopping_ends_a_capture_with_its_books(arena: Arena, tmp_path: Path) -> None:
+    out = tmp_path / "end.pcapng"
+    with _service(arena) as (cap, _loop, sock):
+        p = _capture(sock, "-w", str(out))
+        _attached(cap, 1)
+        filler = RingFiller(arena)
+        filler.put(_frames())
+        wait(lambda: filler.r.cons == filler.prod, "the ring consumed")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "5 packets captured, 0 dropped by capture, 0 not matching (the capture service " \
+           "closed (the run is stopping))" in err, err
+    assert len(_pcap_lines("tcpdump", out)) == 5
+    assert _isb(out)[0][ISB_USRDELIV] == 5
 
 
 def _isb(path: Path) -> list[dict[int, int]]:

@@ -248,8 +248,9 @@ class CaptureConsumer(ConsumerBase):
             self._listener.close()
         for c in self.captures:
             c.end("the capture service closed (the run is stopping)")
+        deadline = time.monotonic() + 5.0        # for all: a stuck client is not waited for
         for t in list(self._threads):
-            t.join(5.0)
+            t.join(max(0.0, deadline - time.monotonic()))
         if self._listener is not None:
             self.path.unlink(missing_ok=True)
             self._listener = None

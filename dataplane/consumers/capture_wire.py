@@ -17,6 +17,7 @@ from dataplane.config.workers import RUN_DIR
 SOCKET = RUN_DIR / "capture.sock"
 MAX_REQUEST = 4096            # bytes of a request's JSON
 QUEUE_BYTES = 16 << 20        # per capture: matches waiting for a slow client beyond are dropped
+MAX_MESSAGE = 1 << 30         # what a client takes: one batch of any slot size fits
 
 HEAD = struct.Struct("<4sI")            # kind, body length
 PKTS_HEAD = struct.Struct("<II")        # interface, n

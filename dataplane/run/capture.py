@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from dataplane.consumers.capture_wire import (
+    MAX_MESSAGE,
     PKTS_HEAD,
-    QUEUE_BYTES,
     SOCKET,
     message,
     recv_message,
@@ -101,7 +101,7 @@ def connect(path: Path, request: dict) -> tuple[socket.socket, list[str]]:
         sock.close()
         raise CaptureError(f"no dataplane is running ({path}: {e.strerror})") from None
     sock.sendall(message(b"CAPT", json.dumps(request).encode()))
-    got = recv_message(sock, QUEUE_BYTES)
+    got = recv_message(sock, MAX_MESSAGE)
     if got is None:
         sock.close()
         raise CaptureError(f"the run closed {path} without an answer")
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         while True:
             try:
-                got = recv_message(sock, QUEUE_BYTES)
+                got = recv_message(sock, MAX_MESSAGE)
             except (TimeoutError, ConnectionError):
                 got = None
             if got is None:
