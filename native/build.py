@@ -39,7 +39,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 INCLUDE = "native/include"   # relative to the project root: setuptools insists on that
 
-CORE = ["core/arena.c", "core/common.c", "core/parse.c", "core/gen.c"]
+CORE = ["core/arena.c", "core/common.c", "core/parse.c", "core/gen.c", "core/flowkey.c"]
 URING = ["uring/uring_sock.c", "uring/uring_worker.c"]
 TRANSPORT = ["transport/transport_common.c", "transport/transport_recv.c",
              "transport/transport_send.c"]

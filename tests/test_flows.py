@@ -397,3 +397,36 @@ def test_promtool_accepts_the_federation_config():
     r = subprocess.run([exe, "check", "config", "federate.yml"], cwd=prom, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_lying_descriptor_is_left_out(arena):
+    filler = RingFiller(arena)
+    for f, t in (udp(1, NOW), udp(2, NOW)):
+        filler.put([f], rx_ns=t, publish=False, **parsed(f))
+    ring = arena.rings[0]
+    ring.desc[(filler.prod - 1) & (ring.size - 1)]["addr"] = arena.buf.size - 8   # runs past
+    filler.publish()
+    fc = FlowCache("flows", {})
+    drain(ring_sources([arena]), [fc])
+    assert [f["sport"] for f in fc.top_flows()] == [1] and fc.skipped == 1
+
+
+def test_hash_clashes_are_counted_or_end_the_older_flow():
+    """Keys sharing a 64-bit hash (forced here: never seen in practice) never fold together."""
+    import numpy as np
+
+    from dataplane.consumers.flowcache import FlowTable, fold
+
+    key = np.array([[1, 0, 0, 0, 0], [2, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=np.uint64)
+    p = {"key": key, "hash": np.array([7, 7, 7], dtype=np.uint64),
+         "check": np.array([1, 2, 1], dtype=np.uint64), "bytes": np.array([10, 20, 30]),
+         "rx": np.array([1, 2, 3]), "tcpflags": np.zeros(3, dtype=np.uint8)}
+    h, f, lost = fold(p)
+    assert lost == 1 and list(f["packets"]) == [2] and list(f["bytes"]) == [40]
+    table = FlowTable(4)
+    assert table.add(h, f) == []
+    f2 = f.copy()
+    f2["key"][0, 0] = 2                     # same hash, another key: the first flow ends
+    (ended,) = table.add(h, f2)
+    assert ended["key"][0, 0] == 1 and ended["reason"][0] == ipfix.LACK_OF_RESOURCES
+    assert table.used == 1 and table.f["key"][0, 0] == 2 and table.f["packets"][0] == 2

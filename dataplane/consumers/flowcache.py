@@ -9,10 +9,10 @@ IPFIX when they end (dataplane.consumers.ipfix).  The built-in consumer "flows":
 
 A flow's key is (source and destination address, source and destination port, IP protocol,
 outer VLAN id, IP version), read from the frame bytes: the descriptor gives where the headers
-are (ethertype, l4proto, l4_off), the addresses and ports are gathered for the whole batch with
-numpy from the arena (fixed-width windows, one fancy index each), so nothing here loops over
-packets (docs/design.md, invariant 1).  Bytes are IP-level (the IPv4 total length, the IPv6
-payload length + 40), as IPFIX's octetDeltaCount defines them.
+are (ethertype, l4proto, l4_off), the addresses and ports are read from the bytes by one C call
+per batch (native/core/flowkey.c), and the packets are folded into flows with numpy, so nothing
+here loops over packets in Python (docs/design.md, invariant 1).  Bytes are IP-level (the IPv4
+total length, the IPv6 payload length + 40), as IPFIX's octetDeltaCount defines them.
 
 A flow ends on its idle timeout (no packet for inactive_timeout seconds), its active timeout
 (active_timeout seconds after its first packet: long flows are reported as they go, a new
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from dataplane._native import lib
+from dataplane._native import ffi, lib
 from dataplane.consumers import ipfix
 from dataplane.consumers.api import Batch
 
@@ -42,98 +42,64 @@ log = logging.getLogger(__name__)
 OPTIONS = {"collectors": [], "active_timeout": 60.0, "inactive_timeout": 15.0,
            "max_flows": 65536, "template_interval": 60.0, "observation_domain": 0,
            "mtu": 1400}
-KEY_WORDS = 5                    # a key is 40 bytes: src 16, dst 16, ports 4, proto, version,
-                                 # vlan 2 (IPv4 addresses in the first 4 bytes of their 16)
-_VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)    # what the native parser takes for a tag
-_MAX_TAGS = 4
-_MIX = [np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
-                               0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD)]
+# a key is DP_FLOW_KEY_LEN = 40 bytes (native/core/flowkey.c): src 16, dst 16, ports 4, proto,
+# version, vlan 2 (IPv4 addresses in the first 4 bytes of their 16); numpy sees 5 u64 words
+KEY_WORDS = lib.DP_FLOW_KEY_LEN // 8
 FLOW_DTYPE = np.dtype([("key", "<u8", (KEY_WORDS,)), ("packets", "<i8"), ("bytes", "<i8"),
                        ("first", "<i8"), ("last", "<i8"), ("tcpflags", "u1"),
                        ("reason", "u1")])
 
 
-def _windows(buf: np.ndarray, start: np.ndarray, width: int) -> np.ndarray:
-    """`width` bytes at each start offset, as (n, width) uint8: the arena seen as overlapping
-    width-byte items, gathered in one call.  Offsets are clamped so a lying descriptor reads
-    inside the arena; what lies past a frame's end is never used (callers mask it)."""
-    at = np.ndarray((buf.size - width + 1,), dtype=np.dtype(f"V{width}"), buffer=buf,
-                    strides=(1,))
-    idx = np.minimum(start, at.size - 1)
-    return at[idx].view(np.uint8).reshape(len(idx), width)
-
-
-def _be16(w: np.ndarray, i: int) -> np.ndarray:
-    return w[:, i].astype(np.int64) << 8 | w[:, i + 1]
-
-
 def packet_keys(batch: Batch) -> tuple[dict[str, np.ndarray] | None, int]:
     """Per IP packet of the batch: key (n, 5) u64, hash, IP bytes, rx_ns, TCP flags (None
-    when none is IP); and how many packets were not IP, or malformed."""
-    d = batch.desc
-    et = d["ethertype"]
-    ip = ((et == 0x0800) | (et == 0x86DD)) & ((d["flags"] & lib.DP_F_MALFORMED) == 0)
-    skipped = int(np.count_nonzero(~ip))
-    if skipped:
-        d, et = d[ip], et[ip]
-    if len(d) == 0:
-        return None, skipped
+    when none is IP); and how many packets were left out (not IP, malformed, outside the
+    arena).  One call to C (native/core/flowkey.c) for the whole batch."""
+    d = np.ascontiguousarray(batch.desc)
+    n = len(d)
+    keys = np.empty((n, KEY_WORDS), dtype="<u8")
+    h = np.empty(n, dtype=np.uint64)
+    check = np.empty(n, dtype=np.uint64)
+    iplen = np.empty(n, dtype=np.uint32)
+    tcpflags = np.empty(n, dtype=np.uint8)
+    index = np.empty(n, dtype=np.uint32)
     buf = batch.arena.buf
-    addr = d["addr"].astype(np.int64)
-    l2 = _windows(buf, addr, 12 + 4 * _MAX_TAGS + 2)
-    tag = np.ones(len(d), dtype=bool)
-    ntags = np.zeros(len(d), dtype=np.int64)
-    for k in range(_MAX_TAGS):      # the tag stack, a layer at a time: at most four passes
-        tag &= np.isin(_be16(l2, 12 + 4 * k), _VLAN_TPIDS)
-        ntags += tag
-    vlan = np.where(ntags > 0, _be16(l2, 14) & 0xFFF, 0)
-    l3 = _windows(buf, addr + 14 + 4 * ntags, 40)
-    v6 = et == 0x86DD
-    iplen = np.where(v6, _be16(l3, 4) + 40, _be16(l3, 2))
-    proto = d["l4proto"]
-    l4off = d["l4_off"].astype(np.int64)
-    l4 = _windows(buf, addr + l4off, 14)
-    ports = ((l4off != 0) & ((proto == 6) | (proto == 17)))[:, None]
-    key = np.zeros((len(d), 8 * KEY_WORDS), dtype=np.uint8)
-    key[:, 0:16] = np.where(v6[:, None], l3[:, 8:24], np.pad(l3[:, 12:16], ((0, 0), (0, 12))))
-    key[:, 16:32] = np.where(v6[:, None], l3[:, 24:40], np.pad(l3[:, 16:20], ((0, 0), (0, 12))))
-    key[:, 32:36] = np.where(ports, l4[:, 0:4], 0)
-    key[:, 36] = proto
-    key[:, 37] = np.where(v6, 6, 4)
-    key[:, 38] = vlan >> 8
-    key[:, 39] = vlan & 0xFF
-    words = key.view("<u8")
-    h = np.zeros(len(d), dtype=np.uint64)
-    for i in range(KEY_WORDS):
-        h ^= words[:, i] * _MIX[i]
-        h ^= h >> np.uint64(29)
-    return {"key": words, "hash": h, "bytes": iplen, "rx": d["rx_ns"].astype(np.int64),
-            "tcpflags": np.where((l4off != 0) & (proto == 6), l4[:, 13], 0).astype(np.uint8)
-            }, skipped
+    k = lib.dp_flow_keys(ffi.cast("const uint8_t *", buf.ctypes.data), buf.size,
+                         ffi.cast("const struct dp_desc *", d.ctypes.data), n,
+                         ffi.cast("uint8_t *", keys.ctypes.data),
+                         ffi.cast("uint64_t *", h.ctypes.data),
+                         ffi.cast("uint64_t *", check.ctypes.data),
+                         ffi.cast("uint32_t *", iplen.ctypes.data),
+                         ffi.cast("uint8_t *", tcpflags.ctypes.data),
+                         ffi.cast("uint32_t *", index.ctypes.data))
+    if k == 0:
+        return None, n
+    return {"key": keys[:k], "hash": h[:k], "check": check[:k], "bytes": iplen[:k].astype(np.int64),
+            "rx": d["rx_ns"][index[:k]].astype(np.int64), "tcpflags": tcpflags[:k]}, n - k
 
 
 def fold(p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
     """The packets of one batch folded into flows: (hashes, FLOW_DTYPE records, packets left
-    out because two different keys shared a 64-bit hash: counted, never seen in practice)."""
-    order = np.argsort(p["hash"], kind="stable")
+    out because their key shared the first hash with another key's but not the second: counted,
+    never seen in practice).  Grouping by the first hash and comparing the second costs a
+    fraction of comparing whole keys."""
+    order = np.argsort(p["hash"])
     hs = p["hash"][order]
     new = np.concatenate(([True], hs[1:] != hs[:-1]))
     starts = np.flatnonzero(new)
-    keys = p["key"][order]
-    group = np.cumsum(new) - 1
-    same = (keys == keys[starts][group]).all(axis=1)
-    lost = int(np.count_nonzero(~same))
-    if lost:
-        order, keys, group = order[same], keys[same], group[same]
-        starts = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
+    cs = p["check"][order]
+    same = cs == cs[starts][np.cumsum(new) - 1]
+    lost = len(order) - int(np.count_nonzero(same))
+    if lost:       # a group's first packet is always kept: the groups stay, smaller
+        order, hs = order[same], hs[same]
+        starts = np.flatnonzero(new[same])
     f = np.zeros(len(starts), dtype=FLOW_DTYPE)
-    f["key"] = keys[starts]
+    f["key"] = p["key"][order[starts]]
     f["packets"] = np.diff(np.append(starts, len(order)))
     f["bytes"] = np.add.reduceat(p["bytes"][order], starts)
     f["first"] = np.minimum.reduceat(p["rx"][order], starts)
     f["last"] = np.maximum.reduceat(p["rx"][order], starts)
     f["tcpflags"] = np.bitwise_or.reduceat(p["tcpflags"][order], starts)
-    return p["hash"][order][starts], f, lost
+    return hs[starts], f, lost
 
 
 class FlowTable:
@@ -352,8 +318,8 @@ class FlowCache:
             e.add_metric(lab + [ipfix.REASONS.get(r, str(r))], c)
         yield e
         s = CounterMetricFamily("dataplane_flow_skipped_packets_total", "Packets in no flow: "
-                                "not IP or malformed (not_ip), or whose key shared its 64-bit "
-                                "hash with another key's in one batch (hash_clash).",
+                                "not IP, malformed or outside the arena (not_ip), or whose key "
+                                "shared its 64-bit hash with another's in a batch (hash_clash).",
                                 labels=["consumer", "reason"])
         s.add_metric(lab + ["not_ip"], self.skipped)
         s.add_metric(lab + ["hash_clash"], self.clashes)

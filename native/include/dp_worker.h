@@ -94,6 +94,15 @@ void     dp_ring_store_prod(struct dp_ring *r, uint64_t prod);
  * frame[len - 1].  Returns 0, or -1 when the frame is malformed (DP_F_MALFORMED is set). */
 int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);
 
+/* flowkey.c: the flow cache's key of each descriptor's frame (DP_FLOW_KEY_LEN bytes at
+ * keys + k * DP_FLOW_KEY_LEN), two independent 64-bit hashes of it, its IP-level length and TCP
+ * flags, for the k-th IP packet (index[k]: which descriptor); returns how many.  A frame
+ * outside the arena, not IP or malformed is left out. */
+#define DP_FLOW_KEY_LEN 40
+uint32_t dp_flow_keys(const uint8_t *arena, uint64_t arena_size, const struct dp_desc *d,
+                      uint32_t n, uint8_t *keys, uint64_t *hash, uint64_t *check,
+                      uint32_t *ip_bytes, uint8_t *tcp_flags, uint32_t *index);
+
 /* Run an io_uring worker (no DPDK: AF_PACKET or UDP sockets, multishot receive straight into
  * the ring slots) until arena->stop is set.  Same contract as dp_dpdk_worker_run. */
 int dp_uring_worker_run(void *arena_base, const struct dp_worker_config *cfg);
