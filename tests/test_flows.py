@@ -430,3 +430,32 @@ def test_hash_clashes_are_counted_or_end_the_older_flow():
     (ended,) = table.add(h, f2)
     assert ended["key"][0, 0] == 1 and ended["reason"][0] == ipfix.LACK_OF_RESOURCES
     assert table.used == 1 and table.f["key"][0, 0] == 2 and table.f["packets"][0] == 2
+
+
+def test_random_descriptors_over_random_bytes(arena):
+    """Whatever the descriptors say, dp_flow_keys reads inside the arena and never fails: the
+    packets it keeps are exactly the IP ones whose frame lies inside the arena."""
+    import numpy as np
+
+    from dataplane.consumers.api import Batch, RingSource
+    from dataplane.consumers.flowcache import packet_keys
+    from dataplane.shm.layout import DESC_DTYPE
+
+    rng = np.random.default_rng(12)
+    arena.buf[:] = rng.integers(0, 256, arena.buf.size, dtype=np.uint8)
+    d = np.zeros(4096, dtype=DESC_DTYPE)
+    size = arena.buf.size
+    edges = np.array([0, size - 60, size - 1, size, size + 7, 2**64 - 1], dtype=np.uint64)
+    d["addr"] = edges[rng.integers(0, len(edges), 4096)] - rng.integers(0, 64, 4096).astype(
+        np.uint64)
+    d["len"] = rng.integers(0, 2048, 4096)
+    d["ethertype"] = rng.choice([0x0800, 0x86DD, 0x0806], 4096)
+    d["l4proto"] = rng.choice([6, 17, 1], 4096)
+    d["l4_off"] = rng.integers(0, 2048, 4096)
+    d["flags"] = rng.choice([0, lib.DP_F_MALFORMED], 4096, p=[0.9, 0.1])
+    p, skipped = packet_keys(Batch(d, RingSource(arena, arena.rings[0])))
+    inside = (d["addr"] <= size) & (d["len"].astype(np.uint64) <= size - np.minimum(
+        d["addr"], size))
+    ip = np.isin(d["ethertype"], [0x0800, 0x86DD]) & (d["flags"] == 0)
+    kept = 0 if p is None else len(p["hash"])
+    assert kept + skipped == 4096 and kept <= int(np.count_nonzero(inside & ip))
