@@ -411,25 +411,35 @@ def test_a_lying_descriptor_is_left_out(arena):
     assert [f["sport"] for f in fc.top_flows()] == [1] and fc.skipped == 1
 
 
-def test_hash_clashes_are_counted_or_end_the_older_flow():
-    """Keys sharing a 64-bit hash (forced here: never seen in practice) never fold together."""
+def test_keys_of_one_hash_are_two_flows():
+    """The table compares whole keys: two keys given one hash (forced here) stay apart, also
+    when the table is full and one must make room."""
     import numpy as np
 
-    from dataplane.consumers.flowcache import FlowTable, fold
+    from dataplane.consumers.flowcache import FlowTable
 
-    key = np.array([[1, 0, 0, 0, 0], [2, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=np.uint64)
-    p = {"key": key, "hash": np.array([7, 7, 7], dtype=np.uint64),
-         "check": np.array([1, 2, 1], dtype=np.uint64), "bytes": np.array([10, 20, 30]),
-         "rx": np.array([1, 2, 3]), "tcpflags": np.zeros(3, dtype=np.uint8)}
-    h, f, lost = fold(p)
-    assert lost == 1 and list(f["packets"]) == [2] and list(f["bytes"]) == [40]
-    table = FlowTable(4)
-    assert table.add(h, f) == []
-    f2 = f.copy()
-    f2["key"][0, 0] = 2                     # same hash, another key: the first flow ends
-    (ended,) = table.add(h, f2)
-    assert ended["key"][0, 0] == 1 and ended["reason"][0] == ipfix.LACK_OF_RESOURCES
-    assert table.used == 1 and table.f["key"][0, 0] == 2 and table.f["packets"][0] == 2
+    key = np.zeros((3, 5), dtype=np.uint64)
+    key[:, 0] = [1, 2, 1]
+    p = {"key": key, "hash": np.full(3, 7, dtype=np.uint64),
+         "bytes": np.array([10, 20, 30], dtype=np.uint32), "tcpflags": np.zeros(3, np.uint8),
+         "rx": np.array([1, 2, 3], dtype=np.int64)}
+    table = FlowTable(2)
+    assert table.add(p) == []
+    assert table.used == 2 and list(table.keys[:2, 0]) == [1, 2]
+    assert list(table.packets[:2]) == [2, 1] and list(table.bytes[:2]) == [40, 20]
+    assert list(table.first[:2]) == [1, 2] and list(table.last[:2]) == [3, 2]
+    key[:, 0] = [3, 3, 2]        # a third key; 2 is seen again first (rx 7, folded before the
+    p["rx"] = np.array([5, 6, 7], dtype=np.int64)   # table makes room): 1 is the least recent
+    (ended,) = table.add(p)
+    assert list(ended["key"][:, 0]) == [1] and ended["reason"][0] == ipfix.LACK_OF_RESOURCES
+    assert ended["packets"][0] == 2
+    assert sorted(zip(table.keys[:2, 0], table.packets[:2], strict=True)) == [(2, 2), (3, 2)]
+
+
+def test_more_new_flows_in_a_batch_than_the_table_holds(arena):
+    fc = cache(arena, [udp(p, NOW) for p in (1, 2, 3, 4, 5, 1)], max_flows=2)
+    fc.close()
+    assert sum(fc.ended.values()) >= 5 and fc.ended[ipfix.LACK_OF_RESOURCES] >= 3
 
 
 def test_random_descriptors_over_random_bytes(arena):

@@ -9,9 +9,9 @@ IPFIX when they end (dataplane.consumers.ipfix).  The built-in consumer "flows":
 
 A flow's key is (source and destination address, source and destination port, IP protocol,
 outer VLAN id, IP version), read from the frame bytes: the descriptor gives where the headers
-are (ethertype, l4proto, l4_off), the addresses and ports are read from the bytes by one C call
-per batch (native/core/flowkey.c), and the packets are folded into flows with numpy, so nothing
-here loops over packets in Python (docs/design.md, invariant 1).  Bytes are IP-level (the IPv4
+are (ethertype, l4proto, l4_off), the addresses and ports are read from the bytes and the packets
+folded into the table by two C calls per batch (native/core/flowkey.c), so nothing here loops
+over packets in Python (docs/design.md, invariant 1).  Bytes are IP-level (the IPv4
 total length, the IPv6 payload length + 40), as IPFIX's octetDeltaCount defines them.
 
 A flow ends on its idle timeout (no packet for inactive_timeout seconds), its active timeout
@@ -19,8 +19,9 @@ A flow ends on its idle timeout (no packet for inactive_timeout seconds), its ac
 record starting with the next packet), when the table is full and it is the least recently
 seen (an eviction, counted), or at close.  An ended flow is exported, never dropped.
 
-The table is plain numpy arrays of fixed size, written by the loop's thread only; the exporter
-thread (collect(), top_flows()) reads them without a lock (invariant 7).
+The table is numpy columns of fixed size, written by the loop's thread only (by C, through an
+open-addressing index, in dp_flow_fold); the exporter thread (collect(), top_flows()) reads them
+without a lock (invariant 7).
 """
 
 from __future__ import annotations
@@ -50,150 +51,142 @@ FLOW_DTYPE = np.dtype([("key", "<u8", (KEY_WORDS,)), ("packets", "<i8"), ("bytes
                        ("reason", "u1")])
 
 
+def _ptr(kind: str, a: np.ndarray) -> Any:
+    return ffi.cast(kind, a.ctypes.data)
+
+
 def packet_keys(batch: Batch) -> tuple[dict[str, np.ndarray] | None, int]:
-    """Per IP packet of the batch: key (n, 5) u64, hash, IP bytes, rx_ns, TCP flags (None
-    when none is IP); and how many packets were left out (not IP, malformed, outside the
-    arena).  One call to C (native/core/flowkey.c) for the whole batch."""
+    """Per IP packet of the batch: key (n, 5) u64, hash, IP bytes, TCP flags, rx_ns (None when
+    none is IP); and how many packets were left out (not IP, malformed, outside the arena).
+    One call to C (native/core/flowkey.c) for the whole batch."""
     d = np.ascontiguousarray(batch.desc)
     n = len(d)
-    keys = np.empty((n, KEY_WORDS), dtype="<u8")
-    h = np.empty(n, dtype=np.uint64)
-    check = np.empty(n, dtype=np.uint64)
-    iplen = np.empty(n, dtype=np.uint32)
-    tcpflags = np.empty(n, dtype=np.uint8)
-    index = np.empty(n, dtype=np.uint32)
+    p = {"key": np.empty((n, KEY_WORDS), dtype=np.uint64), "hash": np.empty(n, dtype=np.uint64),
+         "bytes": np.empty(n, dtype=np.uint32), "tcpflags": np.empty(n, dtype=np.uint8),
+         "rx": np.empty(n, dtype=np.int64)}
     buf = batch.arena.buf
-    k = lib.dp_flow_keys(ffi.cast("const uint8_t *", buf.ctypes.data), buf.size,
-                         ffi.cast("const struct dp_desc *", d.ctypes.data), n,
-                         ffi.cast("uint8_t *", keys.ctypes.data),
-                         ffi.cast("uint64_t *", h.ctypes.data),
-                         ffi.cast("uint64_t *", check.ctypes.data),
-                         ffi.cast("uint32_t *", iplen.ctypes.data),
-                         ffi.cast("uint8_t *", tcpflags.ctypes.data),
-                         ffi.cast("uint32_t *", index.ctypes.data))
+    k = lib.dp_flow_keys(_ptr("const uint8_t *", buf), buf.size,
+                         _ptr("const struct dp_desc *", d), n, _ptr("uint8_t *", p["key"]),
+                         _ptr("uint64_t *", p["hash"]), _ptr("uint32_t *", p["bytes"]),
+                         _ptr("uint8_t *", p["tcpflags"]), _ptr("int64_t *", p["rx"]))
     if k == 0:
         return None, n
-    return {"key": keys[:k], "hash": h[:k], "check": check[:k], "bytes": iplen[:k].astype(np.int64),
-            "rx": d["rx_ns"][index[:k]].astype(np.int64), "tcpflags": tcpflags[:k]}, n - k
+    return ({name: a[:k] for name, a in p.items()} if k < n else p), n - k
 
 
-def fold(p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
-    """The packets of one batch folded into flows: (hashes, FLOW_DTYPE records, packets left
-    out because their key shared the first hash with another key's but not the second: counted,
-    never seen in practice).  Grouping by the first hash and comparing the second costs a
-    fraction of comparing whole keys."""
-    order = np.argsort(p["hash"])
-    hs = p["hash"][order]
-    new = np.concatenate(([True], hs[1:] != hs[:-1]))
-    starts = np.flatnonzero(new)
-    cs = p["check"][order]
-    same = cs == cs[starts][np.cumsum(new) - 1]
-    lost = len(order) - int(np.count_nonzero(same))
-    if lost:       # a group's first packet is always kept: the groups stay, smaller
-        order, hs = order[same], hs[same]
-        starts = np.flatnonzero(new[same])
-    f = np.zeros(len(starts), dtype=FLOW_DTYPE)
-    f["key"] = p["key"][order[starts]]
-    f["packets"] = np.diff(np.append(starts, len(order)))
-    f["bytes"] = np.add.reduceat(p["bytes"][order], starts)
-    f["first"] = np.minimum.reduceat(p["rx"][order], starts)
-    f["last"] = np.maximum.reduceat(p["rx"][order], starts)
-    f["tcpflags"] = np.bitwise_or.reduceat(p["tcpflags"][order], starts)
-    return hs[starts], f, lost
+def fold(p: dict[str, np.ndarray], which: np.ndarray) -> np.ndarray:
+    """Packets `which` of p folded into FLOW_DTYPE records by whole key, with numpy: for the
+    rare batch that brings more new flows than the table holds."""
+    keys, inverse = np.unique(p["key"][which], axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    f = np.zeros(len(keys), dtype=FLOW_DTYPE)
+    f["key"] = keys
+    f["packets"] = np.bincount(inverse, minlength=len(keys))
+    f["bytes"] = np.bincount(inverse, weights=p["bytes"][which], minlength=len(keys))
+    f["first"] = np.iinfo(np.int64).max
+    np.minimum.at(f["first"], inverse, p["rx"][which])
+    np.maximum.at(f["last"], inverse, p["rx"][which])
+    np.bitwise_or.at(f["tcpflags"], inverse, p["tcpflags"][which])
+    return f
 
 
 class FlowTable:
-    """At most `capacity` flows, looked up by 64-bit key hash in a sorted index."""
+    """At most `capacity` flows as numpy columns (entries 0..used-1), written by C
+    (dp_flow_fold) through an open-addressing index of entry numbers; Python removes entries
+    (timeouts, evictions) by compacting the columns, then has C rebuild the index."""
+
+    COLUMNS = (("keys", np.uint64), ("h", np.uint64), ("packets", np.int64),
+               ("bytes", np.int64), ("first", np.int64), ("last", np.int64),
+               ("tcpflags", np.uint8))
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.h = np.zeros(capacity, dtype=np.uint64)
-        self.f = np.zeros(capacity, dtype=FLOW_DTYPE)
-        self.used = 0
-        self._sorted = np.zeros(0, dtype=np.uint64)
-        self._order = np.zeros(0, dtype=np.intp)
+        for name, dtype in self.COLUMNS:
+            shape = (capacity, KEY_WORDS) if name == "keys" else (capacity,)
+            setattr(self, name, np.zeros(shape, dtype=dtype))
+        self._used = np.zeros(1, dtype=np.uint32)        # C counts new entries in here
+        self.index = np.full(1 << max(4, (2 * capacity - 1).bit_length()), -1, dtype=np.int32)
+        self._missed = np.zeros(0, dtype=np.uint32)
+        # the columns never move: their pointers are made once, not per batch
+        self._table_args = (
+            _ptr("uint64_t *", self.keys), _ptr("uint64_t *", self.h),
+            _ptr("int64_t *", self.packets), _ptr("int64_t *", self.bytes),
+            _ptr("int64_t *", self.first), _ptr("int64_t *", self.last),
+            _ptr("uint8_t *", self.tcpflags), _ptr("uint32_t *", self._used), self.capacity,
+            _ptr("int32_t *", self.index), len(self.index) - 1)
 
-    def _reindex(self) -> None:
-        order = np.argsort(self.h[:self.used], kind="stable")
-        self._sorted, self._order = self.h[:self.used][order], order
+    @property
+    def used(self) -> int:
+        return int(self._used[0])
 
-    def add(self, h: np.ndarray, f: np.ndarray) -> list[np.ndarray]:
-        """Fold flows `f` (distinct hashes h) in; returns the flows this ended (evicted)."""
-        ended: list[np.ndarray] = []
-        slot = np.full(len(h), -1, dtype=np.intp)
-        if self.used:
-            pos = np.minimum(np.searchsorted(self._sorted, h), self.used - 1)
-            hit = self._sorted[pos] == h
-            slot[hit] = self._order[pos[hit]]
-        hit = slot >= 0
-        if hit.any():
-            s, g = slot[hit], f[hit]
-            clash = (self.f["key"][s] != g["key"]).any(axis=1)
-            if clash.any():      # another key with the same hash: the old flow ends here
-                ended.append(self._take(s[clash], ipfix.LACK_OF_RESOURCES))
-                self.f[s[clash]] = g[clash]
-                s, g = s[~clash], g[~clash]
-            t = self.f
-            t["packets"][s] += g["packets"]
-            t["bytes"][s] += g["bytes"]
-            t["first"][s] = np.minimum(t["first"][s], g["first"])
-            t["last"][s] = np.maximum(t["last"][s], g["last"])
-            t["tcpflags"][s] |= g["tcpflags"]
-        miss = np.flatnonzero(~hit)
-        if len(miss):
-            ended += self._insert(h[miss], f[miss])
-        return ended
-
-    def _insert(self, h: np.ndarray, f: np.ndarray) -> list[np.ndarray]:
-        ended = []
-        if len(f) > self.capacity:       # more new flows than the table: the excess ends now
-            over = f[self.capacity:].copy()
+    def add(self, p: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Fold the packets of packet_keys() in; returns the flows this ended (evicted, or
+        new flows beyond the table's size, which are exported at once)."""
+        missed = self._fold(p, None)
+        if not len(missed):
+            return []
+        # full: the least recently seen make room, at least 1/16 of the table at once, so
+        # a stream of new flows costs a reindex every capacity/16 of them, not every batch
+        new = len(np.unique(p["hash"][missed]))
+        room = min(self.used, max(new, self.capacity // 16))
+        victims = np.argpartition(self.last[:self.used], room - 1)[:room] if room else []
+        ended = [self._remove(np.asarray(victims, dtype=np.intp), ipfix.LACK_OF_RESOURCES)]
+        missed = self._fold(p, missed)
+        if len(missed):          # more new flows in one batch than the whole table
+            over = fold(p, missed)
             over["reason"] = ipfix.LACK_OF_RESOURCES
             ended.append(over)
-            h, f = h[:self.capacity], f[:self.capacity]
-        need = self.used + len(f) - self.capacity
-        if need > 0:                     # the least recently seen flows make room
-            victims = np.argpartition(self.f["last"][:self.used], need - 1)[:need]
-            ended.append(self._take(victims, ipfix.LACK_OF_RESOURCES))
-            self._drop(victims)
-        n = self.used
-        self.h[n:n + len(f)] = h
-        self.f[n:n + len(f)] = f
-        self.used = n + len(f)
-        self._reindex()
         return ended
 
-    def _take(self, idx: np.ndarray, reason: int) -> np.ndarray:
-        out = self.f[idx].copy()
-        out["reason"] = reason
-        return out
+    def _fold(self, p: dict[str, np.ndarray], which: np.ndarray | None) -> np.ndarray:
+        n = len(p["hash"]) if which is None else len(which)
+        if len(self._missed) < n:
+            self._missed = np.zeros(max(n, 4096), dtype=np.uint32)
+        m = lib.dp_flow_fold(
+            n, _ptr("const uint8_t *", p["key"]), _ptr("const uint64_t *", p["hash"]),
+            _ptr("const uint32_t *", p["bytes"]), _ptr("const uint8_t *", p["tcpflags"]),
+            _ptr("const int64_t *", p["rx"]),
+            ffi.NULL if which is None else _ptr("const uint32_t *", which), *self._table_args,
+            _ptr("uint32_t *", self._missed))
+        return self._missed[:m].copy()
 
-    def _drop(self, idx: np.ndarray) -> None:
-        keep = np.ones(self.used, dtype=bool)
+    def records(self, idx: np.ndarray, reason: int | np.ndarray) -> np.ndarray:
+        """Entries idx as FLOW_DTYPE records (a copy)."""
+        f = np.zeros(len(idx), dtype=FLOW_DTYPE)
+        f["key"] = self.keys[idx]
+        for name in ("packets", "bytes", "first", "last", "tcpflags"):
+            f[name] = getattr(self, name)[idx]
+        f["reason"] = reason
+        return f
+
+    def _remove(self, idx: np.ndarray, reason: int | np.ndarray) -> np.ndarray:
+        """Entries idx out of the table, as records; the columns compacted, the index rebuilt."""
+        out = self.records(idx, reason)
+        used = self.used
+        keep = np.ones(used, dtype=bool)
         keep[idx] = False
         n = int(np.count_nonzero(keep))
-        self.h[:n] = self.h[:self.used][keep]
-        self.f[:n] = self.f[:self.used][keep]
-        self.used = n
-        self._reindex()
+        for name, _ in self.COLUMNS:
+            col = getattr(self, name)
+            col[:n] = col[:used][keep]
+        self._used[0] = n
+        lib.dp_flow_reindex(_ptr("const uint64_t *", self.h), n, _ptr("int32_t *", self.index),
+                            len(self.index) - 1)
+        return out
 
     def expire(self, now_ns: int, active_ns: int, inactive_ns: int) -> np.ndarray:
         """Flows past a timeout, taken out of the table, each with its flowEndReason."""
-        t = self.f[:self.used]
-        idle = now_ns - t["last"] >= inactive_ns
-        active = (now_ns - t["first"] >= active_ns) & ~idle
+        used = self.used
+        idle = now_ns - self.last[:used] >= inactive_ns
+        active = (now_ns - self.first[:used] >= active_ns) & ~idle
         done = np.flatnonzero(idle | active)
         if not len(done):
-            return t[:0].copy()
-        out = t[done].copy()
-        out["reason"] = np.where(idle[done], ipfix.IDLE_TIMEOUT, ipfix.ACTIVE_TIMEOUT)
-        self._drop(done)
-        return out
+            return np.zeros(0, dtype=FLOW_DTYPE)
+        reason = np.where(idle[done], ipfix.IDLE_TIMEOUT, ipfix.ACTIVE_TIMEOUT)
+        return self._remove(done, reason)
 
     def drain(self, reason: int) -> np.ndarray:
-        out = self._take(np.arange(self.used), reason)
-        self._drop(np.arange(self.used))
-        return out
+        return self._remove(np.arange(self.used), reason)
 
 
 def records(flows: np.ndarray) -> dict[int, np.ndarray]:
@@ -236,7 +229,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         v = o[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 86400:
             raise ValueError(f'option "{k}": {v!r}: expected seconds, above 0, at most 86400')
-    for k, lo, hi in (("max_flows", 1, 1 << 24), ("observation_domain", 0, (1 << 32) - 1),
+    for k, lo, hi in (("max_flows", 1, 1 << 22), ("observation_domain", 0, (1 << 32) - 1),
                       ("mtu", 100, 65507)):
         v = o[k]
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -256,7 +249,7 @@ class FlowCache:
         self.active_ns = int(o["active_timeout"] * 1e9)
         self.inactive_ns = int(o["inactive_timeout"] * 1e9)
         self.ended = dict.fromkeys(ipfix.REASONS, 0)
-        self.skipped = self.clashes = 0
+        self.skipped = 0
         self.exporter = (ipfix.Exporter(o["collectors"], o["observation_domain"], o["mtu"])
                          if o["collectors"] else None)
         self.next_templates = 0.0
@@ -272,12 +265,9 @@ class FlowCache:
     def on_batch(self, batch: Batch) -> None:
         p, skipped = packet_keys(batch)
         self.skipped += skipped
-        if p is None:
-            return
-        h, f, clashes = fold(p)
-        self.clashes += clashes
-        for ended in self.table.add(h, f):
-            self._export(ended)
+        if p is not None:
+            for ended in self.table.add(p):
+                self._export(ended)
 
     def tick(self, now: float) -> None:
         self._export(self.table.expire(time.time_ns(), self.active_ns, self.inactive_ns))
@@ -300,10 +290,10 @@ class FlowCache:
 
     def top_flows(self, n: int = 10) -> list[dict]:
         """The n biggest active flows by bytes (read from the exporter's thread: a copy)."""
-        used = self.table.used
-        f = self.table.f[:used].copy()
-        top = f[np.argsort(-f["bytes"], kind="stable")[:n]]
-        return [describe(x) for x in top]
+        t = self.table
+        used = t.used
+        top = np.argsort(-t.bytes[:used], kind="stable")[:n]
+        return [describe(x) for x in t.records(top, 0)]
 
     def collect(self) -> Iterator[Metric]:
         lab = [self.name]
@@ -318,11 +308,8 @@ class FlowCache:
             e.add_metric(lab + [ipfix.REASONS.get(r, str(r))], c)
         yield e
         s = CounterMetricFamily("dataplane_flow_skipped_packets_total", "Packets in no flow: "
-                                "not IP, malformed or outside the arena (not_ip), or whose key "
-                                "shared its 64-bit hash with another's in a batch (hash_clash).",
-                                labels=["consumer", "reason"])
-        s.add_metric(lab + ["not_ip"], self.skipped)
-        s.add_metric(lab + ["hash_clash"], self.clashes)
+                                "not IP, malformed, or outside the arena.", labels=["consumer"])
+        s.add_metric(lab, self.skipped)
         yield s
         x = self.exporter
         for attr, name, what in (

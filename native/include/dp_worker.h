@@ -95,13 +95,25 @@ void     dp_ring_store_prod(struct dp_ring *r, uint64_t prod);
 int dp_parse(const uint8_t *frame, uint32_t len, struct dp_desc *d);
 
 /* flowkey.c: the flow cache's key of each descriptor's frame (DP_FLOW_KEY_LEN bytes at
- * keys + k * DP_FLOW_KEY_LEN), two independent 64-bit hashes of it, its IP-level length and TCP
- * flags, for the k-th IP packet (index[k]: which descriptor); returns how many.  A frame
- * outside the arena, not IP or malformed is left out. */
+ * keys + k * DP_FLOW_KEY_LEN), its 64-bit hash, IP-level length, TCP flags and rx_ns, for the
+ * k-th IP packet; returns how many.  A frame outside the arena, not IP or malformed is left
+ * out. */
 #define DP_FLOW_KEY_LEN 40
 uint32_t dp_flow_keys(const uint8_t *arena, uint64_t arena_size, const struct dp_desc *d,
-                      uint32_t n, uint8_t *keys, uint64_t *hash, uint64_t *check,
-                      uint32_t *ip_bytes, uint8_t *tcp_flags, uint32_t *index);
+                      uint32_t n, uint8_t *keys, uint64_t *hash, uint32_t *ip_bytes,
+                      uint8_t *tcp_flags, int64_t *rx_ns);
+/* The flow table (columns t_*, entries 0..*used-1, `index` an open-addressing table of entry
+ * numbers of mask + 1 >= 2 * capacity slots): packets which[j] (or j, without which) of
+ * dp_flow_keys' output folded in, a new key taking a new entry; returns how many found the
+ * table full, their numbers in missed. */
+uint32_t dp_flow_fold(uint32_t n, const uint8_t *keys, const uint64_t *hash,
+                      const uint32_t *ip_bytes, const uint8_t *tcp_flags, const int64_t *rx_ns,
+                      const uint32_t *which, uint64_t *t_keys, uint64_t *t_hash,
+                      int64_t *t_packets, int64_t *t_bytes, int64_t *t_first, int64_t *t_last,
+                      uint8_t *t_flags, uint32_t *used, uint32_t capacity, int32_t *index,
+                      uint32_t mask, uint32_t *missed);
+/* The index again, from the entries' hashes (after entries were removed or moved). */
+void dp_flow_reindex(const uint64_t *t_hash, uint32_t used, int32_t *index, uint32_t mask);
 
 /* Run an io_uring worker (no DPDK: AF_PACKET or UDP sockets, multishot receive straight into
  * the ring slots) until arena->stop is set.  Same contract as dp_dpdk_worker_run. */
