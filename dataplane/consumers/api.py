@@ -10,7 +10,7 @@ A consumer is an object made by a factory, `factory(name, options) -> consumer`,
 - on_batch(batch): each batch of the rings it reads, in ring order, after the consumers before
   it in the config and before those after it.  The batch is released to the worker when the
   last consumer returns: what a consumer keeps must be copied out (numpy does it in one call).
-- tick(now): about every 0.1 s and whenever the rings are idle (periodic work: flush, export).
+- tick(now): about every 0.1 s (periodic work: flush, expire, export).
 - collect(): Prometheus metric families, called at scrape time from the exporter's thread (read
   what the loop's thread wrote, copy-on-write; never take a lock the loop waits on).
 - close(): once, at the end of the run, or when it is disabled or replaced after an error.
