@@ -349,7 +349,6 @@ def _add_run_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) ->
     fl.set_defaults(func=cmd_flows)
 
 
-
 def _add_top_command(sub, common: argparse.ArgumentParser, fmt: type) -> None:
     """top: the live view, from the metrics endpoint."""
     t = sub.add_parser("top", parents=[common], formatter_class=fmt,
