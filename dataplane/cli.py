@@ -21,6 +21,7 @@ from dataplane import about, config
 from dataplane.config.specs import describe
 from dataplane.config.tables import checks
 from dataplane.host.proc import missing_caps
+from dataplane.metrics.scrape import add_endpoint_args
 
 log = logging.getLogger("dataplane")
 OK, FAILED, USAGE = 0, 1, 2
@@ -166,35 +167,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from dataplane.metrics.scrape import Endpoint
+    from dataplane.metrics.scrape import DEFAULT_URL, endpoint_of
     from dataplane.run import top
     if args.interval <= 0:
         raise Usage(f"--interval {args.interval:g}: expected seconds > 0")
-    if (args.cert is None) != (args.key is None):
-        raise Usage("--cert and --key go together (the client certificate and its key)")
-    password = None
-    if args.user is not None:
-        import os
-        password = (Path(args.password_file).read_text().rstrip("\n") if args.password_file
-                    else os.environ.get("DATAPLANE_METRICS_PASSWORD"))
-        if password is None:
-            raise Usage("--user needs a password: DATAPLANE_METRICS_PASSWORD or --password-file")
-    ep = Endpoint(args.url, ca=args.ca, cert=args.cert, key=args.key, user=args.user,
-                  password=password)
     if args.frames is not None and args.frames < 1:
         raise Usage(f"-n {args.frames}: expected at least one frame")
+    try:
+        ep = endpoint_of(args, args.url or DEFAULT_URL)
+    except ValueError as e:
+        raise Usage(str(e)) from None
     frames = 1 if args.once else args.frames
     return top.main(ep, args.interval, frames, lambda m: print(f"dataplane top: {m}",
                                                                file=sys.stderr))
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
+    from dataplane.metrics.scrape import endpoint_of
     from dataplane.run import flows
     if not 0 < args.n <= flows.MAX_N:
         raise Usage(f"-n {args.n}: expected 1..{flows.MAX_N}")
     try:
-        ep = flows.endpoint(args.url or flows.url_of(config.load(args.config)), args.ca,
-                            args.user, args.password_file)
+        ep = endpoint_of(args, args.url or flows.url_of(config.load(args.config)))
     except ValueError as e:
         raise Usage(str(e)) from None
     return flows.main(ep, args.n, args.json, sys.stdout,
@@ -341,11 +335,7 @@ def _add_run_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) ->
                         "usage error")
     fl.add_argument("-n", type=int, default=10, help="flows per table (default: %(default)s)")
     fl.add_argument("--json", action="store_true", help="the /flows document as it is")
-    fl.add_argument("--url", help="read this /flows URL instead of the config's")
-    fl.add_argument("--ca", type=Path, metavar="FILE", help="https: verify the server with it")
-    fl.add_argument("--user", help="basic auth user (password: DATAPLANE_METRICS_PASSWORD or "
-                    "--password-file)")
-    fl.add_argument("--password-file", metavar="FILE", help="basic auth password (first line)")
+    add_endpoint_args(fl, "read this /flows URL instead of the config's")
     fl.set_defaults(func=cmd_flows)
 
 
@@ -362,20 +352,12 @@ def _add_top_command(sub, common: argparse.ArgumentParser, fmt: type) -> None:
                        "dataplane top --url https://10.0.0.5:9477/metrics --ca ca.crt --user "
                        "prometheus --password-file pw\n\nexit codes: 0 ok, 1 the endpoint "
                        "could not be read (the reason is printed), 2 usage error")
-    t.add_argument("--url", default="http://127.0.0.1:9477/metrics",
-                   help="the metrics endpoint (default: %(default)s)")
+    add_endpoint_args(t, "the metrics endpoint (default: http://127.0.0.1:9477/metrics)")
     t.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="between frames; rates are over this interval (default: 1)")
     t.add_argument("--once", action="store_true", help="print one frame as text and exit")
     t.add_argument("-n", "--frames", type=int, metavar="N",
                    help="print N frames as text and exit")
-    t.add_argument("--ca", type=Path, metavar="FILE",
-                   help="https: verify the server against this CA (default: the system's)")
-    t.add_argument("--cert", type=Path, metavar="FILE", help="https: client certificate")
-    t.add_argument("--key", type=Path, metavar="FILE", help="https: its private key")
-    t.add_argument("--user", help="basic auth user; the password comes from the environment "
-                   "variable DATAPLANE_METRICS_PASSWORD or --password-file")
-    t.add_argument("--password-file", metavar="FILE", help="basic auth password (first line)")
     t.set_defaults(func=cmd_top)
 
 

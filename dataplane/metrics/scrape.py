@@ -9,6 +9,7 @@ which is what lets `top` watch a run started by `up` or systemd.
 from __future__ import annotations
 
 import base64
+import os
 import ssl
 import urllib.error
 import urllib.request
@@ -75,6 +76,34 @@ class Endpoint:
         if isinstance(reason, TimeoutError):
             return f"{self.url}: no answer within {self.timeout:g} s"
         return f"no dataplane metrics at {self.url}: {reason}"
+
+
+def add_endpoint_args(p, url_help: str) -> None:
+    """The flags that say how to reach an endpoint: `top` and `flows` take the same."""
+    p.add_argument("--url", default=None, help=url_help)
+    p.add_argument("--ca", type=Path, metavar="FILE",
+                   help="https: verify the server against this CA (default: the system's)")
+    p.add_argument("--cert", type=Path, metavar="FILE", help="https: client certificate")
+    p.add_argument("--key", type=Path, metavar="FILE", help="https: its private key")
+    p.add_argument("--user", help="basic auth user; the password comes from the environment "
+                   "variable DATAPLANE_METRICS_PASSWORD or --password-file")
+    p.add_argument("--password-file", metavar="FILE", help="basic auth password (first line)")
+
+
+def endpoint_of(args, url: str) -> Endpoint:
+    """The Endpoint the flags of add_endpoint_args name, at `url`; ValueError for a usage
+    mistake (a certificate without its key, a user without a password)."""
+    if (args.cert is None) != (args.key is None):
+        raise ValueError("--cert and --key go together (the client certificate and its key)")
+    password = None
+    if args.user is not None:
+        password = (Path(args.password_file).read_text().rstrip("\n") if args.password_file
+                    else os.environ.get("DATAPLANE_METRICS_PASSWORD"))
+        if password is None:
+            raise ValueError("--user needs a password: DATAPLANE_METRICS_PASSWORD or "
+                             "--password-file")
+    return Endpoint(url, ca=args.ca, cert=args.cert, key=args.key, user=args.user,
+                    password=password)
 
 
 @dataclass

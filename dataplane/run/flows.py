@@ -15,9 +15,7 @@ root, no shared memory, any run (`run`, `up`, systemd).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 from dataplane.consumers.loop import Running
@@ -53,18 +51,6 @@ def url_of(cfg: Any) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(m.host, m.host)
     scheme = "https" if m.web is not None and m.web.tls is not None else "http"
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{m.port}/flows"
-
-
-def endpoint(url: str, ca: Path | None, user: str | None, password_file: str | None) -> Endpoint:
-    """The Endpoint to read, the password from the file or DATAPLANE_METRICS_PASSWORD."""
-    password = None
-    if user is not None:
-        password = (Path(password_file).read_text().rstrip("\n") if password_file
-                    else os.environ.get("DATAPLANE_METRICS_PASSWORD"))
-        if password is None:
-            raise ValueError("--user needs a password: DATAPLANE_METRICS_PASSWORD or "
-                             "--password-file")
-    return Endpoint(url, ca=ca, user=user, password=password)
 
 
 def lines(data: dict[str, Any]) -> list[str]:
