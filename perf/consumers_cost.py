@@ -97,9 +97,10 @@ def trial(rate: float, seconds: float, full: bool, collector: Collector | None) 
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "lab.toml"
         cfg.write_text(config(rate, count, collector.port if full else None))
+        err = open(Path(d) / "run.err", "w+")     # noqa: SIM115 - read if the run fails
         run = subprocess.Popen([*DP, "run", "--config", str(cfg), "--duration",
                                 str(seconds + 3), "--json"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+                               stderr=err, text=True, cwd=ROOT)
         cap = None
         if full:
             deadline = time.monotonic() + 20
@@ -117,6 +118,11 @@ def trial(rate: float, seconds: float, full: bool, collector: Collector | None) 
         if cap is not None:
             cap.terminate()
             cap.wait(30)
+        err.seek(0)
+        why = err.read()[-3000:]
+        err.close()
+    if run.returncode not in (0, 1) or not out.strip():
+        raise SystemExit(f"dataplane run exited {run.returncode} without its books:\n{why}")
     books = json.loads(out.strip().splitlines()[-1])
     sent = sum(s["sent"] for s in books["streams"].values())
     missing = sum(s["missing"] for s in books["streams"].values())
