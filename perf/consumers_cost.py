@@ -31,6 +31,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 from rfc2544 import Trial, search
 
@@ -91,6 +92,17 @@ def scrape_costs() -> dict[str, dict[str, float]]:
     return out
 
 
+def read_books(run: subprocess.Popen, out: str, err: IO[str]) -> dict:
+    """The books a finished `dataplane run --json` printed last; its stderr (`err`, closed
+    here) says why when there are none."""
+    err.seek(0)
+    why = err.read()[-3000:]
+    err.close()
+    if run.returncode not in (0, 1) or not out.strip():
+        raise SystemExit(f"dataplane run exited {run.returncode} without its books:\n{why}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def trial(rate: float, seconds: float, full: bool, collector: Collector | None) -> Trial:
     rate = int(rate)
     count = int(rate * seconds)
@@ -118,12 +130,7 @@ def trial(rate: float, seconds: float, full: bool, collector: Collector | None) 
         if cap is not None:
             cap.terminate()
             cap.wait(30)
-        err.seek(0)
-        why = err.read()[-3000:]
-        err.close()
-    if run.returncode not in (0, 1) or not out.strip():
-        raise SystemExit(f"dataplane run exited {run.returncode} without its books:\n{why}")
-    books = json.loads(out.strip().splitlines()[-1])
+        books = read_books(run, out, err)
     sent = sum(s["sent"] for s in books["streams"].values())
     missing = sum(s["missing"] for s in books["streams"].values())
     drops = books["totals"]["drops"]

@@ -48,12 +48,14 @@ stamp=$( (cat pyproject.toml setup.py MANIFEST.in
           done
           echo "DATAPLANE_DPDK=${DATAPLANE_DPDK:-}") | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.dataplane-stamp 2>/dev/null)" != "$stamp" ] || \
-   ! .venv/bin/python -c 'import dataplane._native, dataplane._testing' 2>/dev/null; then
+   ! .venv/bin/python -c 'import dataplane._native, dataplane._testing, matplotlib' 2>/dev/null; then
     echo "bootstrap: installing Python dependencies and building native code"
     .venv/bin/pip install -q --disable-pip-version-check setuptools wheel "cffi>=1.16"
+    # matplotlib (perf/report.py's plots) from pip: Debian 12's python3-matplotlib is built
+    # against numpy 1, and the venv has numpy 2
     .venv/bin/pip install -q --disable-pip-version-check "numpy>=1.26" "scapy>=2.5" \
         "prometheus-client>=0.19" "pyyaml>=6" "bcrypt>=4" "shtab>=1.6" "argparse-manpage>=4" \
-        "pytest>=7" "hypothesis>=6" "ruff>=0.4" "build>=1"
+        "pytest>=7" "hypothesis>=6" "ruff>=0.4" "build>=1" "matplotlib>=3.8"
     .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e "$ROOT"
     echo "$stamp" > .venv/.dataplane-stamp
 fi
