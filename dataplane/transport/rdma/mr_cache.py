@@ -31,20 +31,31 @@ Entries stay below the device's max_mr (and `max_entries`).
 
 Thread-safe: one lock around the index; ibv_reg_mr runs outside it, the bytes reserved first;
 of two threads registering one range at once, the loser uses the winner's MR (`races`).  Keys
-stay valid until the entry is evicted: use pin() around posted WRs.
+stay valid until the entry is evicted: use pin() around posted WRs.  The hit on a registered
+object (the same arena or array again) takes no lock and, for the whole object, allocates
+nothing: a dict lookup by id(), an identity check, one stamp from a clock, the Registration
+built with the entry.  Recency is that stamp (the LRU victim is the smallest, found at
+eviction, which a registration pays for anyway); the hit count is the clock's stamps less those
+taken under the lock by anything else, exact without a lock: next() on an itertools.count is
+one atomic step under the GIL.
+
+One module over 400 lines: the index, the budget and the lock-free hit share invariants (what
+is linked where, what a stamp counts) that one reader should see together.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import resource
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 PAGE = mmap.PAGESIZE
@@ -94,35 +105,37 @@ def memlock_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY or has_cap(CAP_IPC_LOCK) else soft
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
     key: tuple[int, int, int]           # (addr, length, id(obj))
     view: memoryview                    # the export: holds the caller's memory
     mr: Any
     pinned: int
+    used: int                           # the clock's stamp at the last use (LRU order)
     pins: int = 0
-    live: bool = True                   # False once unlinked from the index
     lkey: int = field(init=False)       # read once: a pyverbs property costs a call per hit
     rkey: int = field(init=False)
+    obj: Any = field(init=False)        # the exporting object, for the hit's identity check
+    addr: int = field(init=False)       # plain fields, not properties of key: a hit reads them
+    length: int = field(init=False)
+    reg: Registration = field(init=False)   # the whole region's, returned as is by a hit
 
     def __post_init__(self) -> None:
-        self.lkey, self.rkey = self.mr.lkey, self.mr.rkey
-
-    @property
-    def addr(self) -> int:
-        return self.key[0]
-
-    @property
-    def length(self) -> int:
-        return self.key[1]
+        self.lkey, self.rkey, self.obj = self.mr.lkey, self.mr.rkey, self.view.obj
+        self.addr, self.length = self.key[0], self.key[1]
+        self.reg = Registration(self.lkey, self.rkey, self.addr, self.length)
 
     def covers(self, addr: int, length: int) -> bool:
         return self.addr <= addr and addr + length <= self.addr + self.length
 
 
+# a Registration without NamedTuple's Python-level __new__ (a hit's cost under emulation)
+_registration = partial(tuple.__new__, Registration)
+_lru_order = attrgetter("used")
+
+
 @dataclass
 class _Stats:
-    hits: int = 0
     misses: int = 0
     evictions: int = 0
     races: int = 0
@@ -174,7 +187,9 @@ class MRCache:
         self._register = register or _pyverbs_register
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self._lru: OrderedDict[tuple[int, int, int], _Entry] = OrderedDict()
+        self._lru: dict[tuple[int, int, int], _Entry] = {}
+        self._tick = itertools.count().__next__     # LRU stamps; hits counted from them too
+        self._other_ticks = 0           # stamps taken under the lock, not by a hit
         self._by_obj: dict[int, list[_Entry]] = {}
         # id(buffer) -> the entry that registered ALL of that very object: the hit path without
         # a memoryview and ctypes (most of a hit's cost).  Safe for the same reasons as _by_obj:
@@ -190,16 +205,18 @@ class MRCache:
 
     def get(self, buffer: Any, offset: int = 0, length: int | None = None) -> Registration:
         """Keys and address of bytes [offset, offset+length) of buffer; registers on a miss."""
+        # No lock: an entry unlinked (evicted, released) after this lookup gives keys that die
+        # with it, exactly as it would had it been evicted just after a locked lookup returned.
         e = self._whole.get(id(buffer))
-        if e is not None and e.view.obj is buffer:
+        if e is not None and e.obj is buffer:
+            if offset == 0 and length is None:
+                e.used = self._tick()
+                return e.reg
             if length is None:
                 length = e.length - offset
             if offset >= 0 and length > 0 and offset + length <= e.length:
-                with self._lock:
-                    if e.live:                  # not evicted since the dict lookup
-                        self._s.hits += 1
-                        self._lru.move_to_end(e.key)
-                        return Registration(e.lkey, e.rkey, e.addr + offset, length)
+                e.used = self._tick()
+                return _registration((e.lkey, e.rkey, e.addr + offset, length))
         reg, _ = self._get(buffer, offset, length, pin=False)
         return reg
 
@@ -238,7 +255,8 @@ class MRCache:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             s = self._s
-            return {"hits": s.hits, "misses": s.misses, "evictions": s.evictions,
+            hits = self._stamp() + 1 - self._other_ticks    # every stamp taken so far, less
+            return {"hits": hits, "misses": s.misses, "evictions": s.evictions,
                     "races": s.races, "entries": len(self._lru),
                     "registered_bytes": s.registered_bytes, "pinned_bytes": s.pinned_bytes,
                     "budget": self.budget, "max_entries": self.max_entries, "max_mr": self.max_mr,
@@ -275,8 +293,7 @@ class MRCache:
             while True:
                 e = self._lookup(id(obj), want, length)
                 if e is not None:
-                    self._s.hits += 1
-                    self._lru.move_to_end(e.key)
+                    e.used = self._tick()
                     if pin:
                         e.pins += 1
                     return Registration(e.lkey, e.rkey, want, length), e
@@ -305,7 +322,7 @@ class MRCache:
                 self._room.notify_all()
             raise
         took = time.perf_counter() - t
-        entry = _Entry((raddr, rlen, id(obj)), view, mr, pinned)
+        entry = _Entry((raddr, rlen, id(obj)), view, mr, pinned, 0)
         loser = None
         with self._lock:
             self._reserved -= pinned
@@ -315,9 +332,9 @@ class MRCache:
             e = self._lookup(id(obj), want, length)
             if e is not None:           # another thread registered it meanwhile: use theirs
                 self._s.races += 1
-                self._lru.move_to_end(e.key)
                 loser, entry = entry, e
-            else:
+            entry.used = self._stamp()
+            if loser is None:
                 self._lru[entry.key] = entry
                 self._by_obj.setdefault(id(obj), []).append(entry)
                 if raddr == base and rlen == size:
@@ -372,7 +389,7 @@ class MRCache:
         while (self._s.pinned_bytes + self._reserved + pinned > cap
                or (self.max_entries is not None
                    and len(self._lru) + self._reserved_entries + 1 > self.max_entries)):
-            victim = next(e for e in self._lru.values() if e.pins == 0)
+            victim = min((e for e in self._lru.values() if e.pins == 0), key=_lru_order)
             self._unlink(victim)
             self._s.evictions += 1
             victims.append(victim)
@@ -380,7 +397,6 @@ class MRCache:
 
     def _unlink(self, e: _Entry) -> None:
         del self._lru[e.key]
-        e.live = False
         if self._whole.get(e.key[2]) is e:
             del self._whole[e.key[2]]
         lst = self._by_obj[e.key[2]]
@@ -389,6 +405,11 @@ class MRCache:
             del self._by_obj[e.key[2]]
         self._s.registered_bytes -= e.length
         self._s.pinned_bytes -= e.pinned
+
+    def _stamp(self) -> int:
+        """Under the lock: a stamp for anything but a hit (a new entry, a race, stats())."""
+        self._other_ticks += 1
+        return self._tick()
 
     @staticmethod
     def _drop(e: _Entry) -> None:
