@@ -93,7 +93,8 @@ def main() -> int:
         return rerun_in_guest(__file__, sys.argv[1:], mem="1G")
     res = bench(args.seconds)
     ratio = res["1MB"]["ratio"]     # type: ignore[index]
-    finish({"machine": machine(), "seconds_per_side": args.seconds, "results": res,
+    finish({"benchmark": "mr_cache_bench", "machine": machine(),
+            "seconds_per_side": args.seconds, "results": res,
             "target_ratio_1MB": TARGET_RATIO_1MB, "target_met": ratio >= TARGET_RATIO_1MB},
            args.json_out)
     return 0
