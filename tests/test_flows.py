@@ -26,7 +26,16 @@ from dataplane.consumers.loop import drain, ring_sources
 from dataplane.consumers.registry import ConsumerLoadError, make
 from tests.helpers.frames import RingFiller
 
-NOW = time.time_ns()
+NOW = 0     # each test's "now", set when it starts (_now)
+
+
+@pytest.fixture(autouse=True)
+def _now() -> None:
+    """The frames' receive times are this test's now: the cache's timeouts are checked against
+    the wall clock at each tick, so a time taken at import would be minutes old by the time a
+    full suite reaches a test, and every flow would expire at the first tick."""
+    global NOW
+    NOW = time.time_ns()
 
 
 def parsed(frame: bytes) -> dict:
