@@ -43,11 +43,18 @@ def lab_config(rate: int, count: int, side_pps: int, seconds: float) -> str:
         assert old in text, old
         text = text.replace(old, new, 1)
     side_count = int(side_pps * seconds)
+    # each extra generator in a namespace of its own: DPDK's af_packet PMD picks its fanout
+    # group from its pid and the ifindex, so two generators started one after the other on
+    # consecutive ifindexes of one namespace can pick the same group and fail to start
+    gens = [f"dp-gen{i}" for i in range(1, EXTRA_PAIRS + 1)]
+    old = 'namespaces = ["dp-gen", "dp-rx"]'
+    assert old in text, old
+    text = text.replace(old, f'namespaces = {json.dumps(["dp-gen", "dp-rx", *gens])}', 1)
     for i in range(1, EXTRA_PAIRS + 1):
         text += f"""
 [[lab.veth]]
 name = "dpgen{i}"
-netns = "dp-gen"
+netns = "dp-gen{i}"
 address = "10.77.{i}.1/24"
 mac = "02:77:00:00:0{i}:01"
 peer = "dprx{i}"
@@ -58,7 +65,7 @@ peer_mac = "02:77:00:00:0{i}:02"
 [[worker]]
 name = "gen{i}"
 core = 0
-netns = "dp-gen"
+netns = "dp-gen{i}"
 poll = "adaptive"
   [[worker.port]]
   name = "out"
