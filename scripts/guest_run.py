@@ -94,6 +94,13 @@ class _Boot:
         """Wait for the guest; what it left, the results empty when it wrote none."""
         try:
             rc = self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # what the guest printed says which step hung: keep it, do not lose it with the run
+            self.kill()
+            self.log.seek(0)
+            tail = self.log.read()[-6000:]
+            raise GuestError(f"the guest ({self.label}) did not finish in {timeout:.0f} s; its "
+                             f"console ended with:\n{tail}") from None
         finally:
             self.kill()
         res = Path(self.out.name) / "results.json"

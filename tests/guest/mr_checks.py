@@ -280,11 +280,13 @@ def threads() -> dict[str, Any]:
             except Exception:   # noqa: BLE001 - reported
                 errors.append(traceback.format_exc())
 
-        ts = [threading.Thread(target=work, args=(k,)) for k in range(nthreads)]
+        ts = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(nthreads)]
         for t in ts:
             t.start()
-        for t in ts:
-            t.join()
+        for t in ts:                    # bounded: a deadlock is this check's failure, named
+            t.join(120)
+        stuck = [t.name for t in ts if t.is_alive()]
+        assert not stuck, f"threads {stuck} still in get() after 120 s: {c.stats()}"
         s = c.stats()
         assert not errors, errors[0]
         assert s["hits"] + s["misses"] == per * nthreads, s
