@@ -1,10 +1,14 @@
 """Transport throughput: plain send vs MSG_ZEROCOPY vs io_uring SEND_ZC, at 4 KB and 64 KB
 batches, against iperf3 on the same path (a veth between two namespaces), in the same run.
 
-    sudo .venv/bin/python perf/transport_bench.py [--seconds 3]
+    sudo .venv/bin/python perf/transport_bench.py [--seconds 3] [--rounds 3] [--sizes 4 64]
+                                                  [--modes copy zerocopy send_zc]
 
 For each mode and batch size: a C producer fills the sender's ring with 2 KB frames as fast as
-it drains, the sender ships batches of that size, a C consumer empties the receiver's ring.
+it drains, the sender ships batches of that size, and a consumer empties the receiver's ring
+as the run's consumer loop does: whole batches (a numpy view, the bytes summed), a 1 ms nap
+after a pass that found fewer than 256 descriptors.  (A consumer spinning on an empty ring
+would take a core of the two from the transport's ends; iperf3's server spins on nothing.)
 GB/s counts frame bytes published by the receiver; sender CPU is the sender process's
 utime+stime.  iperf3 runs with -l of the same size (its own buffer: no arena, no framing).
 The kernel's "copied" flag is reported as it was counted: on veth the kernel copies zero-copy
@@ -29,6 +33,7 @@ from dataplane._native import ffi
 from dataplane._testing import lib as testing
 
 from dataplane.shm.arena import Arena, ArenaGeometry
+from dataplane.shm.ring import RingReader
 from dataplane.transport import auth
 from dataplane.transport.process import TransportProcess
 from dataplane.transport.spec import TransportSpec
@@ -38,6 +43,7 @@ NS_S, NS_R = f"dpt-{TAG}-s", f"dpt-{TAG}-r"
 PEER = "10.79.9.2"
 FRAME = 2048
 CLK = os.sysconf("SC_CLK_TCK")
+MODES = ("copy", "zerocopy", "send_zc")
 
 
 def ip(*args: str) -> None:
@@ -64,6 +70,19 @@ def cpu_s(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / CLK
 
 
+def drain(ring: RingReader, small: int = 256, nap: float = 0.001) -> int:
+    """Empty the ring in whole batches until the arena is told to stop; bytes seen."""
+    seen = 0
+    while not ring.arena.header.stop:
+        got = 0
+        for batch in ring.batches():
+            seen += int(batch["len"].sum())
+            got += len(batch)
+        if got < small:
+            time.sleep(nap)
+    return seen
+
+
 def run_transport(mode: str, batch: int, seconds: float, port: int) -> dict:
     shm = Path("/dev/shm")
     paths = [shm / f"dataplane-{TAG}-{n}" for n in ("src", "rx", "rxctl", "txctl", "key")]
@@ -82,8 +101,7 @@ def run_transport(mode: str, batch: int, seconds: float, port: int) -> dict:
     assert rx.arena is not None
     threads = [threading.Thread(target=testing.dp_transport_produce,
                                 args=(ffi.from_buffer(src._mm), 0, 1 << 62, FRAME, 32, 1)),
-               threading.Thread(target=testing.dp_bench_consume,
-                                args=(ffi.from_buffer(rx.arena._mm), 0, 1 << 62, 256))]
+               threading.Thread(target=drain, args=(RingReader(rx.arena, 0),))]
     try:
         rx.start(stderr=subprocess.DEVNULL)
         rx.wait_running()
@@ -136,32 +154,54 @@ def machine() -> dict:
                   Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "?")
     return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
-            "path": "veth between two network namespaces"}
+            "loadavg_1m": os.getloadavg()[0], "path": "veth between two network namespaces"}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """The run of median throughput (its CPU figure with it), and the spread."""
+    ranked = sorted(runs, key=lambda r: r["gbps"])
+    return ranked[len(ranked) // 2] | {"gbps_min": ranked[0]["gbps"],
+                                       "gbps_max": ranked[-1]["gbps"]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per run")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating rounds (each mode, then iperf3) per batch size")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[4, 64], metavar="KB",
+                    help="batch sizes in KB")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     args = ap.parse_args()
     lab_down()
     lab_up()
-    results: dict = {"machine": machine(), "frame_bytes": FRAME, "seconds": args.seconds}
+    results: dict = {"benchmark": "transport_bench", "machine": machine(), "frame_bytes": FRAME,
+                     "seconds": args.seconds, "rounds": args.rounds}
+    port = 7300
     try:
-        port = 7300
-        for batch in (4096, 65536):
-            row = {}
-            for mode in ("copy", "zerocopy", "send_zc"):
-                port += 1
-                row[mode] = run_transport(mode, batch, args.seconds, port)
-                print(f"{batch >> 10:>3} KB {mode:<9} {row[mode]}", flush=True)
-            port += 1
-            row["iperf3"] = run_iperf3(batch, args.seconds, port)
-            print(f"{batch >> 10:>3} KB iperf3    {row['iperf3']}", flush=True)
-            results[f"{batch >> 10}KB"] = row
+        for kb in args.sizes:
+            runs: dict[str, list[dict]] = {m: [] for m in (*args.modes, "iperf3")}
+            for rnd in range(args.rounds):
+                for mode in runs:
+                    port += 1
+                    r = (run_iperf3(kb << 10, args.seconds, port) if mode == "iperf3" else
+                         run_transport(mode, kb << 10, args.seconds, port))
+                    runs[mode].append(r)
+                    print(f"{kb:>3} KB round {rnd} {mode:<9} {r}", flush=True)
+            row: dict = {m: median_of(rs) | {"runs": rs} for m, rs in runs.items()}
+            ref = row["iperf3"]["gbps"]
+            row["ratio_to_iperf3"] = {m: round(row[m]["gbps"] / ref, 2) if ref else None
+                                      for m in args.modes}
+            print(f"{kb:>3} KB medians: " + ", ".join(
+                f"{m} {row[m]['gbps']} GB/s" for m in runs) + f"; ratio to iperf3 "
+                f"{row['ratio_to_iperf3']}", flush=True)
+            results[f"{kb}KB"] = row
     finally:
         lab_down()
-    zc = [results[k][m] for k in ("4KB", "64KB") for m in ("zerocopy", "send_zc")]
+    zc = [results[f"{kb}KB"][m] for kb in args.sizes for m in ("zerocopy", "send_zc")
+          if m in args.modes]
     results["kernel_copied"] = all(r["copied_completions"] == r["completions"] > 0 for r in zc)
+    results["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
     print(json.dumps(results))
     return 0
 

@@ -15,7 +15,9 @@
  *                              and seq of the last batch the receiver published (so a sender
  *                              that lost a connection learns which unacknowledged batches
  *                              arrived: they are delivered, the rest are lost, exactly), then
- *                              one ACK per published batch.
+ *                              ACKs, cumulative: each says every batch of the session up to
+ *                              its seq is published; at least one per DP_TW_ACK_EVERY
+ *                              batches, and one whenever the receiver has read all there is.
  *
  * Every piece of a frame the sender writes is an iovec into its arena (header aside): the
  * descriptors straight from its ring, the bytes from the slots or the mbuf pool.
@@ -36,10 +38,11 @@
 /* cffi: begin */
 #define DP_TW_MAGIC       0x31545044u  /* "DPT1" */
 #define DP_TW_ACK_MAGIC   0x31415044u  /* "DPA1" */
-#define DP_TW_VERSION     1u
+#define DP_TW_VERSION     2u          /* 2: ACKs are cumulative */
 #define DP_TW_HELLO       1u
 #define DP_TW_ACK         2u
 #define DP_TW_MAX_BATCH   1024u        /* descriptors per frame: bounds the receiver's reads */
+#define DP_TW_ACK_EVERY   16u          /* batches one ACK may cover at most */
 
 struct dp_tw_frame {
     uint32_t magic;

@@ -11,6 +11,12 @@
  * their sum, reserve ring positions, read the bytes straight into those positions' slots (the
  * kernel's copy out of the socket is the only one), publish, acknowledge.
  *
+ * Acknowledgements are cumulative and coalesced: an ACK says every batch up to its seq is
+ * published (one connection, published in order), and goes out once the socket holds nothing
+ * more to read or DP_TW_ACK_EVERY batches wait for one, whichever comes first.  Under load that
+ * is one small send per DP_TW_ACK_EVERY batches instead of one per batch, and the sender wakes
+ * as rarely; a sender that pauses is acknowledged at once.
+ *
  * A full ring WAITS (counted in ring_waits): the sender is a ring consumer, not a NIC, so the
  * wait becomes TCP backpressure, the sender's ring fills, and the worker feeding it drops and
  * counts (docs/design.md, invariant 2) where the loss is visible.  Dropping here would lose
@@ -32,6 +38,7 @@
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -49,6 +56,8 @@ static int stopping(const struct dp_transport *t)
 struct rx {
     struct dp_t_end e;
     struct dp_prod p;
+    uint64_t ack_seq, ack_session;  /* the last batch published and not yet acknowledged */
+    uint32_t unacked;               /* batches published since the last ACK */
     char peer[64];
     struct dp_desc d[DP_TW_MAX_BATCH];
     struct iovec iov[DP_TW_MAX_BATCH];
@@ -69,6 +78,7 @@ static void rx_close(struct rx *x, const char *why)
     x->e.fd = -1;
     x->e.t->connected = 0;
     x->e.t->c.disconnects++;
+    x->unacked = 0;   /* the next connection's HELLO says what was published */
 }
 
 static uint64_t rx_timeout_ns(const struct rx *x)
@@ -228,6 +238,24 @@ static void rx_publish(struct rx *x, const struct dp_tw_frame *h)
     x->e.t->c.last_seq = h->batch_seq;
 }
 
+/* The pending ACK, when DP_TW_ACK_EVERY batches wait for it, nothing more is there to read
+ * (the sender waits for it, or paused), or `now` (stopping: what was published is said so).
+ * 0, or -1 closed. */
+static int rx_ack(struct rx *x, int now)
+{
+    int queued = 0;
+    if (x->e.fd < 0 || x->unacked == 0)
+        return 0;
+    if (!now && x->unacked < DP_TW_ACK_EVERY && ioctl(x->e.fd, FIONREAD, &queued) == 0 &&
+        queued > 0)
+        return 0;
+    if (rx_say(x, DP_TW_ACK, x->ack_seq, x->ack_session, "ack") < 0)
+        return -1;
+    x->unacked = 0;
+    x->e.t->c.acks++;
+    return 0;
+}
+
 /* One frame.  0 on success, -1 when the connection was closed (logged, counted). */
 static int rx_frame(struct rx *x)
 {
@@ -235,6 +263,8 @@ static int rx_frame(struct rx *x)
     struct iovec v = { &h, sizeof(h) };
     uint64_t got;
     char why[192];
+    if (rx_ack(x, 0) < 0)
+        return -1;
     int rc = rx_read(x, &v, 1, &got, 0);
     if (rc == 0) {   /* between frames: not a short read */
         if (errno != ECANCELED)
@@ -276,9 +306,9 @@ static int rx_frame(struct rx *x)
     if (n && rx_read(x, x->iov, n, &got, 1) != 1)
         goto short_read;
     rx_publish(x, &h);
-    if (rx_say(x, DP_TW_ACK, h.batch_seq, h.session, "ack") < 0)
-        return -1;
-    x->e.t->c.acks++;
+    x->ack_seq = h.batch_seq;
+    x->ack_session = h.session;
+    x->unacked++;
     return 0;
 
 bad_frame:
@@ -333,6 +363,7 @@ int dp_transport_recv_run(void *arena_base, uint32_t ring, struct dp_transport *
             return dp_t_fail(t, "ring %u: %s", ring, why);
         }
     }
+    rx_ack(&x, 1);
     rx_close(&x, "stopping");
     x.e.a->state = DP_W_STOPPED;
     __atomic_store_n(&t->state, DP_W_STOPPED, __ATOMIC_RELEASE);

@@ -240,11 +240,16 @@ static int tx_read_acks(struct tx *x)
                         tx_lose(x, b, "sent, but the receiver did not publish it");
                 }
                 x->hello = 1;
-            } else if (m.type == DP_TW_ACK && m.session == x->session) {
-                struct txb *b = tx_find(x, m.seq);
-                if (b && !b->acked) {
-                    b->acked = 1;
-                    x->e.t->c.acks++;
+            } else if (m.type == DP_TW_ACK && m.session == x->session && tx_find(x, m.seq)) {
+                /* cumulative: every batch up to m.seq is published */
+                for (uint64_t i = x->head; i < x->tail; i++) {
+                    struct txb *b = &x->b[i % INFL];
+                    if (b->seq > m.seq)
+                        break;
+                    if (!b->acked) {
+                        b->acked = 1;
+                        x->e.t->c.acks++;
+                    }
                 }
             }
         }
@@ -402,14 +407,17 @@ static int tx_push(struct tx *x)
     return 1;
 }
 
+/* busy: progress was made, look again at once.  Else sleep until an ack, room in the socket
+ * for the batch being sent, a completion (SEND_ZC: the ring's fd), or 1 ms (the ring). */
 static void tx_wait(struct tx *x, int busy)
 {
-    struct pollfd pf = { x->e.fd, POLLIN | (x->cur && !x->uring_busy ? POLLOUT : 0), 0 };
-    if (poll(&pf, 1, busy ? 0 : 1) <= 0)
+    struct pollfd pf[2] = { { x->e.fd, POLLIN | (x->cur && !x->uring_busy ? POLLOUT : 0), 0 },
+                            { x->have_uring ? x->ring.ring_fd : -1, POLLIN, 0 } };
+    if (poll(pf, 2, busy ? 0 : 1) <= 0)
         return;
-    if (pf.revents & POLLERR && x->e.cfg->mode == DP_TM_ZEROCOPY)
+    if (pf[0].revents & POLLERR && x->e.cfg->mode == DP_TM_ZEROCOPY)
         tx_errqueue(x);
-    if (pf.revents & (POLLIN | POLLHUP | POLLERR))
+    if (pf[0].revents & (POLLIN | POLLHUP | POLLERR))
         tx_read_acks(x);
 }
 
@@ -523,14 +531,18 @@ int dp_transport_send_run(void *arena_base, uint32_t ring, struct dp_transport *
         }
         if (x.bad_desc)
             return dp_t_fail(t, "ring %u: %s", ring, x.bad_why);
-        if (x.hello && x.cur && tx_push(&x) < 0)
-            continue;
+        if (x.hello && x.cur) {
+            int rc = tx_push(&x);   /* 0: the socket is full, wait for room below */
+            if (rc < 0)
+                continue;
+            busy |= rc;
+        }
         if (x.e.fd >= 0 && x.have_uring)
             tx_cqes(&x);
         if (x.e.fd >= 0 && cfg->mode == DP_TM_ZEROCOPY && x.zc_next != x.zc_done)
             tx_errqueue(&x);
         if (x.e.fd >= 0)
-            tx_wait(&x, busy || x.cur);
+            tx_wait(&x, busy);
         if (x.hello)   /* a connection that got as far as the hello resets the backoff */
             x.backoff = cfg->backoff_min_ms;
         tx_retire(&x);
