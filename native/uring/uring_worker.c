@@ -17,6 +17,16 @@
  *
  * The loop is dpdk_worker.c's: give back released slots, re-arm, one generator burst, reap a
  * batch of completions, publish once per ring per batch, periodic work every ~10 ms.
+ *
+ * poll = "adaptive" (idle_sleep_us > 0) and no generator: a reap that found less than a burst
+ * naps idle_sleep_us (at most URW_NAP_US: a long idle nap must not overflow the socket under
+ * load) in a plain sleep, and the next reap takes what arrived meanwhile in one
+ * go.  Not in an io_uring wait: the kernel's receive path wakes a task waiting there at the
+ * first packet (a poll-driven task_work is never a lazy wake), which on a veth is the sending
+ * core paying a wake-up per packet or two; a sleeping task is woken by its own timer only,
+ * and the socket's buffer (URW_RCVBUF) holds what comes meanwhile.  Measured with
+ * perf/ingest_vs_recvmmsg.py: a worker that spun on partial batches used a whole core at any
+ * rate.  After ~1 ms without any packet it waits in io_uring instead (woken by the first).
  */
 #define _GNU_SOURCE   /* sendmmsg, struct mmsghdr */
 #include <errno.h>
@@ -25,6 +35,8 @@
 #include <unistd.h>
 
 #include "dp_uring.h"
+
+#define URW_NAP_US 50u   /* the longest nap after a partial batch */
 
 /* Loop accounting in TSC cycles, as the DPDK worker's busy/total cycles. */
 static inline uint64_t cycles(void)
@@ -189,7 +201,7 @@ static int urw_loop(struct urw *w)
     struct dp_arena *a = w->a;
     uint64_t prev = cycles(), loops = 0, busy = 0, total = 0;
     uint64_t t = dp_mono_ns(), next_tick = t, last_move = t;
-    uint32_t moved = 0;
+    uint32_t moved = 0, reaped = 0;
     while (!__atomic_load_n(&a->stop, __ATOMIC_RELAXED)) {
         uint64_t now = cycles();
         total += now - prev;
@@ -210,7 +222,8 @@ static int urw_loop(struct urw *w)
             moved += urw_gen(w, t);
         /* submit what is queued and run the deferred completion work: one syscall a loop */
         io_uring_submit_and_get_events(&w->uring);
-        moved += urw_reap(w);
+        reaped = urw_reap(w);
+        moved += reaped;
         if (t >= next_tick) {   /* periodic work, ~every 10 ms */
             next_tick = t + 10000000ull;
             a->loops += loops;
@@ -229,6 +242,9 @@ static int urw_loop(struct urw *w)
                                                        1000ll };
             struct io_uring_cqe *cqe;
             io_uring_wait_cqe_timeout(&w->uring, &cqe, &ts);
+        } else if (reaped < w->cfg->burst && !w->gen_on && w->cfg->idle_sleep_us) {
+            /* a partial batch: let the next one fill */
+            usleep(w->cfg->idle_sleep_us < URW_NAP_US ? w->cfg->idle_sleep_us : URW_NAP_US);
         }
     }
     a->loops += loops;
