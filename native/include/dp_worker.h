@@ -55,7 +55,8 @@ struct dp_worker_config {
     uint32_t burst;               /* RX burst size */
     uint32_t n_mbufs;             /* mbuf pool size */
     uint32_t zero_copy;           /* 1: try the mbuf pool in the arena; 0: copy into slots */
-    uint32_t idle_sleep_us;       /* 0: busy poll; else sleep this long after ~1 ms of empty polls */
+    uint32_t idle_sleep_us;       /* 0: busy poll; else sleep this long after ~1 ms of empty polls
+                                     (io_uring: also, up to 50 us, after a partial batch) */
     uint32_t copybreak;           /* zero copy: frames of at most this many bytes are copied */
     int32_t  eal_argc;
     const char *eal_argv[DP_EAL_ARGS];  /* built by Python as a list, never by a shell */
