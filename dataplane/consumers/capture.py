@@ -264,8 +264,15 @@ class CaptureConsumer(ConsumerBase):
                 ensure_run_dir()
             self.path.unlink(missing_ok=True)     # a dead run's: the run lock says it is ours
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            s.bind(str(self.path))
-            os.chmod(self.path, 0o600)
+            # bound under a private name, made 0600, then renamed into place: bind() creates
+            # the file with the umask's mode, and no one may see it before the chmod (a test
+            # once stat'ed it at 0755 in that window); the umask is the whole process's, so
+            # it is not changed from this thread
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            s.bind(str(tmp))
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, self.path)
             s.listen(8)
             s.settimeout(0.5)
         except OSError as e:
