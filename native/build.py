@@ -43,7 +43,7 @@ CORE = ["core/arena.c", "core/common.c", "core/parse.c", "core/gen.c", "core/flo
 URING = ["uring/uring_sock.c", "uring/uring_worker.c"]
 TRANSPORT = ["transport/transport_common.c", "transport/transport_recv.c",
              "transport/transport_send.c"]
-DPDK = ["dpdk/dpdk_port.c", "dpdk/dpdk_worker.c", "dpdk/kernel_drops.c"]
+DPDK = ["dpdk/dpdk_port.c", "dpdk/dpdk_worker.c", "dpdk/kernel_drops.c", "dpdk/intr_guard.c"]
 TESTING = ["testing/ring_bench.c", "testing/transport_produce.c"]
 CAPTURE = ["core/capture.c"]   # live capture's BPF filter: _native only, it alone links libpcap
 

@@ -129,6 +129,47 @@ def test_restart_continues_counters_and_seq(workers, sockdir):
     rx2.stop()
 
 
+def test_memif_server_survives_clients_that_leave(workers, sockdir):
+    """A memif client killed while the server sends and polls: the PMD unmaps the shared regions
+    in the EAL's interrupt thread, which a worker inside a burst must never see (it died of
+    SIGSEGV before native/dpdk/intr_guard.c).  Twelve clients come and go; the server keeps
+    running and sending to each."""
+    dev = f"socket={sockdir / 'memif.sock'},socket-abstract=no,id=0"
+    tx = workers(worker_spec("ks", PortSpec("net_memif0", f"net_memif0,role=server,{dev}"),
+                             gen_spec(count=0, rate=5000)))
+    tx.wait_running()
+    sent = []
+    for i in range(12):
+        rx = memif_client(workers, dev, f"kc{i}", tx)
+        deadline = time.monotonic() + 20
+        while rx.ring_counter("rx_packets") < 10:
+            assert tx.proc.poll() is None, f"server died ({tx.proc.poll()}) with client {i}"
+            assert time.monotonic() < deadline, f"client {i} received nothing"
+            time.sleep(0.005)
+        rx.proc.kill()                         # gone mid-stream, no goodbye
+        rx.proc.wait(10)
+        sent.append(tx.port_counter("tx_packets"))
+    time.sleep(0.5)
+    assert tx.proc.poll() is None, f"server died ({tx.proc.poll()})"
+    assert sent == sorted(set(sent))           # it sent to every client
+    tx.stop()
+
+
+def memif_client(workers, dev: str, tag: str, server: Worker) -> Worker:
+    """A memif client of `server`, started again while the server still holds its previous
+    client (its start fails until the server saw that one leave)."""
+    deadline = time.monotonic() + 10
+    while True:
+        rx = workers(worker_spec(tag, PortSpec("net_memif1", f"net_memif1,role=client,{dev}")))
+        while rx.arena.worker_state() != "running" and rx.proc.poll() is None:
+            time.sleep(0.01)
+        if rx.proc.poll() is None:
+            return rx
+        assert server.proc.poll() is None, f"server died ({server.proc.poll()})"
+        assert time.monotonic() < deadline, f"{tag}: {rx.arena.worker_error()}"
+        time.sleep(0.05)
+
+
 # ---- veth pair across two namespaces ----
 
 def veth_pair(workers, veth, rx_port: PortSpec, tag: str) -> tuple[Worker, Worker]:

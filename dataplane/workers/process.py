@@ -111,12 +111,19 @@ class DpWorkerConfig:
 def dpdk_entry(spec: WorkerSpec) -> Callable[..., int] | None:
     """dp_dpdk_worker_run, from the extension dataplane._dpdk: imported here, in the worker
     process, because importing it loads libdpdk.  None (and why, on stderr) when it is absent."""
+    # RTLD_GLOBAL: the PMDs that rte_eal_init loads later bind the EAL's interrupt-callback
+    # registration to the extension's guard (native/dpdk/intr_guard.c), which keeps a PMD's
+    # control path (memif unmapping its regions when the peer leaves) out of the bursts.
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | os.RTLD_GLOBAL)
     try:
         from dataplane import _dpdk
     except ImportError as e:
         print(f"worker {spec.name}: backend dpdk, but the DPDK worker cannot be loaded ({e}): "
               "this install was built without libdpdk or with DATAPLANE_DPDK=0", file=sys.stderr)
         return None
+    finally:
+        sys.setdlopenflags(flags)
     return _dpdk.lib.dp_dpdk_worker_run
 
 

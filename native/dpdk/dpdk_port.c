@@ -28,6 +28,10 @@ static int dpw_eal(struct dpw *w)
     for (int i = 0; i < argc; i++)
         argv[i] = (char *)w->cfg->eal_argv[i];
     argv[argc] = NULL;
+    if (!dpw_guard_active())   /* the PMDs bind before they run: say it before rte_eal_init */
+        fprintf(stderr, "dpdk worker %u: the interrupt guard is not active (extension not "
+                "loaded RTLD_GLOBAL): a memif peer leaving can crash this worker\n",
+                w->cfg->worker_id);
     if (rte_eal_init(argc, argv) < 0)
         return dpw_fail(w, "rte_eal_init: %s", rte_strerror(rte_errno));
     w->eal_up = 1;

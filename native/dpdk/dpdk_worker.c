@@ -10,6 +10,7 @@
  * Copy mode: the frame is copied into the ring position's slot and the mbuf freed at once.
  * Set-up and tear-down are in dpdk_port.c.
  */
+#include <sched.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -203,10 +204,15 @@ static int dpw_loop(struct dpw *w, struct dpw_gen *g)
         prev = now;
         loops++;
         moved = 0;
-        for (uint32_t i = 0; i < w->n_rings; i++)
-            moved += dpw_rx(w, &w->ring[i]);
-        if (g->on && g->link_up)
-            moved += dpw_gen(w, g, now);
+        if (dpw_guard_enter()) {   /* not while a PMD's control callback runs: intr_guard.c */
+            for (uint32_t i = 0; i < w->n_rings; i++)
+                moved += dpw_rx(w, &w->ring[i]);
+            if (g->on && g->link_up)
+                moved += dpw_gen(w, g, now);
+            dpw_guard_leave();
+        } else {
+            sched_yield();
+        }
         if (now >= next_tick) {   /* periodic work, ~every 10 ms */
             next_tick = now + tick;
             a->loops += loops;

@@ -64,4 +64,24 @@ void dpw_close(struct dpw *w);
 void dpw_ksock_find(struct dpw *w);
 void dpw_ksock_drops(struct dpw *w);
 
+/* intr_guard.c: the EAL's interrupt callbacks (a PMD's control path) wait while the loop is
+ * inside its bursts, and the loop skips its bursts while one runs. */
+extern int dpw_guard_in_burst, dpw_guard_paused;
+int dpw_guard_active(void);
+
+/* Enter the bursts: 1, or 0 when a callback runs (then the loop does not touch the ports). */
+static inline int dpw_guard_enter(void)
+{
+    __atomic_store_n(&dpw_guard_in_burst, 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&dpw_guard_paused, __ATOMIC_SEQ_CST))
+        return 1;
+    __atomic_store_n(&dpw_guard_in_burst, 0, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static inline void dpw_guard_leave(void)
+{
+    __atomic_store_n(&dpw_guard_in_burst, 0, __ATOMIC_RELEASE);
+}
+
 #endif
