@@ -3,17 +3,29 @@ text, a closed arena gives a partial scrape, and scrapes do not stall the consum
 
 from __future__ import annotations
 
+import gzip
 import inspect
 import threading
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
 from scapy.layers.inet import IP, TCP, UDP
 
 from dataplane.consumers.loop import ConsumerLoop, drain, ring_sources
 from dataplane.consumers.stats import TrafficStats
 from dataplane.metrics.arenas import ArenaCollector
 from dataplane.metrics.consumers import ConsumerCollector
+from dataplane.metrics.families import exposition
 from dataplane.metrics.server import serve
 from dataplane.shm.layout import PORT_COUNTERS, RING_COUNTERS
 from tests.helpers.frames import RingFiller, frame
@@ -85,6 +97,70 @@ def test_scrape_equals_shared_memory_and_passes_promtool(arenas):
     assert v("dataplane_latency_seconds_sum", **lan) == pytest.approx(10 * 30e-6)
     assert v("dataplane_sequence_unique_total", stream="1") == 10
     assert v("dataplane_sequence_missing_packets", stream="1") == 0
+
+
+class Awkward(Collector):
+    """Families with what a formatter gets wrong: escapes, odd numbers, a timestamp, an info
+    family and an OpenMetrics-only sample (the last three take prometheus_client's path)."""
+
+    def collect(self):
+        g = GaugeMetricFamily("odd_values", 'doc with \\ and\nnewline "quoted"', labels=["v"])
+        for v in ('back\\slash', 'new\nline', 'quo"te', "ünï", ""):
+            g.add_metric([v], 1.0)
+        for i, x in enumerate((0.0, -0.0, -1.5, 1e-9, 123456.0, 1234567.0, 2**64 - 1, 1e22,
+                               float("inf"), float("-inf"), float("nan"), 7, 1 / 3)):
+            g.add_metric([f"n{i}"], x)
+        yield g
+        c = CounterMetricFamily("stamped", "with a timestamp", labels=["a"])
+        c.add_metric(["x"], 3, timestamp=1700000000.5)
+        yield c
+        yield InfoMetricFamily("some", "an info family", value={"k": "v"})
+        h = HistogramMetricFamily("lat", "a histogram", labels=["z", "a"])
+        h.add_metric(["1", "2"], [("0.5", 1.0), ("+Inf", 2.0)], 0.7)
+        yield h
+        u = Metric("odd", "unknown type", "unknown")
+        u.add_sample("odd", {}, 4.0)
+        yield u
+        om = CounterMetricFamily("made", "a _created sample", labels=[])
+        om.add_metric([], 1, created=1700000000.0)
+        yield om
+
+
+def test_exposition_is_prometheus_clients_byte_for_byte(arenas):
+    """Ours writes the text format instead of prometheus_client (for the CPU a scrape takes
+    from the run): the very same bytes, straight and over HTTP, gzip too, and an OpenMetrics
+    request still answered by prometheus_client."""
+    a, b = arenas
+    set_counters(a, 10**7)
+    set_counters(b, 3)
+    filler = RingFiller(a, 1)
+    now = time.time_ns()
+    filler.put([frame(IP() / UDP(), 100, seq=i, tx_ns=now) for i in range(10)], rx_ns=now + 30_000)
+    stats = TrafficStats()
+    drain(ring_sources([a]), [stats])
+    both = collectors([("w0", a, ['wa"n', "la\\n"]), ("w1", b, ["p0", "p1"])], stats)
+    with serve(*both, Awkward(), port=0) as server:
+        want = generate_latest(server.registry)
+        ours = exposition(server.registry.collect())
+        assert b"dataplane_rx_packets_total" in want and b'wa\\"n' in want
+        host, port = server.address
+        url = f"http://{host}:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert r.headers["Content-Type"] == CONTENT_TYPE_PLAIN_0_0_4
+            body = r.read()
+        zipped = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(zipped, timeout=5) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            unzipped = gzip.decompress(r.read())
+        om = urllib.request.Request(url, headers={"Accept": "application/openmetrics-text"})
+        with urllib.request.urlopen(om, timeout=5) as r:
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert r.read().endswith(b"# EOF\n")
+    # every byte alike but the heartbeat ages, which time moved between the reads
+    def stable(text: bytes) -> list[bytes]:
+        return [ln for ln in text.splitlines(keepends=True) if b"heartbeat_age_seconds{" not in ln]
+    assert stable(ours) == stable(want) == stable(body) == stable(unzipped)
+    assert len(stable(want)) == len(want.splitlines()) - 2
 
 
 def test_default_bind_is_loopback():
