@@ -147,6 +147,9 @@ def exposition(metrics: Iterable[Metric]) -> bytes:
     """The text exposition (0.0.4) of these families, byte for byte what
     prometheus_client.exposition.generate_latest writes for them, at a fraction of its cost."""
     out: list[str] = []
+    # label sets repeat across families (a ring's worker, port, queue in a dozen of them):
+    # each one is sorted, escaped and joined once a scrape
+    bodies: dict[tuple[tuple[str, str], ...], str] = {}
     for m in metrics:
         if not _plain(m):
             out.append(generate_latest(_One(m)).decode())
@@ -156,10 +159,12 @@ def exposition(metrics: Iterable[Metric]) -> bytes:
         doc = m.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {esc} {doc}\n# TYPE {esc} {_TYPES[m.type]}\n")
         for s in m.samples:
-            labels = s.labels
-            if labels:
-                body = ",".join([f'{_label_name(k)}="{_label_value(v)}"'
-                                 for k, v in sorted(labels.items())])
+            if s.labels:
+                key = tuple(s.labels.items())
+                body = bodies.get(key)
+                if body is None:
+                    body = bodies[key] = ",".join([f'{_label_name(k)}="{_label_value(v)}"'
+                                                   for k, v in sorted(key)])
                 out.append(f"{_metric_name(s.name)}{{{body}}} {_value(s.value)}\n")
             else:
                 out.append(f"{_metric_name(s.name)} {_value(s.value)}\n")
