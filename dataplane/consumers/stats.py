@@ -17,6 +17,8 @@ import numpy as np
 from dataplane._native import lib
 from dataplane.consumers.api import Batch
 from dataplane.consumers.flows import SeqTracker, TopFlows
+from dataplane.consumers.latency import LatencyHistogram
+from dataplane.consumers.streams import StreamBooks, difference, snapshot
 from dataplane.shm.arena import Arena
 from dataplane.shm.layout import DESC_DTYPE, TRAILER_DTYPE
 
@@ -117,6 +119,8 @@ class TrafficStats:
         self.untracked_packets = 0   # in batches of rings past max_rings: not in any statistic
         self.flows = TopFlows(flow_capacity)
         self.streams = SeqTracker(seq_window)
+        # per tracked stream: latency to 3 significant digits (dataplane.consumers.latency)
+        self.stream_latency: dict[int, LatencyHistogram] = {}
         self.stage = stage
         self.folds = 0
 
@@ -215,14 +219,55 @@ class TrafficStats:
         lat = g["rx_ns"].view(np.int64) - tr["tx_ns"].view(np.int64)
         counts = np.bincount(np.searchsorted(_LATENCY_BINS_NS, lat, side="left"),
                              minlength=len(_LATENCY_BINS_NS) + 1)
+        stream = tr["stream"]
         if counts[0] or counts[-1]:
             rs.latency_negative += int(counts[0])
             rs.latency_absurd += int(counts[-1])
-            # summed without them: garbage timestamps would wrap an int64 sum
-            lat = lat[(lat >= 0) & (lat <= LATENCY_ABSURD_NS)]
+            # summed and recorded without them: garbage timestamps would wrap an int64 sum
+            sane = (lat >= 0) & (lat <= LATENCY_ABSURD_NS)
+            lat, stream = lat[sane], stream[sane]
         rs.latency += counts[1:-1]
         rs.latency_sum += float(lat.sum()) * 1e-9
         self.streams.update(tr["stream"], tr["seq"])
+        if len(lat):
+            self._record_latency(stream, lat)
+
+    def _record_latency(self, stream: np.ndarray, lat: np.ndarray) -> None:
+        """Each stream's latencies into its histogram: one record() per stream in the batch
+        (a handful), for the streams the sequence tracker tracks (so both stay bounded)."""
+        if (stream == stream[0]).all():
+            groups = [(int(stream[0]), lat)]
+        else:
+            ids, inverse = np.unique(stream, return_inverse=True)
+            groups = [(int(sid), lat[inverse == i]) for i, sid in enumerate(ids)]
+        for sid, values in groups:
+            hist = self.stream_latency.get(sid)
+            if hist is None:
+                if sid not in self.streams.streams:
+                    continue
+                hist = LatencyHistogram()
+                # copy-on-write, as the other dicts here: a scrape iterating it is undisturbed
+                self.stream_latency = {**self.stream_latency, sid: hist}
+            hist.record(values)
+
+    # -- the per-stream books, for a bench or a report (dataplane.consumers.streams) --
+    def snapshot(self) -> dict[int, StreamBooks]:
+        """Every tracked stream's sequence counts and latency, copied now: keep one before a
+        trial, and stream_report(sid, since=it) after it gives that trial's figures only."""
+        return snapshot(self.streams, self.stream_latency)
+
+    def stream_report(self, stream: int, since: dict[int, StreamBooks] | None = None,
+                      sent: int | None = None) -> dict:
+        """One stream's books as a dict (StreamBooks.report: received, lost, duplicated,
+        reordered, late, latency percentiles in seconds), since a snapshot() if given.  `sent`
+        is what the generator sent in the same span: lost is then sent - unique."""
+        now = self.snapshot()
+        books = (difference(now, since) if since is not None else now).get(stream)
+        return (books or StreamBooks()).report(sent)
+
+    def stream_reports(self) -> dict[int, dict]:
+        """Every tracked stream's report since the start (what /streams and status show)."""
+        return {sid: b.report() for sid, b in sorted(self.snapshot().items())}
 
     def top_flows(self, n: int = 10) -> list[dict]:
         """The n heaviest flows by bytes, decoded with scapy now (not on the data path)."""

@@ -39,6 +39,9 @@ FAMILIES: Table = {
     "size": ("h", "dataplane_packet_size_bytes", "Size of consumed packets.", RQ),
     "latency": ("h", "dataplane_latency_seconds",
                 "End-to-end latency of generated packets (trailer tx time to rx time).", RQ),
+    "stream_latency": ("h", "dataplane_stream_latency_seconds",
+                       "End-to-end latency of a generator stream's packets, from its HDR "
+                       "histogram (3 significant digits), on a 1-2-5 ladder.", S),
     "lat_negative": ("c", "dataplane_latency_negative_total",
                      "Generated packets received before they were sent (clock skew).", RQ),
     "lat_absurd": ("c", "dataplane_latency_absurd_total",
@@ -155,6 +158,9 @@ class ConsumerCollector(ScrapeCollector):
             for key in ("received", "unique", "duplicates", "out_of_order", "late", "missing",
                         "max"):
                 fams["seq_" + key].add_metric(lab, float(getattr(st, key)))
+        for sid, hist in list(stats.stream_latency.items()):
+            # computed from the books' counts at scrape time: the collector keeps no copy
+            fams["stream_latency"].add_metric([str(sid)], *hist.snapshot().prometheus())
         fams["seq_untracked"].add_metric([], stats.streams.untracked)
         fams["rings_untracked"].add_metric([], stats.untracked_packets)
         fams["flow_entries"].add_metric([], stats.flows.used)

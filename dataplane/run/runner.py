@@ -36,7 +36,7 @@ from dataplane.metrics.mr_cache import MRCacheCollector
 from dataplane.metrics.rdma import RdmaCollector, mr_caches
 from dataplane.metrics.server import serve
 from dataplane.metrics.transports import TransportCollector
-from dataplane.run import flows, lab, progress, transports
+from dataplane.run import flows, lab, progress, streams, transports
 from dataplane.run.lock import RUN_LOCK, HostLock
 from dataplane.run.logfile import LogFile
 from dataplane.run.notify import Notifier
@@ -144,7 +144,8 @@ class Run:
                              MRCacheCollector(mr_caches(controls)), BuildInfoCollector(),
                              DropsCollector(arenas, controls), host=m.host, port=m.port,
                              web=m.web, max_connections=m.max_connections,
-                             routes={"/flows": flows.route(self.stats, self.consumers)})
+                             routes={"/flows": flows.route(self.stats, self.consumers),
+                                     "/streams": streams.route(self.stats)})
         log.info("metrics on %s", self.metrics.url)
         # receivers first, so the generators' first packets find someone listening
         self.sup.start()
@@ -298,6 +299,7 @@ class Run:
                 "worker": w.name, "sent": sent, "tx_drops": tx_drops,
                 "received": st.received if st else 0, "unique": unique,
                 "duplicates": st.duplicates if st else 0, "missing": sent - unique,
+                "latency": self.stats.stream_report(g.stream)["latency"],
             }
             # what the receivers counted as dropped may explain what is missing
             lost = sent - unique
@@ -324,7 +326,7 @@ class Run:
         for sid, s in res.streams.items():
             lines.append(f"stream {sid} from {s['worker']}: sent {s['sent']}, received "
                          f"{s['unique']} unique ({s['duplicates']} duplicates), missing "
-                         f"{s['missing']}")
+                         f"{s['missing']}" + _latency_us(s.get("latency")))
         lines += [f"PROBLEM: {p}" for p in res.problems]
         return "\n".join(lines)
 
@@ -440,3 +442,11 @@ def _wait_quiet(read, settle: float, timeout: float = 5.0) -> None:
         poll(quiet, timeout, interval=0.05, what="quiet counters")
     except TimeoutError:
         pass        # still moving: report what there is
+
+
+def _latency_us(lat: dict | None) -> str:
+    """A stream's latency percentiles for its line of the books (microseconds)."""
+    if not lat or not lat.get("count"):
+        return ""
+    return "; latency us: " + " ".join(f"{k.replace('_', '.')} {lat[k] * 1e6:.1f}"
+                                       for k in ("p50", "p99", "p99_9", "max"))

@@ -39,8 +39,13 @@ def report(cfg: Config) -> dict[str, Any]:
     transports = [transport(x) for x in cfg.transports]
     down = [f"{kind} {x['name']}: {x['why']}" for kind, xs in
             (("worker", workers), ("transport", transports)) for x in xs if not x["up"]]
+    # the per-stream books live in the run's process: asked of its endpoint (/streams), and
+    # only while a worker runs, so a stopped config costs no connection attempt
+    from dataplane.run import streams
+    books = (streams.fetch(cfg) if any(w["up"] for w in workers)
+             else {"streams": None, "why": "no worker runs"})
     return {"config": str(cfg.source), "host": host(cfg), "lab": lab(cfg), "workers": workers,
-            "transports": transports, "down": down, "ok": not down}
+            "transports": transports, "streams": books, "down": down, "ok": not down}
 
 
 def exit_code(rep: dict[str, Any]) -> int:
@@ -68,6 +73,9 @@ def lines(cfg: Config, rep: dict[str, Any] | None = None) -> Iterator[str]:
         yield from worker_lines(w)
     for x in rep["transports"]:
         yield from transport_lines(x)
+    if rep["streams"]["streams"]:
+        from dataplane.run.streams import lines as stream_lines
+        yield from stream_lines(rep["streams"]["streams"])
     yield ("all running" if rep["ok"] else
            f"DOWN: {len(rep['down'])}: " + "; ".join(rep["down"]))
 
