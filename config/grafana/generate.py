@@ -119,6 +119,12 @@ def panels() -> list[dict[str, Any]]:
         ts("Latency p50 and p99",
            target(quantile(0.5, "dataplane_latency_seconds", PORT), "p50 " + WP),
            target(quantile(0.99, "dataplane_latency_seconds", PORT), "p99 " + WP), unit="s"),
+        ts("Latency per stream: p50, p99, p99.9",
+           *(target(quantile(q, "dataplane_stream_latency_seconds", "instance, stream"),
+                    f"{name} stream {{{{stream}}}}")
+             for q, name in ((0.5, "p50"), (0.99, "p99"), (0.999, "p99.9"))), unit="s",
+           description="From each stream's HDR histogram (docs/lab.md, Latency); the exact "
+                       "percentiles are in `dataplane status`."),
         heatmap("Packet sizes", "dataplane_packet_size_bytes", "bytes",
                 "Sizes of consumed packets."),
         row("Workers"),
