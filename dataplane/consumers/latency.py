@@ -37,11 +37,16 @@ QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99_9", 0.999))
 def bucket_index(ns: np.ndarray) -> np.ndarray:
     """The bucket of each latency (int64 nanoseconds, >= 0)."""
     v = np.minimum(ns, MAX_NS - 1)
-    # frexp's exponent is the bit length: exact, since every value < 2**53 is a float exactly
-    e = np.frexp(v.astype(np.float64))[1].astype(np.int64)
-    e -= SUB_BITS
+    # floor(log2 v) is the exponent field of v as a float64 (exact: every value < 2**53 is a
+    # float exactly; 0's field is 0, clamped below): a cast and a shift, 4x faster than frexp
+    e = v.astype(np.float64).view(np.int64)
+    e >>= 52
+    e -= 1023 + SUB_BITS - 1
     np.maximum(e, 0, out=e)
-    return e * HALF + (v >> e)
+    v >>= e
+    e *= HALF
+    e += v
+    return e
 
 
 def bucket_low(index: np.ndarray) -> np.ndarray:
