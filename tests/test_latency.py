@@ -161,6 +161,8 @@ def test_stream_books_from_real_arenas(arena) -> None:
     assert within(round(t8["latency"]["p50"] * 1e9), 42_000)
     assert within(round(t8["latency"]["max"] * 1e9), 42_000, 1)
     assert stats.stream_report(7, since=mark)["latency"]["count"] == 0
+    every = stats.stream_reports(since=mark)
+    assert sorted(every) == [7, 8] and every[8] == {**t8, "sent": None, "lost": 0}
     assert stats.stream_report(99)["received"] == 0, "an unknown stream is empty, not an error"
 
 

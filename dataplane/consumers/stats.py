@@ -103,7 +103,8 @@ class RingStats:
 class TrafficStats:
     """Per (worker arena, port, queue): packets and bytes by ethertype and L4 protocol, flag
     counts, a size histogram, end-to-end latency of our generated traffic; per generator
-    stream: sequence tracking; over all: the top flows by bytes.
+    stream: sequence tracking and an HDR latency histogram (the stream's books: snapshot(),
+    stream_report()); over all: the top flows by bytes.
 
     consume() only copies what it needs out of the arena (the descriptors, and the 24-byte
     trailers when the batch has generated frames: one gather) and folds `stage` descriptors at a
@@ -265,9 +266,12 @@ class TrafficStats:
         books = (difference(now, since) if since is not None else now).get(stream)
         return (books or StreamBooks()).report(sent)
 
-    def stream_reports(self) -> dict[int, dict]:
-        """Every tracked stream's report since the start (what /streams and status show)."""
-        return {sid: b.report() for sid, b in sorted(self.snapshot().items())}
+    def stream_reports(self, since: dict[int, StreamBooks] | None = None) -> dict[int, dict]:
+        """Every tracked stream's report, since a snapshot() or the start (what /streams and
+        status show)."""
+        now = self.snapshot()
+        books = difference(now, since) if since is not None else now
+        return {sid: b.report() for sid, b in sorted(books.items())}
 
     def top_flows(self, n: int = 10) -> list[dict]:
         """The n heaviest flows by bytes, decoded with scapy now (not on the data path)."""

@@ -37,8 +37,8 @@ def fetch(cfg: Any, timeout: float = 2.0) -> dict[str, Any]:
     from dataplane.run.flows import url_of
     m = cfg.metrics
     if m.web is not None and (m.web.tls is not None or m.web.users):
-        return {"streams": None, "why": "the metrics endpoint needs TLS or a password: "
-                                        "read /streams with `dataplane flows`' options"}
+        return {"streams": None, "why": "the metrics endpoint needs TLS or a password, which "
+                                        "status does not have: GET /streams with them"}
     url = url_of(cfg).rsplit("/", 1)[0] + "/streams"
     try:
         data = json.loads(Endpoint(url, timeout=timeout).get())
