@@ -1,6 +1,7 @@
 """Latency per stream: the HDR histogram against numpy's exact percentiles of the same values,
 snapshots and their differences, the stats consumer's per-stream books from real arenas, the
-Prometheus histogram a real exporter serves, and a live lab run's books."""
+Prometheus histogram a real exporter serves, and a live lab run's books (/streams, `status`,
+the line a second, `run --json`)."""
 
 from __future__ import annotations
 
@@ -202,7 +203,7 @@ def test_live_run_per_stream_percentiles(tmp_path) -> None:
     from tests.helpers.live_run import dp, live_run
 
     tag = f"{os.getpid() % 10000}L"
-    with live_run(tmp_path, tag, "--json", rate=5000) as run:
+    with live_run(tmp_path, tag, "--json", "--progress", rate=5000) as run:
         url = run.url.rsplit("/", 1)[0] + "/streams"
         deadline = time.monotonic() + 30
         while True:
@@ -223,6 +224,8 @@ def test_live_run_per_stream_percentiles(tmp_path) -> None:
         # every received packet of the stream has a latency (no clock skew on one host),
         # give or take the batch a copy may see between the two books
         assert abs(lat["count"] - one["received"]) <= 4096, one
+    # the line a second: percentiles of the streams' histograms, not bucket edges
+    assert re.search(r"latency p50 [\d.]+(us|ms|s) p99 [\d.]+(us|ms|s) \|", run.output())
     # the run's final books (`run --json`, after the last fold): exactly one latency per
     # packet received
     last = [ln for ln in run.output().splitlines() if ln.startswith("{")][-1]

@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from dataplane.consumers.stats import LATENCY_EDGES, TrafficStats
+from dataplane.consumers.latency import EMPTY
+from dataplane.consumers.stats import TrafficStats
 
 if TYPE_CHECKING:
     from dataplane.run.runner import Run, Totals
@@ -16,21 +15,17 @@ if TYPE_CHECKING:
 
 def latency_quantiles(stats: TrafficStats,
                       qs: tuple[float, ...] = (0.5, 0.99)) -> list[float | None]:
-    """Upper bucket edges (seconds) holding each quantile; None before any latency."""
-    hist = sum((rs.latency for rs in stats.rings.values()),
-               np.zeros(len(LATENCY_EDGES) + 1, dtype=np.int64))
-    n = int(hist.sum())
-    if n == 0:
-        return [None for _ in qs]
-    cum = np.cumsum(hist)
-    edges = [*LATENCY_EDGES, float("inf")]
-    return [edges[int(np.searchsorted(cum, q * n))] for q in qs]
+    """Each quantile (seconds, 3 significant digits) of every stream's latencies since the
+    start, from the streams' HDR histograms; None before any latency."""
+    books = stats.snapshot().values()
+    merged = sum((b.latency for b in books), EMPTY)
+    return [None if v is None else v * 1e-9 for v in merged.quantile_ns(qs)]
 
 
 def line(run: Run, prev: Totals, cur: Totals, dt: float) -> str:
     up = sum(w.arena.worker_state() == "running" for w in run.sup.workers.values())
     p50, p99 = latency_quantiles(run.stats)
-    lat = "-" if p50 is None else f"<={_us(p50)} p99 <={_us(p99)}"
+    lat = "-" if p50 is None else f"{_us(p50)} p99 {_us(p99)}"
     return (f"[{time.monotonic() - run.t0:5.0f}s] "
             f"rx {_rate((cur.rx_packets - prev.rx_packets) / dt)}pps "
             f"{_rate(8 * (cur.rx_bytes - prev.rx_bytes) / dt)}b/s | "
@@ -49,4 +44,10 @@ def _rate(v: float) -> str:
 
 
 def _us(s: float | None) -> str:
-    return "inf" if s is None or s == float("inf") else f"{s * 1e6:.0f}us"
+    """3 significant digits, as the histogram has, in a unit that needs no exponent."""
+    if s is None:
+        return "-"
+    for unit, mul in (("us", 1e6), ("ms", 1e3)):
+        if s * mul < 999.5:
+            return f"{s * mul:.3g}{unit}"
+    return f"{s:.3g}s"
