@@ -166,6 +166,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.exit_code(rep)
 
 
+def cmd_rate(args: argparse.Namespace) -> int:
+    from dataplane.run.rate import set_stream_rate
+    try:
+        old, new = set_stream_rate(config.load(args.config), args.worker, args.stream, args.rate)
+    except ValueError as e:
+        raise Usage(str(e)) from None
+    print(f"worker {args.worker} stream {args.stream}: {old or 'max'} -> {new or 'max'} pps")
+    return OK
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from dataplane.metrics.scrape import DEFAULT_URL, endpoint_of
     from dataplane.run import top
@@ -324,6 +334,18 @@ def _add_run_commands(sub, parents: list[argparse.ArgumentParser], fmt: type) ->
     st.add_argument("--json", action="store_true",
                     help="one JSON object: host changes, lab, workers, transports, what is down")
     st.set_defaults(func=cmd_status)
+    ra = sub.add_parser("rate", parents=[common, with_config], formatter_class=fmt,
+                        help="change a running generator stream's rate (root)",
+                        description="Write a new rate into the worker's arena; the generator "
+                        "takes it within ~10 ms and its stream's sequence numbers go on, so the "
+                        "books stay exact (docs/lab.md, Traffic).",
+                        epilog="examples:\n  sudo dataplane rate gen 1 50kpps\n  sudo dataplane "
+                        "rate gen 2 200Mbps\n  sudo dataplane rate gen 1 0      # as fast as the "
+                        "port takes them")
+    ra.add_argument("worker", help="the generating worker's name")
+    ra.add_argument("stream", type=int, help="the stream id (its trailers carry it)")
+    ra.add_argument("rate", help='"100kpps", "2.5Mpps", "50Mbps", "1Gbps", or packets/s')
+    ra.set_defaults(func=cmd_rate)
     _add_top_command(sub, common, fmt)
     fl = sub.add_parser("flows", parents=[common, with_config], formatter_class=fmt,
                         help="the biggest flows of a running dataplane, from its /flows",

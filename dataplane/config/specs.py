@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from dataplane.config import templates as template
 from dataplane.config.loader import Config
+from dataplane.config.streams import Stream
 from dataplane.config.tables import ConfigError
 from dataplane.config.workers import RUN_DIR, Port, WorkerTable
 from dataplane.host.files import private_dir
 from dataplane.host.hugepages import free_hugepages_2m, hugetlbfs_mounts
-from dataplane.workers.spec import GenSpec, PortSpec, WorkerSpec
+from dataplane.workers.spec import GenSpec, PortSpec, StreamSpec, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +121,25 @@ def _uring_port_spec(pt: Port) -> PortSpec:
                     label=pt.name)
 
 
+def _stream_spec(s: Stream, default_id: int, checksum: bool) -> StreamSpec:
+    t = template.build(src_mac=s.src_mac, dst_mac=s.dst_mac, src=s.src, dst=s.dst,
+                       proto=s.proto, sport=s.sport, dport=s.dport, size=s.size,
+                       vlan=tuple(s.vlan), vary=s.vary)
+    lo, hi = s.vary_range if s.vary != "none" else (0, 0)
+    # one size: every frame is the template; a cycle: the C side cuts the template per frame
+    sizes = list(s.sizes) if len(set(s.sizes)) > 1 else []
+    return StreamSpec(stream=s.stream or default_id, rate_pps=s.rate_pps, count=s.count,
+                      template=t.frame.hex(), vary_off=t.vary_off, vary_min=lo, vary_max=hi,
+                      csum=1 if checksum else 0, sizes=sizes)
+
+
 def _gen_spec(w: WorkerTable, wid: int) -> GenSpec | None:
     g = w.generate
     if g is None:
         return None
-    t = template.build(src_mac=g.src_mac, dst_mac=g.dst_mac, src=g.src, dst=g.dst,
-                       proto=g.proto, sport=g.sport, dport=g.dport, size=g.size,
-                       vlan=tuple(g.vlan), vary=g.vary)
-    lo, hi = g.vary_range if g.vary != "none" else (0, 0)
-    return GenSpec(port=[p.name for p in w.ports].index(g.port), rate_pps=g.rate_pps,
-                   burst=g.burst, count=g.count, stream=g.stream or wid + 1,
-                   template=t.frame.hex(), vary_off=t.vary_off, vary_min=lo, vary_max=hi,
-                   csum=1 if g.checksum else 0)
+    first, *more = [_stream_spec(s, wid + 1, g.checksum) for s in g.streams]
+    return GenSpec(port=[p.name for p in w.ports].index(g.port), burst=g.burst,
+                   more=more, **asdict(first))
 
 
 def _arena_bytes(s: WorkerSpec) -> int:
@@ -179,10 +188,20 @@ def describe(specs: list[WorkerSpec]) -> list[str]:
                    f"udp port {p.udp_port}" if p.udp_port else f"AF_PACKET on {p.iface}")
             out.append(f"  port {i} {p.label}: {p.name}  {dev}  rxq {p.rxq} txq {p.txq}")
         if s.gen:
-            g = s.gen
-            vary = (f", vary u16 at byte {g.vary_off} over {g.vary_min}..{g.vary_max}"
-                    if g.vary_off else "")
-            out.append(f"  generate on port {g.port}: {g.rate_pps or 'max'} pps, burst "
-                       f"{g.burst}, {len(g.template) // 2} B frames, count "
-                       f"{g.count or 'unlimited'}, stream {g.stream}{vary}")
+            out.append(f"  generate on port {s.gen.port}: burst {s.gen.burst}")
+            out += [f"    {_describe_stream(st)}" for st in s.gen.streams()]
     return out
+
+
+def _describe_stream(g: StreamSpec) -> str:
+    vary = (f", vary u16 at byte {g.vary_off} over {g.vary_min}..{g.vary_max}"
+            if g.vary_off else "")
+    size = (f"{len(bytes.fromhex(g.template))} B frames" if not g.sizes else
+            f"sizes {_cycle_words(g.sizes)} (cycle of {len(g.sizes)})")
+    return (f"stream {g.stream}: {g.rate_pps or 'max'} pps, {size}, count "
+            f"{g.count or 'unlimited'}{vary}")
+
+
+def _cycle_words(sizes: list[int]) -> str:
+    """7x64 4x570 1x1518: how often each size comes in one cycle."""
+    return " ".join(f"{sizes.count(n)}x{n}" for n in sorted(set(sizes)))

@@ -9,17 +9,19 @@ generator, validated key by key (dataplane/config/loader.py loads the file and p
       name = "in"
       driver = "af_xdp"            # af_packet | af_xdp (iface); memif (role, socket, id);
       iface = "dprx0"              # pci (pci); udp (udp_port)
-      [worker.generate]            # optional: replay a scapy-built template at rate_pps
+      [worker.generate]            # optional: replay a scapy-built template at a rate
       port = "in"
+        [[worker.generate.streams]] # optional: more streams (dataplane/config/streams.py)
+        stream = 20
 """
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataplane.config import templates as template
+from dataplane._native import lib
+from dataplane.config import streams
 from dataplane.config.backends import BACKENDS, resolve
 from dataplane.config.tables import Table, checks
 from dataplane.host.settings import normalise_pci
@@ -46,22 +48,14 @@ class Port:
 @dataclass
 class Generate:
     port: str
-    rate_pps: int = 0
     burst: int = 32
-    count: int = 0
-    stream: int | None = None
     checksum: bool = True
-    src_mac: str = "02:00:00:00:00:01"
-    dst_mac: str = "02:00:00:00:00:02"
-    src: str = "10.77.0.1"
-    dst: str = "10.77.0.2"
-    proto: str = "udp"
-    sport: int = 1024
-    dport: int = 9
-    vlan: list[int] = field(default_factory=list)
-    size: int = 128
-    vary: str = "none"
-    vary_range: tuple[int, int] = (1024, 65535)
+    streams: list[streams.Stream] = field(default_factory=list)   # the first is the table's own
+
+    @property
+    def size(self) -> int:
+        """The largest frame of any stream."""
+        return max(s.size for s in self.streams)
 
 
 @dataclass
@@ -109,31 +103,27 @@ def _port(t: Table) -> Port:
 
 
 def _generate(t: Table) -> Generate:
+    """[worker.generate]: one stream, plus one per [[worker.generate.streams]] table, each taking
+    the keys it does not set from [worker.generate] (dataplane/config/streams.py)."""
     g = Generate(
         port=t.get("port", str),
-        rate_pps=t.get("rate_pps", int, 0, check=checks.between(0, 100_000_000)),
         burst=t.get("burst", int, 32, check=checks.between(1, 1024)),
-        count=t.get("count", int, 0, check=checks.between(0, 1 << 62)),
-        stream=t.get("stream", int, None, check=checks.between(1, 0xFFFFFFFF)),
-        checksum=t.get("checksum", bool, True),
-        src_mac=t.get("src_mac", str, Generate.src_mac, check=checks.mac),
-        dst_mac=t.get("dst_mac", str, Generate.dst_mac, check=checks.mac),
-        src=t.get("src", str, Generate.src, check=checks.ip_address),
-        dst=t.get("dst", str, Generate.dst, check=checks.ip_address),
-        proto=t.get("proto", str, "udp", choices=("udp", "tcp")),
-        sport=t.get("sport", int, Generate.sport, check=checks.between(0, 65535)),
-        dport=t.get("dport", int, Generate.dport, check=checks.between(0, 65535)),
-        vlan=t.get("vlan", list, [], check=checks.vlan_ids),
-        size=t.get("size", int, 128, check=checks.between(60, template.TMPL_MAX)),
-        vary=t.get("vary", str, "none", choices=("none", "sport", "dport")),
-        vary_range=tuple(t.get("vary_range", list, [1024, 65535], check=checks.port_range)))
-    versions = {ipaddress.ip_address(a).version for a in (g.src, g.dst)}
-    if len(versions) > 1:
-        t.error("dst", g.dst, f"must be the same IP version as src = \"{g.src}\"")
-    need = template.min_size(versions.pop(), g.proto, len(g.vlan))
-    if g.size < need:
-        t.error("size", g.size, f"expected at least {need}: headers plus the "
-                f"{template.TRAILER_LEN}-byte generator trailer")
+        checksum=t.get("checksum", bool, True))
+    first = streams.parse(t, streams.Stream(), needs_id=False)
+    more = []
+    for st in t.tables("streams"):
+        more.append(streams.parse(st, first, needs_id=True))
+        st.close()
+    g.streams = [first, *more]
+    if len(g.streams) > lib.DP_GEN_MAX_STREAMS:
+        t.error("streams", None, f"{len(more)} tables, at most {lib.DP_GEN_MAX_STREAMS - 1} "
+                "besides [worker.generate] itself")
+    ids = [s.stream for s in g.streams if s.stream is not None]
+    if len(set(ids)) != len(ids):
+        t.error("stream", None, f"stream ids {ids} repeat; each stream's trailers need their own")
+    if not g.checksum and any(len(set(s.sizes)) > 1 for s in g.streams):
+        t.error("checksum", False, "a stream whose frame sizes vary needs checksum = true (the "
+                "generator sets each frame's IP lengths and checksums)")
     t.close()
     return g
 

@@ -71,6 +71,10 @@ class Arena:
         self.uring_counters = np.ndarray(
             (lib.DP_MAX_RINGS, u64_words("struct dp_uring_counters")), dtype=U64, buffer=mm,
             offset=ffi.offsetof("struct dp_arena", "uring"))
+        # one row per generator stream, GEN_STREAM_FIELDS: rate_pps is Python's to write
+        self.gen_streams = np.ndarray(
+            (lib.DP_GEN_MAX_STREAMS, u64_words("struct dp_gen_stream_ctl")), dtype=U64,
+            buffer=mm, offset=ffi.offsetof("struct dp_arena", "gen"))
 
     @staticmethod
     def layout(geo: ArenaGeometry):

@@ -48,6 +48,10 @@ PORT_COUNTERS = ("tx_packets", "tx_bytes", "tx_drops", "nic_missed", "nic_errors
                  "gen_seq")
 # Per ring, io_uring worker only (layout version 2): struct dp_uring_counters.
 URING_COUNTERS = ("cqes", "enobufs", "rearms", "recv_errors")
+# Per generator stream (layout version 4): struct dp_gen_stream_ctl.  rate_pps is the one word
+# Python writes (dataplane/workers/rate.py); the worker writes the rest.
+GEN_STREAM_FIELDS = ("rate_pps", "cfg_rate_pps", "seq", "issued", "tx_packets", "tx_bytes",
+                     "tx_drops", "stream")
 # A transport's control file (struct dp_transport): its counters, and what an RDMA end adds
 # (struct dp_rdma_counters, then mr_reg_buckets[DP_MR_BUCKETS]).
 TRANSPORT_COUNTERS = ("batches", "packets", "bytes", "completions", "copied_completions",
@@ -61,6 +65,7 @@ RDMA_COUNTERS = ("wc_errors", "peer_errors", "credit_waits", "credits", "credit_
 RING_COUNTERS_DTYPE = _counters("struct dp_ring_counters", RING_COUNTERS)
 PORT_COUNTERS_DTYPE = _counters("struct dp_port_counters", PORT_COUNTERS)
 URING_COUNTERS_DTYPE = _counters("struct dp_uring_counters", URING_COUNTERS)
+GEN_STREAM_DTYPE = _counters("struct dp_gen_stream_ctl", GEN_STREAM_FIELDS)
 TRANSPORT_COUNTERS_DTYPE = _counters("struct dp_transport_counters", TRANSPORT_COUNTERS)
 RDMA_COUNTERS_DTYPE = _counters("struct dp_rdma_counters", RDMA_COUNTERS,
                                 ("mr_reg_buckets", U64, (lib.DP_MR_BUCKETS,)))
@@ -77,6 +82,7 @@ VIEWS: dict[str, np.dtype] = {
     "struct dp_ring_counters": RING_COUNTERS_DTYPE,
     "struct dp_port_counters": PORT_COUNTERS_DTYPE,
     "struct dp_uring_counters": URING_COUNTERS_DTYPE,
+    "struct dp_gen_stream_ctl": GEN_STREAM_DTYPE,
     "struct dp_transport_counters": TRANSPORT_COUNTERS_DTYPE,
     "struct dp_rdma_counters": RDMA_COUNTERS_DTYPE,
 }

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dataplane._native import ffi, lib
-from dataplane.workers.spec import PortSpec, WorkerSpec
+from dataplane.workers.spec import PortSpec, StreamSpec, WorkerSpec
 
 EXIT_SETUP_FAILED = 2
 
@@ -97,15 +97,29 @@ class DpWorkerConfig:
     def _gen(self, spec: WorkerSpec) -> None:
         g, s = self.cfg.gen, spec.gen
         assert s is not None
+        streams = s.streams()
+        if not 1 <= len(streams) <= lib.DP_GEN_MAX_STREAMS:
+            raise ValueError(f"{len(streams)} generator streams, need 1..{lib.DP_GEN_MAX_STREAMS}")
+        g.enabled = 1
+        g.port, g.queue, g.burst, g.n_streams = s.port, s.queue, s.burst, len(streams)
+        for i, st in enumerate(streams):
+            self._stream(g.s[i], st)
+
+    @staticmethod
+    def _stream(c, s: StreamSpec) -> None:
+        """One struct dp_gen_stream_config; the C side checks the rest (dp_gen_prepare)."""
         tmpl = bytes.fromhex(s.template)
         if not 0 < len(tmpl) <= lib.DP_TMPL_MAX:
             raise ValueError(f"generator template of {len(tmpl)} bytes, need 1..{lib.DP_TMPL_MAX}")
-        g.enabled = 1
-        g.port, g.queue, g.stream, g.burst = s.port, s.queue, s.stream, s.burst
-        g.rate_pps, g.count = s.rate_pps, s.count
-        g.vary_off, g.vary_min, g.vary_max, g.csum = s.vary_off, s.vary_min, s.vary_max, s.csum
-        g.tmpl_len = len(tmpl)
-        ffi.memmove(g.tmpl, tmpl, len(tmpl))
+        if len(s.sizes) > lib.DP_GEN_MAX_SIZES:
+            raise ValueError(f"a cycle of {len(s.sizes)} sizes, at most {lib.DP_GEN_MAX_SIZES}")
+        c.stream, c.rate_pps, c.count = s.stream, s.rate_pps, s.count
+        c.vary_off, c.vary_min, c.vary_max, c.csum = s.vary_off, s.vary_min, s.vary_max, s.csum
+        c.tmpl_len = len(tmpl)
+        ffi.memmove(c.tmpl, tmpl, len(tmpl))
+        c.n_sizes = len(s.sizes)
+        for k, n in enumerate(s.sizes):
+            c.sizes[k] = n
 
 
 def dpdk_entry(spec: WorkerSpec) -> Callable[..., int] | None:

@@ -10,7 +10,7 @@ worker's arena and starts `python -m dataplane.workers.process SPEC_JSON`;
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -29,18 +29,31 @@ class PortSpec:
 
 
 @dataclass
-class GenSpec:
-    port: int = 0             # index into WorkerSpec.ports
-    queue: int = 0
+class StreamSpec:
+    """One generator stream: its template, size cycle, rate and trailer id."""
+    stream: int = 1           # the id its trailers carry
     rate_pps: int = 0         # 0: as fast as the port takes them
-    burst: int = 32
     count: int = 0            # 0: until stopped
-    stream: int = 1
-    template: str = ""        # hex of the full frame (scapy-built), trailer space included
+    template: str = ""        # hex of the largest frame (scapy-built), trailer space included
     vary_off: int = 0         # 16-bit big-endian field varied per packet (0: none)
     vary_min: int = 0
     vary_max: int = 0
-    csum: int = 1             # 1: recompute IPv4 and L4 checksums per packet
+    csum: int = 1             # 1: recompute IP lengths, IPv4 and L4 checksums per packet
+    sizes: list[int] = field(default_factory=list)   # frame k is sizes[k % len]; []: template's
+
+
+@dataclass
+class GenSpec(StreamSpec):
+    """The generator: its port, burst, and its streams; its own StreamSpec fields are the first
+    stream's (what one [worker.generate] table gives), `more` holds the others."""
+    port: int = 0             # index into WorkerSpec.ports
+    queue: int = 0
+    burst: int = 32           # per stream and burst
+    more: list[StreamSpec] = field(default_factory=list)
+
+    def streams(self) -> list[StreamSpec]:
+        first = StreamSpec(**{f.name: getattr(self, f.name) for f in fields(StreamSpec)})
+        return [first, *self.more]
 
 
 @dataclass
@@ -84,5 +97,8 @@ class WorkerSpec:
     def from_json(cls, text: str) -> WorkerSpec:
         d = json.loads(text)
         d["ports"] = [PortSpec(**p) for p in d["ports"]]
-        d["gen"] = GenSpec(**d["gen"]) if d.get("gen") else None
+        g = d.get("gen")
+        if g:
+            g["more"] = [StreamSpec(**m) for m in g.get("more", [])]
+        d["gen"] = GenSpec(**g) if g else None
         return cls(**d)

@@ -34,65 +34,159 @@ static uint32_t gen_l3_off(const uint8_t *f, uint32_t len)
     return 0;
 }
 
-int dp_gen_prepare(struct dp_gen_state *g, const struct dp_gen_config *gc, uint32_t max_len,
-                   uint32_t max_burst, uint64_t hz, uint64_t now, char *why, size_t why_len)
+/* Where the L4 header starts and the payload begins (hdr_len), for a template with l3_off;
+ * -1 when the headers do not fit in its len bytes. */
+static int gen_l4(const uint8_t *f, uint32_t len, uint32_t l3_off, uint32_t *l4_off,
+                  uint32_t *hdr_len)
 {
-    memset(g, 0, sizeof(*g));
-    uint32_t lim = max_len < DP_TMPL_MAX ? max_len : DP_TMPL_MAX;
-    if (gc->tmpl_len < 14u + DP_GEN_TRAILER || gc->tmpl_len > lim) {
-        snprintf(why, why_len, "generator: template of %u bytes, need %u..%u", gc->tmpl_len,
-                 14 + DP_GEN_TRAILER, lim);
+    const uint8_t *l3 = f + l3_off;
+    int v4 = (l3[0] >> 4) == 4;
+    *l4_off = l3_off + (v4 ? (uint32_t)(l3[0] & 0xf) * 4 : 40);
+    if (*l4_off + 20 > len)
+        return -1;
+    uint8_t proto = v4 ? l3[9] : l3[6];
+    *hdr_len = *l4_off + (proto == IPPROTO_UDP_ ? 8 : (uint32_t)(f[*l4_off + 12] >> 4) * 4);
+    return *hdr_len <= len ? 0 : -1;
+}
+
+/* The token bucket's catch-up allowed after the loop was late (an idle nap, preemption): 5 ms
+ * worth, at least two bursts.  Less and a descheduled generator falls short of its rate. */
+static void gen_set_rate(struct dp_gen_state *g, struct dp_gen_stream_state *s, uint64_t rate)
+{
+    uint64_t five_ms = rate / 200;
+    s->rate = rate;
+    s->cap = (five_ms > (uint64_t)g->burst * 2 ? five_ms : (uint64_t)g->burst * 2) * g->hz;
+    if (s->credit > s->cap)
+        s->credit = s->cap;
+}
+
+static int gen_check_stream(struct dp_gen_stream_state *s, const struct dp_gen_stream_config *sc,
+                            uint32_t lim, char *why, size_t why_len)
+{
+    if (sc->tmpl_len < 14u + DP_GEN_TRAILER || sc->tmpl_len > lim) {
+        snprintf(why, why_len, "generator stream %u: template of %u bytes, need %u..%u",
+                 sc->stream, sc->tmpl_len, 14 + DP_GEN_TRAILER, lim);
         return -1;
     }
-    if (gc->vary_off && (gc->vary_off + 2u > (uint32_t)gc->tmpl_len - DP_GEN_TRAILER ||
-                         gc->vary_max < gc->vary_min)) {
-        snprintf(why, why_len, "generator: vary field at %u (%u..%u) outside the %u-byte "
-                 "frame's headers, or max < min", gc->vary_off, gc->vary_min, gc->vary_max,
-                 gc->tmpl_len);
+    s->len = sc->tmpl_len;
+    s->l3_off = gen_l3_off(sc->tmpl, sc->tmpl_len);
+    s->hdr_len = 14;
+    if (s->l3_off && gen_l4(sc->tmpl, sc->tmpl_len, s->l3_off, &s->l4_off, &s->hdr_len) < 0)
+        s->l3_off = 0, s->hdr_len = 14;   /* not a frame whose IP lengths we can set */
+    if (sc->csum == DP_CSUM_L4 && s->l3_off == 0) {
+        snprintf(why, why_len, "generator stream %u: csum=L4 needs an IPv4/IPv6 template with "
+                 "UDP or TCP", sc->stream);
         return -1;
     }
-    g->l3_off = gen_l3_off(gc->tmpl, gc->tmpl_len);
-    if (gc->csum == DP_CSUM_L4 && g->l3_off == 0) {
-        snprintf(why, why_len, "generator: csum=L4 needs an IPv4/IPv6 template with UDP or TCP");
+    uint32_t smallest = sc->tmpl_len;
+    if (sc->n_sizes > DP_GEN_MAX_SIZES ||
+        (sc->n_sizes && (s->l3_off == 0 || sc->csum != DP_CSUM_L4))) {
+        snprintf(why, why_len, "generator stream %u: a cycle of %u sizes needs at most %u, an "
+                 "IP template and csum=L4", sc->stream, sc->n_sizes, DP_GEN_MAX_SIZES);
         return -1;
     }
-    g->burst = gc->burst < 1 ? 1 : gc->burst > max_burst ? max_burst : gc->burst;
-    g->len = gc->tmpl_len;
-    g->vary_off = gc->vary_off;
-    g->vary_range = (uint32_t)gc->vary_max - gc->vary_min + 1;
-    g->csum = gc->csum;
-    g->hz = hz;
-    /* Catch-up allowed after the loop was late (an idle nap, preemption): 5 ms worth, at least
-     * two bursts.  Less and a descheduled generator falls short of its rate for good. */
-    uint64_t five_ms = gc->rate_pps / 200;
-    g->cap = (five_ms > (uint64_t)g->burst * 2 ? five_ms : (uint64_t)g->burst * 2) * hz;
-    g->last = now;
+    for (uint32_t k = 0; k < sc->n_sizes; k++) {
+        if (sc->sizes[k] < s->hdr_len || sc->sizes[k] > sc->tmpl_len) {
+            snprintf(why, why_len, "generator stream %u: size %u outside %u..%u (headers.."
+                     "template)", sc->stream, sc->sizes[k], s->hdr_len, sc->tmpl_len);
+            return -1;
+        }
+        smallest = sc->sizes[k] < smallest ? sc->sizes[k] : smallest;
+    }
+    if (sc->vary_off && (sc->vary_off + 2u > smallest - (sc->n_sizes ? 0u : DP_GEN_TRAILER) ||
+                         sc->vary_max < sc->vary_min)) {
+        snprintf(why, why_len, "generator stream %u: vary field at %u (%u..%u) outside the "
+                 "%u-byte frame's headers, or max < min", sc->stream, sc->vary_off,
+                 sc->vary_min, sc->vary_max, smallest);
+        return -1;
+    }
+    s->vary_off = sc->vary_off;
+    s->vary_range = (uint32_t)sc->vary_max - sc->vary_min + 1;
+    s->csum = sc->csum;
     return 0;
 }
 
-uint32_t dp_gen_due(struct dp_gen_state *g, const struct dp_gen_config *gc, uint64_t now)
+int dp_gen_prepare(struct dp_gen_state *g, const struct dp_gen_config *gc,
+                   struct dp_gen_stream_ctl *ctl, uint32_t max_len, uint32_t max_burst,
+                   uint64_t hz, uint64_t now, char *why, size_t why_len)
 {
-    uint64_t n = g->burst;
-    if (gc->rate_pps) {
-        uint64_t dt = now - g->last < g->hz ? now - g->last : g->hz;
-        g->last = now;
-        g->credit += dt * gc->rate_pps;
-        if (g->credit > g->cap)
-            g->credit = g->cap;
-        if (n > g->credit / g->hz)
-            n = g->credit / g->hz;
+    memset(g, 0, sizeof(*g));
+    if (gc->n_streams < 1 || gc->n_streams > DP_GEN_MAX_STREAMS) {
+        snprintf(why, why_len, "generator: %u streams, need 1..%u", gc->n_streams,
+                 DP_GEN_MAX_STREAMS);
+        return -1;
     }
-    if (gc->count && n > gc->count - g->sent)
-        n = gc->count - g->sent;
+    uint32_t lim = max_len < DP_TMPL_MAX ? max_len : DP_TMPL_MAX;
+    g->burst = gc->burst < 1 ? 1 : gc->burst > max_burst ? max_burst : gc->burst;
+    g->n = g->live = gc->n_streams;
+    g->hz = hz;
+    for (uint32_t i = 0; i < gc->n_streams; i++) {
+        struct dp_gen_stream_state *s = &g->s[i];
+        const struct dp_gen_stream_config *sc = &gc->s[i];
+        if (gen_check_stream(s, sc, lim, why, why_len) < 0)
+            return -1;
+        struct dp_gen_stream_ctl *c = &ctl[i];
+        if (c->stream != sc->stream) {   /* a new stream in this slot: its own seq space */
+            c->stream = sc->stream;
+            c->seq = c->issued = 0;
+            c->cfg_rate_pps = ~0ull;
+        }
+        if (c->cfg_rate_pps != sc->rate_pps) {   /* first start, or a reload changed it */
+            c->cfg_rate_pps = sc->rate_pps;
+            __atomic_store_n(&c->rate_pps, sc->rate_pps, __ATOMIC_RELAXED);
+        }
+        gen_set_rate(g, s, __atomic_load_n(&c->rate_pps, __ATOMIC_RELAXED));
+        s->last = now;
+    }
+    return 0;
+}
+
+void dp_gen_tick(struct dp_gen_state *g, const struct dp_gen_stream_ctl *ctl)
+{
+    for (uint32_t i = 0; i < g->n; i++) {
+        uint64_t r = __atomic_load_n(&ctl[i].rate_pps, __ATOMIC_RELAXED);
+        if (r != g->s[i].rate)
+            gen_set_rate(g, &g->s[i], r);
+    }
+}
+
+void dp_gen_restart_clock(struct dp_gen_state *g, uint64_t now)
+{
+    for (uint32_t i = 0; i < g->n; i++)
+        g->s[i].last = now;
+}
+
+uint32_t dp_gen_due(struct dp_gen_state *g, const struct dp_gen_config *gc, uint32_t i,
+                    uint64_t now)
+{
+    struct dp_gen_stream_state *s = &g->s[i];
+    uint64_t n = g->burst;
+    uint64_t dt = now - s->last < g->hz ? now - s->last : g->hz;
+    s->last = now;
+    if (s->rate) {
+        s->credit += dt * s->rate;
+        if (s->credit > s->cap)
+            s->credit = s->cap;
+        if (n > s->credit / g->hz)
+            n = s->credit / g->hz;
+    }
+    uint64_t count = gc->s[i].count;
+    if (count && n > count - s->sent)
+        n = count - s->sent;
     return (uint32_t)n;
 }
 
-int dp_gen_took(struct dp_gen_state *g, const struct dp_gen_config *gc, uint32_t k)
+int dp_gen_took(struct dp_gen_state *g, const struct dp_gen_config *gc, uint32_t i, uint32_t k)
 {
-    g->sent += k;
-    if (gc->rate_pps)
-        g->credit -= (uint64_t)k * g->hz;
-    return gc->count && g->sent >= gc->count;
+    struct dp_gen_stream_state *s = &g->s[i];
+    s->sent += k;
+    if (s->rate)
+        s->credit -= (uint64_t)k * g->hz;
+    if (!s->done && gc->s[i].count && s->sent >= gc->s[i].count) {
+        s->done = 1;
+        g->live--;
+    }
+    return g->live == 0;
 }
 
 static uint32_t sum16(const uint8_t *p, uint32_t len, uint32_t sum)
@@ -154,18 +248,47 @@ static void gen_csum(uint8_t *l3)
     }
 }
 
-void dp_gen_fill(const struct dp_gen_state *g, const struct dp_gen_config *gc, uint8_t *f,
-                 uint64_t seq, uint64_t ns)
+/* A frame cut from the template to len bytes: its IP and UDP lengths say so. */
+static void gen_set_lengths(const struct dp_gen_stream_state *s, uint8_t *f, uint32_t len)
 {
-    memcpy(f, gc->tmpl, g->len);
-    if (g->vary_off) {
-        uint16_t v = (uint16_t)(gc->vary_min + seq % g->vary_range);
-        f[g->vary_off] = (uint8_t)(v >> 8);
-        f[g->vary_off + 1] = (uint8_t)v;
+    uint8_t *l3 = f + s->l3_off;
+    uint32_t ip = len - s->l3_off;
+    if ((l3[0] >> 4) == 4) {
+        l3[2] = (uint8_t)(ip >> 8);
+        l3[3] = (uint8_t)ip;
+    } else {
+        l3[4] = (uint8_t)((ip - 40) >> 8);
+        l3[5] = (uint8_t)(ip - 40);
     }
-    struct dp_gen_trailer t = { .seq = seq, .tx_ns = ns, .stream = gc->stream,
-                                .magic = DP_GEN_MAGIC };
-    memcpy(f + g->len - DP_GEN_TRAILER, &t, sizeof(t));
-    if (g->csum == DP_CSUM_L4)
-        gen_csum(f + g->l3_off);
+    if (s->hdr_len - s->l4_off == 8) {   /* UDP: its length field; TCP has none */
+        uint32_t udp = len - s->l4_off;
+        f[s->l4_off + 4] = (uint8_t)(udp >> 8);
+        f[s->l4_off + 5] = (uint8_t)udp;
+    }
+}
+
+uint32_t dp_gen_fill(const struct dp_gen_state *g, const struct dp_gen_config *gc, uint32_t i,
+                     uint8_t *f, struct dp_gen_stream_ctl *ctl, uint64_t ns)
+{
+    const struct dp_gen_stream_state *s = &g->s[i];
+    const struct dp_gen_stream_config *sc = &gc->s[i];
+    uint64_t k = ctl->issued++;
+    uint32_t len = sc->n_sizes ? sc->sizes[k % sc->n_sizes] : s->len;
+    memcpy(f, sc->tmpl, len);
+    if (len != s->len)
+        gen_set_lengths(s, f, len);
+    if (s->vary_off) {
+        uint16_t v = (uint16_t)(sc->vary_min + k % s->vary_range);
+        f[s->vary_off] = (uint8_t)(v >> 8);
+        f[s->vary_off + 1] = (uint8_t)v;
+    }
+    /* a frame too short for headers and trailer goes without: counted, not sequence-tracked */
+    if (len >= s->hdr_len + DP_GEN_TRAILER) {
+        struct dp_gen_trailer t = { .seq = ctl->seq++, .tx_ns = ns, .stream = sc->stream,
+                                    .magic = DP_GEN_MAGIC };
+        memcpy(f + len - DP_GEN_TRAILER, &t, sizeof(t));
+    }
+    if (s->csum == DP_CSUM_L4)
+        gen_csum(f + s->l3_off);
+    return len;
 }

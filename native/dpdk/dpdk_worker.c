@@ -130,8 +130,8 @@ static int dpw_gen_init(struct dpw *w, struct dpw_gen *g)
         gc->queue >= RTE_MAX(w->cfg->port[gc->port].n_txq, (uint16_t)1))
         return dpw_fail(w, "generator: port %u queue %u is not configured", gc->port, gc->queue);
     char why[DP_ERR_LEN];
-    if (dp_gen_prepare(&g->s, gc, RTE_MBUF_DEFAULT_DATAROOM, DPW_MAX_BURST, rte_get_tsc_hz(),
-                       rte_rdtsc(), why, sizeof(why)) < 0)
+    if (dp_gen_prepare(&g->s, gc, w->a->gen, RTE_MBUF_DEFAULT_DATAROOM, DPW_MAX_BURST,
+                       rte_get_tsc_hz(), rte_rdtsc(), why, sizeof(why)) < 0)
         return dpw_fail(w, "%s", why);
     g->on = 1;
     g->port_id = w->port_id[gc->port];
@@ -139,40 +139,60 @@ static int dpw_gen_init(struct dpw *w, struct dpw_gen *g)
     return 0;
 }
 
-/* One generator burst when the token bucket allows; returns packets the port took. */
-static inline uint32_t dpw_gen(struct dpw *w, struct dpw_gen *g, uint64_t now)
+/* One burst of stream i when its token bucket allows; returns packets the port took. */
+static inline uint32_t dpw_gen_stream(struct dpw *w, struct dpw_gen *g, uint32_t i,
+                                      uint64_t now)
 {
     const struct dp_gen_config *gc = &w->cfg->gen;
-    uint32_t n = dp_gen_due(&g->s, gc, now);
+    uint32_t n = dp_gen_due(&g->s, gc, i, now);
     if (n == 0)
         return 0;
     struct rte_mbuf *m[DPW_MAX_BURST];
     struct dp_port_counters *pc = &w->a->port[gc->port];
+    struct dp_gen_stream_ctl *sc = &w->a->gen[i];
     if (rte_pktmbuf_alloc_bulk(w->pool, m, n) != 0) {
         pc->tx_drops += n;   /* pool empty: the frames were never built, seq does not move */
+        sc->tx_drops += n;
         return 0;
     }
-    uint64_t seq = pc->gen_seq, ns = dp_real_ns();
-    for (uint32_t i = 0; i < n; i++) {
-        m[i]->data_len = m[i]->pkt_len = g->s.len;
-        dp_gen_fill(&g->s, gc, rte_pktmbuf_mtod(m[i], uint8_t *), seq + i, ns);
+    uint64_t ns = dp_real_ns();
+    uint32_t len[DPW_MAX_BURST];   /* a sent mbuf is the PMD's: its length is read before */
+    for (uint32_t j = 0; j < n; j++) {
+        len[j] = dp_gen_fill(&g->s, gc, i, rte_pktmbuf_mtod(m[j], uint8_t *), sc, ns);
+        m[j]->data_len = (uint16_t)len[j];
+        m[j]->pkt_len = len[j];
     }
     uint16_t k = rte_eth_tx_burst(g->port_id, g->queue, m, (uint16_t)n);
+    uint64_t bytes = 0;
+    for (uint32_t j = 0; j < k; j++)
+        bytes += len[j];
     if (k < n) {   /* not taken: freed and counted as dropped */
         rte_pktmbuf_free_bulk(m + k, n - k);
         pc->tx_drops += n - k;
+        sc->tx_drops += n - k;
     }
     /* Every sequence number is issued once, taken or not: af_packet's TX returns 0 when its
      * sendto() fails although the frames already sit in its TX ring and leave later, so
      * reusing "untaken" numbers produced duplicates.  Issued = tx_packets + tx_drops. */
-    pc->gen_seq = seq + n;
+    pc->gen_seq += n;
     pc->tx_packets += k;
-    pc->tx_bytes += (uint64_t)k * g->s.len;
-    if (dp_gen_took(&g->s, gc, k))
+    pc->tx_bytes += bytes;
+    sc->tx_packets += k;
+    sc->tx_bytes += bytes;
+    if (dp_gen_took(&g->s, gc, i, k))
         g->on = 0;
     return k;
 }
 
+/* Every stream that still has packets to send, one burst each. */
+static inline uint32_t dpw_gen(struct dpw *w, struct dpw_gen *g, uint64_t now)
+{
+    uint32_t moved = 0;
+    for (uint32_t i = 0; i < g->s.n && g->on; i++)
+        if (!g->s.s[i].done)
+            moved += dpw_gen_stream(w, g, i, now);
+    return moved;
+}
 /* ---- the loop ---- */
 
 /* A ring whose consumer index was impossible (dp_ring.h) stops the worker: 0, or -1 with the
@@ -223,11 +243,13 @@ static int dpw_loop(struct dpw *w, struct dpw_gen *g)
             dpw_nic_stats(w);
             if ((rc = dpw_check_rings(w)) < 0)
                 break;
+            if (g->on)
+                dp_gen_tick(&g->s, a->gen);   /* a rate Python changed */
             if (g->on && !g->link_up) {   /* memif: nobody to send to before the peer connects */
                 struct rte_eth_link link;
                 if (rte_eth_link_get_nowait(g->port_id, &link) == 0 && link.link_status) {
                     g->link_up = 1;
-                    g->s.last = rte_rdtsc();
+                    dp_gen_restart_clock(&g->s, rte_rdtsc());
                 }
             }
         }

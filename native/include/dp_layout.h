@@ -22,14 +22,15 @@
 
 /* cffi: begin */
 #define DP_MAGIC          0x414e455241504455ull  /* "UDPARENA" little-endian */
-#define DP_LAYOUT_VERSION 3u  /* 2: struct dp_uring_counters appended to dp_arena;
-                                 3: dp_ring.claim */
+#define DP_LAYOUT_VERSION 4u  /* 2: struct dp_uring_counters appended to dp_arena;
+                                 3: dp_ring.claim; 4: struct dp_gen_stream_ctl appended */
 #define DP_CLAIM_PID_BITS 22  /* pid_max is at most 2^22 (PID_MAX_LIMIT) */
 #define DP_CACHE_LINE     64
 #define DP_HUGE_PAGE      (2u << 20)
 #define DP_MAX_PORTS      8
 #define DP_MAX_RINGS      32
 #define DP_ERR_LEN        256
+#define DP_GEN_MAX_STREAMS 8      /* generator streams per worker */
 
 /* Descriptor flags. */
 #define DP_F_TRUNCATED    0x0001u /* frame longer than what was stored at addr */
@@ -110,6 +111,22 @@ struct dp_uring_counters {
     uint64_t pad[4];
 };
 
+/* One generator stream's control and counters (layout version 4), indexed like the config's
+ * streams.  rate_pps is the one field Python writes (dataplane/workers/rate.py): the worker
+ * reads it every periodic tick, so a rate change keeps the stream's sequence space.  The rest
+ * the worker writes; a restarted worker continues seq and issued. */
+struct dp_gen_stream_ctl {
+    volatile uint64_t rate_pps; /* the rate now, packets/s (0: as fast as the port takes them) */
+    uint64_t cfg_rate_pps;      /* the config's rate the worker started with: a worker started
+                                   with another one (a reload) takes it, a restart keeps rate_pps */
+    uint64_t seq;               /* next sequence number: frames that carry the trailer */
+    uint64_t issued;            /* frames built, trailer or not: the place in the size cycle */
+    uint64_t tx_packets;
+    uint64_t tx_bytes;
+    uint64_t tx_drops;
+    uint64_t stream;            /* the id its trailers carry; 0: slot unused */
+};
+
 enum dp_worker_state {
     DP_W_EMPTY = 0, DP_W_STARTING = 1, DP_W_RUNNING = 2, DP_W_STOPPED = 3, DP_W_FAILED = 4,
 };
@@ -145,6 +162,7 @@ struct dp_arena {
 
     struct dp_port_counters port[DP_MAX_PORTS];
     _Alignas(DP_CACHE_LINE) struct dp_uring_counters uring[DP_MAX_RINGS];   /* version 2 */
+    _Alignas(DP_CACHE_LINE) struct dp_gen_stream_ctl gen[DP_GEN_MAX_STREAMS];  /* version 4 */
 };
 
 /* Written by our generator at the very end of every frame, so a reader finds it at

@@ -41,6 +41,7 @@ struct urw {
     struct urw_ring ring[DP_MAX_RINGS];
     /* generator: frames built in a private buffer, sent with sendmmsg() */
     int gen_on, gen_fd;
+    uint32_t gen_room;   /* bytes per frame buffer: the longest stream template */
     struct dp_gen_state gs;
     struct sockaddr_storage gen_to;
     uint8_t *txbuf;

@@ -28,23 +28,34 @@ struct dp_port_config {
     uint16_t udp_port;            /* or, when non-zero, n_rxq UDP sockets on this port */
 };
 
-/* Generate mode: replay a template built with scapy. */
+/* Generate mode: replay templates built with scapy, one per stream. */
 #define DP_CSUM_NONE 0            /* leave checksums as in the template */
 #define DP_CSUM_L4   1            /* recompute IPv4 header and UDP/TCP checksum per packet */
+#define DP_GEN_MAX_SIZES 256      /* a stream's size cycle (an IMIX's weights spelled out) */
+struct dp_gen_stream_config {
+    uint32_t stream;              /* written into every trailer */
+    uint32_t n_sizes;             /* 0: every frame is tmpl_len bytes; else frame k of the
+                                     stream is sizes[k % n_sizes] bytes: the template cut to
+                                     that length, IP/UDP lengths set, trailer at its end */
+    uint64_t rate_pps;            /* 0: as fast as the port takes them (the arena's
+                                     dp_gen_stream_ctl.rate_pps overrides it while running) */
+    uint64_t count;               /* 0: until stopped */
+    uint16_t tmpl_len;            /* the template's length: the largest frame */
+    uint16_t vary_off;            /* 16-bit big-endian field varied per packet (0: none) */
+    uint16_t vary_min;
+    uint16_t vary_max;            /* value = vary_min + k % (vary_max - vary_min + 1) */
+    uint16_t csum;                /* DP_CSUM_* */
+    uint16_t sizes[DP_GEN_MAX_SIZES];
+    uint8_t  tmpl[DP_TMPL_MAX];
+};
+
 struct dp_gen_config {
     uint32_t enabled;
     uint16_t port;                /* worker-local port index to transmit on */
     uint16_t queue;
-    uint32_t stream;              /* written into every trailer */
-    uint32_t burst;               /* packets per TX burst */
-    uint64_t rate_pps;            /* 0: as fast as the port takes them */
-    uint64_t count;               /* 0: until stopped */
-    uint16_t tmpl_len;            /* frame length; the last 24 bytes get the trailer */
-    uint16_t vary_off;            /* 16-bit big-endian field varied per packet (0: none) */
-    uint16_t vary_min;
-    uint16_t vary_max;            /* value = vary_min + seq % (vary_max - vary_min + 1) */
-    uint16_t csum;                /* DP_CSUM_* */
-    uint8_t  tmpl[DP_TMPL_MAX];
+    uint32_t burst;               /* packets per TX burst, per stream */
+    uint32_t n_streams;           /* 1..DP_GEN_MAX_STREAMS */
+    struct dp_gen_stream_config s[DP_GEN_MAX_STREAMS];
 };
 
 struct dp_worker_config {

@@ -173,8 +173,8 @@ int urw_gen_setup(struct urw *w)
         return urw_fail(w, "generator: port %u is not an af_packet port of this worker",
                         gc->port);
     char why[DP_ERR_LEN];
-    if (dp_gen_prepare(&w->gs, gc, DP_TMPL_MAX, URW_MAX_BURST, 1000000000ull, dp_mono_ns(),
-                       why, sizeof(why)) < 0)
+    if (dp_gen_prepare(&w->gs, gc, w->a->gen, DP_TMPL_MAX, URW_MAX_BURST, 1000000000ull,
+                       dp_mono_ns(), why, sizeof(why)) < 0)
         return urw_fail(w, "%s", why);
     const char *ifn = w->cfg->port[gc->port].iface;
     unsigned ifindex = if_nametoindex(ifn);
@@ -184,18 +184,21 @@ int urw_gen_setup(struct urw *w)
     struct sockaddr_ll *ll = (struct sockaddr_ll *)&w->gen_to;
     ll->sll_family = AF_PACKET;
     ll->sll_ifindex = (int)ifindex;
-    memcpy(&ll->sll_protocol, gc->tmpl + 12, 2);   /* the frame's ethertype, network order */
+    memcpy(&ll->sll_protocol, gc->s[0].tmpl + 12, 2);   /* the first stream's ethertype */
     if (bind(w->gen_fd, (struct sockaddr *)ll, sizeof(*ll)) < 0 && errno != EINVAL)
         return urw_fail(w, "generator: bind to %s: %s", ifn, strerror(errno));
     uint32_t n = w->gs.burst;
-    w->txbuf = calloc(n, w->gs.len);
+    w->gen_room = 0;   /* one buffer per frame of a burst, as long as the longest template */
+    for (uint32_t i = 0; i < w->gs.n; i++)
+        w->gen_room = w->gs.s[i].len > w->gen_room ? w->gs.s[i].len : w->gen_room;
+    w->txbuf = calloc(n, w->gen_room);
     w->iov = calloc(n, sizeof(*w->iov));
     w->msgs = calloc(n, sizeof(*w->msgs));
     if (!w->txbuf || !w->iov || !w->msgs)
         return urw_fail(w, "generator: calloc of %u frames failed", n);
     for (uint32_t i = 0; i < n; i++) {
-        w->iov[i] = (struct iovec){ .iov_base = w->txbuf + (size_t)i * w->gs.len,
-                                    .iov_len = w->gs.len };
+        w->iov[i] = (struct iovec){ .iov_base = w->txbuf + (size_t)i * w->gen_room,
+                                    .iov_len = w->gen_room };
         w->msgs[i].msg_hdr = (struct msghdr){ .msg_name = ll, .msg_namelen = sizeof(*ll),
                                               .msg_iov = &w->iov[i], .msg_iovlen = 1 };
     }

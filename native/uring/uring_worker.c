@@ -160,28 +160,46 @@ static uint32_t urw_reap(struct urw *w)
     return moved ? moved : 1;   /* completions without packets still moved the loop */
 }
 
-/* One generator burst when the token bucket allows: build, sendmmsg, count. */
-static uint32_t urw_gen(struct urw *w, uint64_t now_ns)
+/* One burst of stream i when its token bucket allows: build, sendmmsg, count. */
+static uint32_t urw_gen_stream(struct urw *w, uint32_t i, uint64_t now_ns)
 {
     const struct dp_gen_config *gc = &w->cfg->gen;
-    uint32_t n = dp_gen_due(&w->gs, gc, now_ns);
+    uint32_t n = dp_gen_due(&w->gs, gc, i, now_ns);
     if (n == 0)
         return 0;
     struct dp_port_counters *pc = &w->a->port[gc->port];
-    uint64_t seq = pc->gen_seq, ns = dp_real_ns();
-    for (uint32_t i = 0; i < n; i++)
-        dp_gen_fill(&w->gs, gc, w->txbuf + (size_t)i * w->gs.len, seq + i, ns);
+    struct dp_gen_stream_ctl *sc = &w->a->gen[i];
+    uint64_t ns = dp_real_ns();
+    for (uint32_t j = 0; j < n; j++)   /* the buffers have room for the largest frame */
+        w->iov[j].iov_len = dp_gen_fill(&w->gs, gc, i, w->txbuf + (size_t)j * w->gen_room, sc,
+                                        ns);
     int k = sendmmsg(w->gen_fd, w->msgs, n, MSG_DONTWAIT);
     if (k < 0)
         k = 0;   /* ENOBUFS/EAGAIN: the device or qdisc took none of them */
+    uint64_t bytes = 0;
+    for (int j = 0; j < k; j++)
+        bytes += w->iov[j].iov_len;
     /* every sequence number is issued once, taken or not: issued = tx_packets + tx_drops */
     pc->tx_drops += n - (uint32_t)k;
-    pc->gen_seq = seq + n;
+    sc->tx_drops += n - (uint32_t)k;
+    pc->gen_seq += n;
     pc->tx_packets += (uint32_t)k;
-    pc->tx_bytes += (uint64_t)k * w->gs.len;
-    if (dp_gen_took(&w->gs, gc, (uint32_t)k))
+    pc->tx_bytes += bytes;
+    sc->tx_packets += (uint32_t)k;
+    sc->tx_bytes += bytes;
+    if (dp_gen_took(&w->gs, gc, i, (uint32_t)k))
         w->gen_on = 0;
     return (uint32_t)k;
+}
+
+/* Every stream that still has packets to send, one burst each. */
+static uint32_t urw_gen(struct urw *w, uint64_t now_ns)
+{
+    uint32_t moved = 0;
+    for (uint32_t i = 0; i < w->gs.n && w->gen_on; i++)
+        if (!w->gs.s[i].done)
+            moved += urw_gen_stream(w, i, now_ns);
+    return moved;
 }
 
 /* A ring whose consumer index was impossible (dp_ring.h) stops the worker: 0, or -1 with the
@@ -232,6 +250,8 @@ static int urw_loop(struct urw *w)
             loops = busy = total = 0;
             dp_heartbeat(&a->heartbeat_ns);
             urw_sock_drops(w);
+            if (w->gen_on)
+                dp_gen_tick(&w->gs, a->gen);   /* a rate Python changed */
             if ((rc = urw_check_rings(w)) < 0)
                 break;
         }

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,19 +103,26 @@ class Worker:
 
 def run_until_done(tx: Worker, rx: Worker, count: int, timeout: float = 30) -> None:
     """Drain the receiver until the generator has sent count and nothing more arrives."""
+    if not drain_until_quiet(rx.drain, lambda: tx.arena.port_counters[0][6] >= count, timeout):
+        pytest.fail(f"generator sent {tx.port_counter('tx_packets')} of {count} in {timeout} s")
+
+
+def drain_until_quiet(drain: Callable[[], int], done: Callable[[], bool],
+                      timeout: float) -> bool:
+    """Call drain() until done() and drain() has found nothing for 0.5 s: True; False when
+    timeout ran out first."""
     deadline = time.monotonic() + timeout
     quiet_since = None
     while time.monotonic() < deadline:
-        got = rx.drain()
-        done = tx.arena.port_counters[0][6] >= count   # gen_seq
-        if got or not done:
+        got = drain()
+        if got or not done():
             quiet_since = None
         elif quiet_since is None:
             quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since > 0.5:
-            return
+            return True
         time.sleep(0.01)
-    pytest.fail(f"generator sent {tx.port_counter('tx_packets')} of {count} in {timeout} s")
+    return False
 
 
 def check_accounting(tx: Worker, rx: Worker, first_seq: int, count: int) -> np.ndarray:
