@@ -39,6 +39,7 @@ TAG = f"dpb{os.getpid()}"
 BURST = 32       # testpmd's default RX burst; the worker and the generator get the same
 RXD = 1024
 FRAME = 66       # the smallest UDP frame that carries the generator's 24-byte trailer
+SETTLE = 0.1     # s after the receiver says it polls before the count starts
 
 
 class Lab:
@@ -146,24 +147,36 @@ class Generator:
     def port(self, name: str) -> int:
         return int(self.arena.port_counters[0][PORT_COUNTERS.index(name)])
 
-    def wait_sent(self, timeout: float) -> tuple[float, int, int]:
-        """Until every frame was taken, or timeout seconds (a generator slower than asked, or
-        a receiver that takes little): (seconds from the first frame to the last, frames taken,
-        frames not taken).  Polled every 10 ms: a few ms of error over trials of seconds."""
+    def taken(self) -> tuple[int, int]:
+        """(frames the port took, frames it did not) so far."""
+        return self.port("tx_packets"), self.port("tx_drops")
+
+    def wait_taken(self, n: int, timeout: float) -> None:
+        """Until the port took n frames (the link is up and the receiver gave it room)."""
         deadline = time.monotonic() + timeout
-        t0 = None
+        while self.taken()[0] < n:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"generator sent nothing in {timeout:.0f} s "
+                                   f"({self.arena.worker_error()})")
+            time.sleep(0.002)
+
+    def wait_sent(self, timeout: float) -> float:
+        """Until every frame was taken, or timeout seconds (a generator slower than asked, or
+        a receiver that takes little); returns the monotonic time it ended.  Polled every
+        10 ms: a few ms of error over trials of seconds."""
+        deadline = time.monotonic() + timeout
+        # (s into the count, attempts refused) per 10 ms poll that saw some
+        self.refusing: list[tuple[float, int]] = []
+        t0, last = time.monotonic(), self.taken()[1]
         while True:
-            tx, drops = self.port("tx_packets"), self.port("tx_drops")
+            tx, drops = self.taken()
             now = time.monotonic()
-            if t0 is None and tx + drops > 0:
-                t0 = now
+            if drops > last:
+                self.refusing.append((round(now - t0, 3), drops - last))
+                last = drops
             if tx >= self.count or now > deadline or self.proc.poll() is not None:
-                break
+                return now
             time.sleep(0.01)
-        if t0 is None:
-            raise RuntimeError(f"generator sent nothing in {timeout:.0f} s "
-                               f"({self.arena.worker_error()})")
-        return now - t0, tx, drops
 
     def stop(self) -> None:
         stop_worker(self.proc, self.arena)
@@ -224,7 +237,7 @@ class TestpmdRx:
         cyc = num(r"CPU cycles/packet=([\d.]+)", out)
         return {"received": rx, "rx_drops": drops, "busy_cycles_per_pkt": cyc,
                 "worker_cycles_per_pkt": cyc, "path_cycles_per_pkt": cyc,
-                "empty_poll_pct": num(r"RX-bursts : \d+ \[(\d+)% of 0 pkts", out)}
+                "empty_poll_pct": num(r"RX-bursts : \d+ \[(\d+)% of 0 pkts", block)}
 
 
 def consumer_cpu_s(t: threading.Thread) -> float:
@@ -307,20 +320,45 @@ RECEIVERS = {"testpmd": TestpmdRx, "dataplane": DataplaneRx}
 
 def trial(lab: Lab, where: Where, who: str, rate: float, args, probe_pps: float) -> Trial:
     """One trial: `args.seconds` worth of frames at `rate` pps (0: as fast as the generator
-    goes, `probe_pps` x seconds frames) into a fresh receiver `who`."""
+    goes, `probe_pps` x seconds frames) into a fresh receiver `who`.
+
+    The generator starts first (on memif it is the server and sends only once a client is
+    connected); the receiver follows.  The count starts SETTLE after the generator's port took
+    its first frame, and not before it took the warm-up's frames: what it could not hand over
+    before (a memif client gives the server room only from its first poll on; first touches of
+    buffers fault pages in) is not counted against the receiver.  Every frame taken, before or
+    after, must arrive."""
     uid = lab.uid()
-    count = int((rate or probe_pps) * args.seconds)
-    rx = RECEIVERS[who](lab, where, uid, args)
-    rx.begin()
+    # the warm-up: each receiver's first pass over its buffers (memif's, the worker's mbufs
+    # and ring slots) faults their pages in, and the dataplane receiver refused frames for the
+    # first ~0.2 s at 0.5 Mpps until it had
+    warm = 2 * (args.ring_size + (1 << getattr(args, "memif_rsize", 0)))
+    count = warm + int((rate or probe_pps) * (args.seconds + SETTLE))
     gen = Generator(lab, where, uid, rate, count)
     try:
-        took, sent, gen_drops = gen.wait_sent(timeout=5 + 3 * args.seconds)
+        rx = RECEIVERS[who](lab, where, uid, args)
+        gen.wait_taken(1, timeout=10)
+        time.sleep(SETTLE)
+        gen.wait_taken(warm, timeout=10)
+        rx.begin()
+        t0, (tx0, drops0) = time.monotonic(), gen.taken()
+        t1 = gen.wait_sent(timeout=5 + 3 * args.seconds)
+        sent, drops1 = gen.taken()
+        # the receiver first: a memif client whose server left zeroes its port's counters, and
+        # testpmd's final statistics then wrap below zero
+        res = rx.finish(sent)
     finally:
         gen.stop()
-    res = rx.finish(sent)
-    offered = (sent + gen_drops) / took if took else 0.0
+    gen_drops = drops1 - drops0
+    took = t1 - t0
+    # frames taken per second of the count: the rate offered when nothing was refused.  Refused
+    # frames are not added: the token bucket keeps their credit and offers them again, and
+    # tx_drops counts every refused attempt, so it is no count of frames.
+    offered = (sent - tx0) / took if took > 0 else 0.0
     lost = gen_drops + max(sent - res["received"], 0) + res["rx_drops"]
     res |= {"sent": sent, "asked_count": count, "gen_drops": gen_drops,
-            "seconds": round(took, 3)}
+            "refusing_10ms_polls": len(gen.refusing),
+            "first_refusal_s": gen.refusing[0][0] if gen.refusing else None,
+            "warmup_taken": tx0, "warmup_not_taken": drops0, "seconds": round(took, 3)}
     return Trial(asked=rate or offered, offered=offered, passed=lost == 0, lost=lost,
                  detail=res)

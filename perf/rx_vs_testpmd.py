@@ -69,9 +69,12 @@ def memif_where(lab: Lab, args: argparse.Namespace) -> Where:
         # left a client connected to nothing
         path = RUN_DIR / f"{TAG}-{uid}.sock"
         lab.on_close(lambda: path.unlink(missing_ok=True))
-        return f"socket={path},socket-abstract=no,id=0"
-    return Where("memif", lambda u: PortSpec("net_memif0", f"net_memif0,role=server,{dev(u)}"),
-                 lambda u: PortSpec("net_memif0", f"net_memif0,role=client,{dev(u)}"),
+        return f"socket={path},socket-abstract=no,id=0,rsize={args.memif_rsize}"
+    # the receiver is the client, the generator the server (as tests/test_dpdk_worker.py pairs
+    # them): with the roles swapped testpmd received nothing and the client generator's port
+    # refused most frames
+    return Where("memif", lambda u: PortSpec("net_memif0", f"net_memif0,role=client,{dev(u)}"),
+                 lambda u: PortSpec("net_memif0", f"net_memif0,role=server,{dev(u)}"),
                  None, None, args.rx_cpu, args.gen_cpu)
 
 
@@ -229,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--zero-copy", type=int, choices=(0, 1), default=1,
                     help="1: descriptors point at the PMD's mbufs in the arena pool; "
                          "0: the worker copies each frame into a ring slot")
+    ap.add_argument("--memif-rsize", type=int, default=14,
+                    help="log2 of the memif rings' size, both receivers alike (14, the PMD's "
+                         "largest: the dataplane's worker shares its core with the consumer, "
+                         "and the ring covers the time it waits)")
     ap.add_argument("--gen-cpu", type=int, default=0, help="CPU of the generator")
     ap.add_argument("--rx-cpu", type=int, default=1,
                     help="CPU of the receiver under test (and of the dataplane's consumer)")
