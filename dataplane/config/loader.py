@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dataplane.config import consumers as consumer_cfg
+from dataplane.config import dut as dut_cfg
 from dataplane.config import host as host_cfg
 from dataplane.config import limits
 from dataplane.config import transports as transport_cfg
@@ -50,6 +51,7 @@ class Lab:
     namespaces: list[str]
     veths: list[Veth]
     ipv6: bool = False     # False: no link-local addresses, DAD or router solicitations to count
+    dut: dut_cfg.Dut | None = None     # [lab.dut]: a device under test (config/dut.py)
 
 
 @dataclass
@@ -101,6 +103,11 @@ def loads(text: str, source: str = "<string>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, [f"not valid TOML: {e}"]) from None
+    return from_data(data, source)
+
+
+def from_data(data: dict[str, Any], source: str) -> Config:
+    """A parsed TOML document -> a checked Config (`dataplane bench` edits one per trial)."""
     p = Problems()
     top = Table(p, "", data)
     lab_table = top.table("lab")        # read even when absent, so "lab" is a known key
@@ -146,6 +153,9 @@ def _lab(t: Table) -> Lab:
             if ns is not None and ns not in namespaces:
                 v.error(k, ns, f"expected one of lab.namespaces ({', '.join(namespaces)})")
     lab = Lab(namespaces, veths, t.get("ipv6", bool, False))
+    dut = t.table("dut")        # read even when absent, so "dut" is a known key
+    if "dut" in t.data:
+        lab.dut = dut_cfg.parse(dut, namespaces, veths)
     t.close()
     return lab
 

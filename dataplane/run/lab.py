@@ -17,6 +17,7 @@ from typing import Any
 
 from dataplane.config.loader import Config, Lab, Veth
 from dataplane.host.proc import poll
+from dataplane.run import dut
 from dataplane.run.lock import RUN_LOCK, HostLock
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def _up(lab: Lab) -> None:
             # A veth reports UP once both ends are up; wait, so traffic can flow on return.
             poll(lambda n=name, s=ns: (link(n, s) or {}).get("operstate") == "UP",
                  what=f"{name} in {ns} to come up")
+    dut.up(lab)      # [lab.dut]: forwarding, bridge or command, once its links are up
 
 
 def down(cfg: Config) -> None:
@@ -111,6 +113,7 @@ def down(cfg: Config) -> None:
 
 
 def _down(lab: Lab) -> None:
+    dut.down(lab)    # its processes first: a namespace with processes in it outlives `netns del`
     for v in lab.veths:
         for name, ns, _, _ in _ends(v):
             if link(name, ns) is not None:     # deleting one end deletes its peer too
@@ -126,7 +129,8 @@ def _down(lab: Lab) -> None:
 def exists(cfg: Config) -> bool:
     """True when every namespace and link of the lab is there."""
     st = status(cfg)
-    return all(st["namespaces"].values()) and all(lk["present"] for lk in st["links"])
+    return (all(st["namespaces"].values()) and all(lk["present"] for lk in st["links"])
+            and (st["dut"] is None or st["dut"]["present"]))
 
 
 def status(cfg: Config) -> dict[str, Any]:
@@ -140,7 +144,8 @@ def status(cfg: Config) -> dict[str, Any]:
             links.append({"name": name, "netns": ns, "present": j is not None,
                           "state": (j or {}).get("operstate", "absent"), "addresses": addrs,
                           "mac": (j or {}).get("address", "")})
-    return {"namespaces": {ns: netns_exists(ns) for ns in lab.namespaces}, "links": links}
+    return {"namespaces": {ns: netns_exists(ns) for ns in lab.namespaces}, "links": links,
+            "dut": dut.status(lab)}
 
 
 def _sysctl(netns: str, key: str, value: str) -> None:

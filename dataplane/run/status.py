@@ -103,6 +103,10 @@ def lab_lines(st: dict[str, Any]) -> Iterator[str]:
     for lk in st["links"]:
         yield (f"  {lk['netns']}/{lk['name']}: {lk['state']} {lk['mac']} "
                f"{' '.join(lk['addresses'])}").rstrip()
+    if d := st.get("dut"):
+        yield (f"dut {d['mode']} in {d['netns']}: {d['ingress']} -> {d['egress']}, "
+               + ("set up" if d["present"] else "not set up")
+               + (f", pids {' '.join(map(str, d['pids']))}" if d["pids"] else ""))
 
 
 def worker(name: str, ports: list[str], dirs: list[Path]) -> dict[str, Any]:
