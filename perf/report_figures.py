@@ -93,10 +93,17 @@ def consumers(r: dict) -> list[Row]:
 
 def exporter(r: dict) -> list[Row]:
     s = r["scrape"]
-    return [_zero_loss(r, "scrape", "base", f"zero-loss rate, {r['hz']:g} Hz scrapes vs none "
+    rows = [_zero_loss(r, "scrape", "base", f"zero-loss rate, {r['hz']:g} Hz scrapes vs none "
                        f"({r['workers']} workers)", "ratio_scrape_to_base"),
             Row(f"scrape time ({s['count']} scrapes of {s['bytes']} bytes): median / p99",
                 f"{s['median_ms']} / {s['p99_ms']} ms", "", None, "-")]
+    spread, per_round = r.get("spread_pps"), r.get("ratio_per_round")
+    if spread and per_round:    # results from before the alternating rounds have neither
+        rows.append(Row("zero-loss rate over the rounds, min-max: scrapes / none",
+                        f"{_k(spread['scrape']['min'])}-{_k(spread['scrape']['max'])}",
+                        f"{_k(spread['base']['min'])}-{_k(spread['base']['max'])}", None,
+                        "per round " + ", ".join(f"{x:.2f}" for x in per_round)))
+    return rows
 
 
 def ingest(r: dict) -> list[Row]:
