@@ -139,7 +139,17 @@ def mr_cache(r: dict) -> list[Row]:
                 f"{res[k]['cache_hit']['median_us']:.2f} us",
                 f"{res[k]['fresh_reg_dereg']['median_us']:.1f} us",
                 _div(res[k]["fresh_reg_dereg"]["median_us"], res[k]["cache_hit"]["median_us"]))
-            for k in order]
+            for k in order] + _floor_row(res)
+
+
+def _floor_row(res: dict) -> list[Row]:
+    """The 1 MB hit against the cheapest Python call (what emulation makes any hit cost)."""
+    floor = res.get("python_call_floor")
+    if not floor or "1MB" not in res:
+        return []
+    return [Row("1MB: cache hit vs one Python method call with a dict lookup (the floor)",
+                f"{res['1MB']['cache_hit']['median_us']:.2f} us", f"{floor['median_us']:.2f} us",
+                _div(floor["median_us"], res["1MB"]["cache_hit"]["median_us"]))]
 
 
 def rdma(r: dict) -> list[Row]:
