@@ -89,6 +89,10 @@ class Where:
     gen_ns: str | None
     rx_cpu: int
     gen_cpu: int
+    port_buffers: int = 0                 # frames the receiver's port holds (memif's ring)
+    # memif: the generator (server) first, it sends once a client connects.  af_packet sends
+    # at once, into a veth whose peer has no XDP socket yet: the receiver first there.
+    gen_first: bool = True
 
 
 def udp_frame() -> templates.Template:
@@ -275,6 +279,11 @@ class DataplaneRx:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
         self.loop.run()
 
+    def _drops(self) -> int:
+        port = dict(zip(PORT_COUNTERS, (int(x) for x in self.arena.port_counters[0]),
+                        strict=False))
+        return self.ring.counter("ring_full_drops") + port["nic_missed"] + port["rx_nombuf"]
+
     def _snap(self) -> tuple:
         h = self.arena.header
         return (time.monotonic(), h.busy_cycles, h.total_cycles, h.loops,
@@ -282,6 +291,7 @@ class DataplaneRx:
 
     def begin(self) -> None:
         self.s0 = self._snap()
+        self.drops0 = self._drops()
 
     def finish(self, count: int) -> dict:
         deadline = time.monotonic() + 10
@@ -294,10 +304,7 @@ class DataplaneRx:
         stop_proc(self.proc, signal.SIGTERM, timeout=20)
         self.loop.stop_event.set()
         self.thread.join(5)
-        port = dict(zip(PORT_COUNTERS, (int(x) for x in self.arena.port_counters[0]),
-                        strict=False))
-        drops = (self.ring.counter("ring_full_drops") + port["nic_missed"]
-                 + port["rx_nombuf"])
+        drops = self._drops()
         rx = self.ring.counter("rx_packets")   # final, after the worker stopped
         stop_worker(self.proc, self.arena)
         dt, busy, total, loops, bursts, cpu = (b - a for a, b in zip(self.s0, s1, strict=True))
@@ -306,7 +313,8 @@ class DataplaneRx:
         # iterations is the busy share of the worker's own time (busy / total), so the worker's
         # own busy cycles are busy * (total - consumer) / total.
         own = busy * max(total - cpu * hz, 0) / max(total, 1)
-        return {"received": rx, "rx_drops": drops, "consumed": self.loop.descriptors,
+        return {"received": rx, "rx_drops": drops, "rx_drops_in_warmup": self.drops0,
+                "consumed": self.loop.descriptors,
                 "busy_cycles_per_pkt": busy / max(rx, 1),
                 "worker_cycles_per_pkt": own / max(rx, 1),
                 "consumer_cycles_per_pkt": cpu * hz / max(rx, 1),
@@ -322,21 +330,27 @@ def trial(lab: Lab, where: Where, who: str, rate: float, args, probe_pps: float)
     """One trial: `args.seconds` worth of frames at `rate` pps (0: as fast as the generator
     goes, `probe_pps` x seconds frames) into a fresh receiver `who`.
 
-    The generator starts first (on memif it is the server and sends only once a client is
-    connected); the receiver follows.  The count starts SETTLE after the generator's port took
-    its first frame, and not before it took the warm-up's frames: what it could not hand over
-    before (a memif client gives the server room only from its first poll on; first touches of
-    buffers fault pages in) is not counted against the receiver.  Every frame taken, before or
-    after, must arrive."""
+    On memif the generator starts first (it is the server and sends only once a client is
+    connected) and the receiver follows; on af_xdp the receiver starts first.  The count
+    starts SETTLE after the generator's port took its first frame, and not before it took the
+    warm-up's frames: what it could not hand over before (a memif client gives the server room
+    only from its first poll on; first touches of buffers fault pages in) is not counted
+    against the receiver.  Every frame taken must arrive; drops a receiver counted before the
+    count started are left out where it can tell (the dataplane's counters; testpmd's final
+    statistics cannot, so its warm-up counts: stricter for testpmd, which lost none there).
+    """
     uid = lab.uid()
     # the warm-up: each receiver's first pass over its buffers (memif's, the worker's mbufs
     # and ring slots) faults their pages in, and the dataplane receiver refused frames for the
     # first ~0.2 s at 0.5 Mpps until it had
-    warm = 2 * (args.ring_size + (1 << getattr(args, "memif_rsize", 0)))
+    warm = 2 * (args.ring_size + where.port_buffers)
     count = warm + int((rate or probe_pps) * (args.seconds + SETTLE))
+    if not where.gen_first:
+        rx = RECEIVERS[who](lab, where, uid, args)
     gen = Generator(lab, where, uid, rate, count)
     try:
-        rx = RECEIVERS[who](lab, where, uid, args)
+        if where.gen_first:
+            rx = RECEIVERS[who](lab, where, uid, args)
         gen.wait_taken(1, timeout=10)
         time.sleep(SETTLE)
         gen.wait_taken(warm, timeout=10)
@@ -355,7 +369,9 @@ def trial(lab: Lab, where: Where, who: str, rate: float, args, probe_pps: float)
     # frames are not added: the token bucket keeps their credit and offers them again, and
     # tx_drops counts every refused attempt, so it is no count of frames.
     offered = (sent - tx0) / took if took > 0 else 0.0
-    lost = gen_drops + max(sent - res["received"], 0) + res["rx_drops"]
+    # a frame the receiver dropped is also one it did not receive: counted once
+    warm_drops = res.get("rx_drops_in_warmup", 0)
+    lost = gen_drops + max(sent - res["received"] - warm_drops, res["rx_drops"] - warm_drops, 0)
     res |= {"sent": sent, "asked_count": count, "gen_drops": gen_drops,
             "refusing_10ms_polls": len(gen.refusing),
             "first_refusal_s": gen.refusing[0][0] if gen.refusing else None,
