@@ -54,9 +54,10 @@ def gen_of(extra: str):
 
 def test_imix_profile_is_the_classic_cycle_spread_out():
     g = gen_of('  imix = "7:4:1"\n  rate = "12kpps"\n')
-    assert Counter(g.sizes) == {64: 7, 570: 4, 1518: 1} and len(g.sizes) == 12
-    assert g.sizes[:3] != [64, 64, 64]                  # spread out, not in runs
-    assert len(bytes.fromhex(g.template)) == 1518 and g.rate_pps == 12000
+    # 64, 570 and 1518 bytes with the FCS, which the generator's sizes leave out
+    assert Counter(g.sizes) == {60: 7, 566: 4, 1514: 1} and len(g.sizes) == 12
+    assert g.sizes[:3] != [60, 60, 60]                  # spread out, not in runs
+    assert len(bytes.fromhex(g.template)) == 1514 and g.rate_pps == 12000
     assert imix_cycle([(100, 2), (200, 1)]) == (100, 200, 100)
 
 
@@ -79,8 +80,8 @@ def test_streams_inherit_the_generate_table_and_take_their_own_keys():
     ('  size = 128\n  imix = "7:4:1"\n', "only one of size, sizes and imix; size is set too"),
     ('  imix = "7:4"\n', 'worker[0].generate.imix = "7:4": expected "a:b:c"'),
     ('  imix = "200:100:1"\n', "at most 256 in all"),
-    ('  sizes = [64, 100]\n  proto = "tcp"\n  src = "fd00::1"\n  dst = "fd00::2"\n',
-     "size 64 is shorter than the 74 bytes of headers"),
+    ('  imix = "7:4:1"\n  proto = "tcp"\n  src = "fd00::1"\n  dst = "fd00::2"\n',
+     "size 60 is shorter than the 74 bytes of headers"),
     ('  sizes = [64, 65]\n', "expected at least 66: headers plus the 24-byte"),
     ('  sizes = [70, 100]\n  checksum = false\n', "needs checksum = true"),
     ('    [[worker.generate.streams]]\n    size = 100\n',
@@ -109,15 +110,31 @@ def stream(sid: int, dport: int, count: int, rate_pps: int, sizes: list[int]) ->
 
 
 def memif(workers, tmp: Path, streams: list[StreamSpec]) -> tuple[Worker, Worker]:
-    first, *more = streams
-    gen = GenSpec(burst=16, more=more, **vars(first))
+    """A DPDK generator and receiver joined by memif."""
     dev = f"socket={tmp / 'memif.sock'},socket-abstract=no,id=0"
-    tx = workers(worker_spec("ss", PortSpec("net_memif0", f"net_memif0,role=server,{dev}"), gen))
+    tx = workers(worker_spec("ss", PortSpec("net_memif0", f"net_memif0,role=server,{dev}"),
+                             gen_of_streams(streams)))
     tx.wait_running()
     rx = workers(worker_spec("sc", PortSpec("net_memif1", f"net_memif1,role=client,{dev}"),
                              zero_copy=False))
     rx.wait_running()
     return tx, rx
+
+
+def uring(workers, veth, streams: list[StreamSpec]) -> tuple[Worker, Worker]:
+    """An io_uring generator and receiver on the two ends of a veth pair."""
+    ns_a, ns_b, if_a, if_b = veth
+    rx = workers(worker_spec("ur", PortSpec("in", iface=if_b), backend="uring"), netns=ns_b)
+    rx.wait_running()
+    tx = workers(worker_spec("ut", PortSpec("out", iface=if_a), gen_of_streams(streams),
+                             backend="uring"), netns=ns_a)
+    tx.wait_running()
+    return tx, rx
+
+
+def gen_of_streams(streams: list[StreamSpec]) -> GenSpec:
+    first, *more = streams
+    return GenSpec(burst=16, more=more, **vars(first))
 
 
 class Books:
@@ -189,12 +206,14 @@ def check_frame(raw: bytes, size: int) -> None:
     assert (ip_ck, udp_ck) == (again[IP].chksum, again[UDP].chksum)
 
 
-@pytest.mark.root("DPDK vdevs (memif)")
-@pytest.mark.dpdk
-def test_imix_streams_books_exact(workers, sockdir):
-    imix = list(imix_cycle([(64, 7), (570, 4), (1518, 1)]))
+@pytest.mark.root("DPDK vdevs (memif), or veth and netns for io_uring")
+@pytest.mark.parametrize("backend", [pytest.param("dpdk", marks=pytest.mark.dpdk), "uring"])
+def test_imix_streams_books_exact(workers, sockdir, request, backend):
+    imix = list(imix_cycle([(60, 7), (566, 4), (1514, 1)]))   # "7:4:1", fits a 1500 MTU
     plan_ = [(11, 7011, imix, 1200), (12, 7012, [100, 300], 600), (13, 7013, [128], 500)]
-    tx, rx = memif(workers, sockdir, [stream(s, d, n, 4000, z) for s, d, z, n in plan_])
+    streams = [stream(s, d, n, 4000, z) for s, d, z, n in plan_]
+    tx, rx = (memif(workers, sockdir, streams) if backend == "dpdk" else
+              uring(workers, request.getfixturevalue("veth"), streams))
     books = Books()
     books.until_quiet(rx, finished(tx, [n for *_, n in plan_]))
     for i, (sid, dport, sizes, n) in enumerate(plan_):
@@ -226,3 +245,93 @@ def test_rate_change_mid_run_keeps_the_books(workers, sockdir):
     tx.stop()
     rx.stop()
 
+
+
+# ---- pcap replay ----
+
+def capture(tmp: Path, ng: bool = False) -> tuple[Path, list[bytes]]:
+    """A capture written with scapy: UDP frames of several sizes, an ARP and an ICMP one (no
+    trailer for those), 1 ms apart."""
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.l2 import ARP, Ether
+    from scapy.utils import wrpcap, wrpcapng
+
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    pkts = [eth / IP(src="10.9.0.1", dst="10.9.0.2") / UDP(sport=5, dport=7031) / (b"x" * n)
+            for n in (18, 100, 700, 1400, 30)]
+    pkts.insert(2, eth / ARP(pdst="10.9.0.2"))
+    pkts.insert(4, eth / IP(src="10.9.0.1", dst="10.9.0.2") / ICMP())
+    for k, p in enumerate(pkts):
+        p.time = 1000 + k / 1000
+    path = tmp / ("c.pcapng" if ng else "c.pcap")
+    (wrpcapng if ng else wrpcap)(str(path), pkts)
+    return path, [bytes(p) for p in pkts]
+
+
+def test_pcap_stream_config(tmp_path):
+    path, frames = capture(tmp_path)
+    g = gen_of(f'  pcap = "{path}"\n  loop = 3\n  speed = 2.5\n')
+    assert (g.pcap, g.speed, g.loops, g.trailer, g.template) == (str(path), 2.5, 3, True, "")
+    tight = f'  pcap = "{path}"\n  max_frame = 1440\n  rate = "1kpps"\n'
+    g = gen_of(tight)                       # the 1442-byte frame has no room for 24 more
+    assert (g.trailer, g.speed, g.rate_pps) == (False, 0.0, 1000)
+    from dataplane.config.pcap import load
+    cap = load(path, 2048)
+    assert [bytes(cap.data[o:o + n]) for o, n in zip(cap.off, cap.lens, strict=True)] == frames
+    assert cap.trailable().tolist() == [1, 1, 0, 1, 0, 1, 1]
+    assert cap.gaps_ns(2.0).tolist() == [500_000] * 7   # 1 ms apart at twice the pace
+
+
+@pytest.mark.parametrize("ng", [False, True])
+def test_damaged_captures_are_clear_errors(tmp_path, ng):
+    path, _ = capture(tmp_path, ng)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pcap"
+    for at in (len(data) - 10, len(data) - 700):          # inside the last record, the one before
+        cut.write_bytes(data[:at])
+        with pytest.raises(ConfigError, match="truncated"):
+            loads(GEN + f'  pcap = "{cut}"\n')
+    cut.write_bytes(b"not a capture at all, really")
+    with pytest.raises(ConfigError, match=f'worker\\[0\\].generate.pcap = "{cut}": '):
+        loads(GEN + f'  pcap = "{cut}"\n')
+    with pytest.raises(ConfigError, match="not with pcap"):
+        loads(GEN + f'  pcap = "{path}"\n  size = 100\n')
+    with pytest.raises(ConfigError, match="only one of speed and rate"):
+        loads(GEN + f'  pcap = "{path}"\n  speed = 2\n  rate_pps = 5\n')
+
+
+@pytest.mark.root("DPDK vdevs (memif)")
+@pytest.mark.dpdk
+@pytest.mark.parametrize(("ng", "pace"), [(False, {"rate_pps": 3000}), (True, {"speed": 20.0})])
+def test_pcap_replayed_byte_for_byte(workers, sockdir, tmp_path, ng, pace):
+    path, frames = capture(tmp_path, ng)
+    loops = 4
+    spec = StreamSpec(stream=31, pcap=str(path), loops=loops, **pace)
+    tx, rx = memif(workers, sockdir, [spec])
+    got: list[bytes] = []
+
+    def drain() -> int:
+        n = 0
+        for ring in rx.arena.rings:
+            for b in ring.batches():
+                got.extend(bytes(rx.arena.frame(int(d["addr"]), int(d["len"]))) for d in b)
+                n += len(b)
+        return n
+
+    assert drain_until_quiet(drain, finished(tx, [len(frames) * loops]), 40)
+    assert int(tx.arena.gen_streams[0, 6]) == 0, "the port refused frames"
+    assert len(got) == len(frames) * loops
+    seq = 0
+    for k, raw in enumerate(got):
+        want = frames[k % len(frames)]
+        if raw == want:                              # ARP, ICMP: as captured, no trailer
+            assert want[12:14] == b"\x08\x06" or want[23] == 1
+            continue
+        assert raw[:-TRAILER] == want, f"frame {k} differs from the capture's"
+        s, _, sid, magic = np.frombuffer(raw[-TRAILER:], "<u8", 2).tolist() + \
+            np.frombuffer(raw[-8:], "<u4", 2).tolist()
+        assert (s, sid, magic) == (seq, 31, MAGIC)
+        seq += 1
+    assert seq == 5 * loops and int(tx.arena.gen_streams[0, 2]) == seq
+    tx.stop()
+    rx.stop()

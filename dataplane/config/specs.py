@@ -122,6 +122,10 @@ def _uring_port_spec(pt: Port) -> PortSpec:
 
 
 def _stream_spec(s: Stream, default_id: int, checksum: bool) -> StreamSpec:
+    if s.pcap:
+        return StreamSpec(stream=s.stream or default_id, rate_pps=s.rate_pps, pcap=s.pcap,
+                          speed=s.speed, loops=s.loops, trailer=s.trailer,
+                          max_frame=s.max_frame)
     t = template.build(src_mac=s.src_mac, dst_mac=s.dst_mac, src=s.src, dst=s.dst,
                        proto=s.proto, sport=s.sport, dport=s.dport, size=s.size,
                        vlan=tuple(s.vlan), vary=s.vary)
@@ -194,6 +198,11 @@ def describe(specs: list[WorkerSpec]) -> list[str]:
 
 
 def _describe_stream(g: StreamSpec) -> str:
+    if g.pcap:
+        pace = f"{g.speed:g}x its own pace" if g.speed else f"{g.rate_pps or 'max'} pps"
+        return (f"stream {g.stream}: replay {g.pcap}, {pace}, {g.loops or 'unlimited'} times, "
+                + ("trailer on its UDP/TCP frames" if g.trailer else
+                   "no trailer: sequence tracking off"))
     vary = (f", vary u16 at byte {g.vary_off} over {g.vary_min}..{g.vary_max}"
             if g.vary_off else "")
     size = (f"{len(bytes.fromhex(g.template))} B frames" if not g.sizes else

@@ -8,7 +8,8 @@ must name its `stream` id, so the books of every stream are told apart by their 
     rate = "100kpps"     # or "2.5Mpps", "50Mbps", "1Gbps"; rate_pps = N is the same as "Npps"
     size = 128           # every frame this long (bytes, without the FCS)
     sizes = [64, 512]    # or a cycle: frame k is sizes[k % len]
-    imix = "7:4:1"       # or 64/570/1518-byte frames in these weights; or [[size, weight], ...]
+    imix = "7:4:1"       # the classic IMIX (64/570/1518 bytes with the FCS) in these weights;
+                         # or [[size, weight], ...]
 
 A bit rate counts the frames' bytes as sent (the bytes `tx_bytes` counts: no FCS, preamble or
 inter-frame gap) and becomes packets per second at the cycle's mean size.  A frame of the
@@ -26,7 +27,9 @@ from dataplane._native import lib
 from dataplane.config import templates as template
 from dataplane.config.tables import REQUIRED, Table, checks
 
-CLASSIC_IMIX = (64, 570, 1518)          # the sizes of the classic simple IMIX, weights 7:4:1
+# The classic simple IMIX (weights 7:4:1) of 64, 570 and 1518-byte frames counts the 4-byte FCS,
+# which our sizes, like every length in the project, do not: the same frames are these.
+CLASSIC_IMIX = (60, 566, 1514)
 MAX_CYCLE = lib.DP_GEN_MAX_SIZES        # a cycle's entries, the weights spelled out
 MAX_RATE_PPS = 100_000_000
 ETH_MIN = 60                            # the smallest Ethernet frame without its FCS
@@ -51,6 +54,14 @@ class Stream:
     sizes: tuple[int, ...] = (128,)    # the size cycle; one entry: every frame that long
     vary: str = "none"
     vary_range: tuple[int, int] = (1024, 65535)
+    # pcap replay (dataplane/config/pcap.py): the capture instead of a template
+    pcap: str = ""                     # its absolute path; "": a template stream
+    speed: float = 0.0                 # times the capture's own pace; 0: paced by rate_pps
+    loops: int = 1                     # 0: until stopped
+    trailer: bool = True               # False: no frame gets one (asked, or no room)
+    max_frame: int = 1514              # a frame and its trailer fit in this
+    pcap_frames: int = 0
+    pcap_mean: float = 0.0             # the capture's mean frame size, for a bit rate
 
     @property
     def size(self) -> int:
@@ -95,8 +106,8 @@ def _imix(t: Table) -> tuple[int, ...] | None:
                                             all(type(x) is int for x in p) for p in v)):
         pairs = [(p[0], p[1]) for p in v]
     else:
-        t.error("imix", v, 'expected "a:b:c" (weights of 64, 570 and 1518-byte frames) or '
-                "[[size, weight], ...]")
+        t.error("imix", v, 'expected "a:b:c" (weights of 60, 566 and 1514-byte frames: 64, 570 '
+                'and 1518 with the FCS) or [[size, weight], ...]')
         return None
     if any(w < 0 for _, w in pairs) or not 0 < sum(w for _, w in pairs) <= MAX_CYCLE:
         t.error("imix", v, f"expected weights >= 0, not all 0, at most {MAX_CYCLE} in all")
@@ -135,11 +146,14 @@ def _sizes(t: Table, base: Stream) -> tuple[int, ...]:
 
 
 def parse(t: Table, base: Stream, *, needs_id: bool) -> Stream:
-    """One stream's keys, each defaulting to base's."""
+    """One stream's keys, each defaulting to base's (but `pcap`, which each stream names)."""
+    if "pcap" in t.data:
+        from dataplane.config.pcap import parse_pcap
+        return parse_pcap(t, base, needs_id=needs_id)
     s = replace(
         base,
-        stream=t.get("stream", int, REQUIRED if needs_id else base.stream,
-                     check=checks.between(1, 0xFFFFFFFF)),
+        pcap="",
+        stream=stream_id(t, base, needs_id),
         count=t.get("count", int, base.count, check=checks.between(0, 1 << 62)),
         src_mac=t.get("src_mac", str, base.src_mac, check=checks.mac),
         dst_mac=t.get("dst_mac", str, base.dst_mac, check=checks.mac),
@@ -154,7 +168,7 @@ def parse(t: Table, base: Stream, *, needs_id: bool) -> Stream:
                                check=checks.port_range)),
         sizes=_sizes(t, base))
     _check_frames(t, s)
-    _rate(t, s, base)
+    rate(t, s, base)
     return s
 
 
@@ -177,7 +191,12 @@ def _check_frames(t: Table, s: Stream) -> None:
                     "without one: counted by the ports, not in the sequence books")
 
 
-def _rate(t: Table, s: Stream, base: Stream) -> None:
+def stream_id(t: Table, base: Stream, needs_id: bool) -> int | None:
+    return t.get("stream", int, REQUIRED if needs_id else base.stream,
+                 check=checks.between(1, 0xFFFFFFFF))
+
+
+def rate(t: Table, s: Stream, base: Stream) -> None:
     """rate_pps = N or rate = "..."; both is an error; neither keeps base's."""
     pps = t.get("rate_pps", int, None, check=checks.between(0, MAX_RATE_PPS))
     text = t.get("rate", str, None)
@@ -186,7 +205,7 @@ def _rate(t: Table, s: Stream, base: Stream) -> None:
     elif pps is not None:
         s.rate_pps, s.rate = pps, f"{pps}pps"
     elif text is not None:
-        mean = sum(s.sizes) / len(s.sizes)
+        mean = s.pcap_mean or sum(s.sizes) / len(s.sizes)
         got = parse_rate(text, mean)
         if got is None or got > MAX_RATE_PPS:
             t.error("rate", text, 'expected a rate such as "100kpps", "2.5Mpps", "50Mbps" or '

@@ -20,7 +20,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from dataplane._native import ffi, lib
+from dataplane.config.templates import TRAILER_LEN
 from dataplane.workers.spec import PortSpec, StreamSpec, WorkerSpec
 
 EXIT_SETUP_FAILED = 2
@@ -65,6 +68,7 @@ class DpWorkerConfig:
         self.cfg = ffi.new("struct dp_worker_config *")
         # the C side keeps char* into these for its whole run: they live as long as self
         self._args = [ffi.new("char[]", a.encode()) for a in argv]
+        self._keep: list[list[np.ndarray]] = []   # captures the generator replays, likewise
         c = self.cfg
         c.worker_id = spec.worker_id
         c.n_ports = len(spec.ports)
@@ -105,9 +109,11 @@ class DpWorkerConfig:
         for i, st in enumerate(streams):
             self._stream(g.s[i], st)
 
-    @staticmethod
-    def _stream(c, s: StreamSpec) -> None:
+    def _stream(self, c, s: StreamSpec) -> None:
         """One struct dp_gen_stream_config; the C side checks the rest (dp_gen_prepare)."""
+        if s.pcap:
+            self._pcap(c, s)
+            return
         tmpl = bytes.fromhex(s.template)
         if not 0 < len(tmpl) <= lib.DP_TMPL_MAX:
             raise ValueError(f"generator template of {len(tmpl)} bytes, need 1..{lib.DP_TMPL_MAX}")
@@ -120,6 +126,26 @@ class DpWorkerConfig:
         c.n_sizes = len(s.sizes)
         for k, n in enumerate(s.sizes):
             c.sizes[k] = n
+
+
+    def _pcap(self, c, s: StreamSpec) -> None:
+        """A capture, loaded once: its arrays live as long as self, the C side reads them."""
+        from dataplane.config.pcap import load
+        cap = load(s.pcap, lib.DP_TMPL_MAX)
+        trail = cap.trailable() if s.trailer else np.zeros(len(cap), np.uint8)
+        gaps = cap.gaps_ns(s.speed) if s.speed else np.zeros(len(cap), np.uint64)
+        keep = [np.frombuffer(cap.data, np.uint8), np.ascontiguousarray(cap.off, np.uint32),
+                np.ascontiguousarray(cap.lens, np.uint16), gaps, trail]
+        self._keep.append(keep)
+        c.stream, c.rate_pps = s.stream, 0 if s.speed else s.rate_pps
+        c.count = len(cap) * s.loops
+        c.n_frames, c.pace_capture = len(cap), int(s.speed > 0)
+        c.frame_max = int((cap.lens.astype(np.int64) + trail * TRAILER_LEN).max())
+        c.frames, c.frame_off, c.frame_len, c.gap_ns, c.trail = (
+            ffi.cast(t, ffi.from_buffer(a)) for t, a in zip(
+                ("uint8_t *", "uint32_t *", "uint16_t *", "uint64_t *", "uint8_t *"), keep,
+                strict=True))
+        c.tmpl[12:14] = list(cap.data[12:14])   # the ethertype the io_uring worker binds with
 
 
 def dpdk_entry(spec: WorkerSpec) -> Callable[..., int] | None:

@@ -40,6 +40,12 @@ class StreamSpec:
     vary_max: int = 0
     csum: int = 1             # 1: recompute IP lengths, IPv4 and L4 checksums per packet
     sizes: list[int] = field(default_factory=list)   # frame k is sizes[k % len]; []: template's
+    # pcap replay instead of the template: the worker process loads the file once
+    pcap: str = ""            # absolute path of a pcap or pcapng (Ethernet)
+    speed: float = 0.0        # times the capture's own pace; 0: paced by rate_pps
+    loops: int = 1            # 0: until stopped
+    trailer: bool = True      # append the trailer to its UDP/TCP frames
+    max_frame: int = 1514
 
 
 @dataclass

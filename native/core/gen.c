@@ -60,9 +60,32 @@ static void gen_set_rate(struct dp_gen_state *g, struct dp_gen_stream_state *s, 
         s->credit = s->cap;
 }
 
+/* A capture's frames: each within the limit with its trailer; the longest is s->len. */
+static int gen_check_pcap(struct dp_gen_stream_state *s, const struct dp_gen_stream_config *sc,
+                          uint32_t lim, char *why, size_t why_len)
+{
+    if (!sc->frames || !sc->frame_off || !sc->frame_len || !sc->gap_ns || !sc->trail ||
+        sc->frame_max > lim) {
+        snprintf(why, why_len, "generator stream %u: a capture's frames up to %u bytes, the "
+                 "limit is %u", sc->stream, sc->frame_max, lim);
+        return -1;
+    }
+    for (uint32_t k = 0; k < sc->n_frames; k++)
+        if (sc->frame_len[k] < 14 || sc->frame_len[k] + (sc->trail[k] ? DP_GEN_TRAILER : 0u) >
+                                         sc->frame_max) {
+            snprintf(why, why_len, "generator stream %u: capture frame %u of %u bytes, need "
+                     "14..%u with its trailer", sc->stream, k, sc->frame_len[k], sc->frame_max);
+            return -1;
+        }
+    s->len = sc->frame_max;
+    return 0;
+}
+
 static int gen_check_stream(struct dp_gen_stream_state *s, const struct dp_gen_stream_config *sc,
                             uint32_t lim, char *why, size_t why_len)
 {
+    if (sc->n_frames)
+        return gen_check_pcap(s, sc, lim, why, why_len);
     if (sc->tmpl_len < 14u + DP_GEN_TRAILER || sc->tmpl_len > lim) {
         snprintf(why, why_len, "generator stream %u: template of %u bytes, need %u..%u",
                  sc->stream, sc->tmpl_len, 14 + DP_GEN_TRAILER, lim);
@@ -120,6 +143,7 @@ int dp_gen_prepare(struct dp_gen_state *g, const struct dp_gen_config *gc,
     g->burst = gc->burst < 1 ? 1 : gc->burst > max_burst ? max_burst : gc->burst;
     g->n = g->live = gc->n_streams;
     g->hz = hz;
+    g->ctl = ctl;
     for (uint32_t i = 0; i < gc->n_streams; i++) {
         struct dp_gen_stream_state *s = &g->s[i];
         const struct dp_gen_stream_config *sc = &gc->s[i];
@@ -136,7 +160,7 @@ int dp_gen_prepare(struct dp_gen_state *g, const struct dp_gen_config *gc,
             __atomic_store_n(&c->rate_pps, sc->rate_pps, __ATOMIC_RELAXED);
         }
         gen_set_rate(g, s, __atomic_load_n(&c->rate_pps, __ATOMIC_RELAXED));
-        s->last = now;
+        s->last = s->next = now;
     }
     return 0;
 }
@@ -153,7 +177,22 @@ void dp_gen_tick(struct dp_gen_state *g, const struct dp_gen_stream_ctl *ctl)
 void dp_gen_restart_clock(struct dp_gen_state *g, uint64_t now)
 {
     for (uint32_t i = 0; i < g->n; i++)
-        g->s[i].last = now;
+        g->s[i].last = g->s[i].next = now;
+}
+
+/* A capture's timing: how many of its next frames are due by now (at most max); moves
+ * s->next past them, since the caller builds them all. */
+static uint64_t gen_due_capture(struct dp_gen_state *g, const struct dp_gen_stream_config *sc,
+                                uint32_t i, uint64_t now, uint64_t max)
+{
+    struct dp_gen_stream_state *s = &g->s[i];
+    uint64_t k = g->ctl[i].issued, n = 0;
+    while (n < max && s->next <= now) {
+        n++;
+        uint64_t gap = sc->gap_ns[(k + n) % sc->n_frames];
+        s->next += (uint64_t)((unsigned __int128)gap * g->hz / 1000000000u);
+    }
+    return n;
 }
 
 uint32_t dp_gen_due(struct dp_gen_state *g, const struct dp_gen_config *gc, uint32_t i,
@@ -163,6 +202,11 @@ uint32_t dp_gen_due(struct dp_gen_state *g, const struct dp_gen_config *gc, uint
     uint64_t n = g->burst;
     uint64_t dt = now - s->last < g->hz ? now - s->last : g->hz;
     s->last = now;
+    uint64_t count = gc->s[i].count;
+    if (count && n > count - s->sent)
+        n = count - s->sent;
+    if (gc->s[i].n_frames && gc->s[i].pace_capture)
+        return (uint32_t)gen_due_capture(g, &gc->s[i], i, now, n);
     if (s->rate) {
         s->credit += dt * s->rate;
         if (s->credit > s->cap)
@@ -170,9 +214,6 @@ uint32_t dp_gen_due(struct dp_gen_state *g, const struct dp_gen_config *gc, uint
         if (n > s->credit / g->hz)
             n = s->credit / g->hz;
     }
-    uint64_t count = gc->s[i].count;
-    if (count && n > count - s->sent)
-        n = count - s->sent;
     return (uint32_t)n;
 }
 
@@ -180,7 +221,7 @@ int dp_gen_took(struct dp_gen_state *g, const struct dp_gen_config *gc, uint32_t
 {
     struct dp_gen_stream_state *s = &g->s[i];
     s->sent += k;
-    if (s->rate)
+    if (s->rate && !(gc->s[i].n_frames && gc->s[i].pace_capture))   /* paced by its bucket */
         s->credit -= (uint64_t)k * g->hz;
     if (!s->done && gc->s[i].count && s->sent >= gc->s[i].count) {
         s->done = 1;
@@ -273,6 +314,16 @@ uint32_t dp_gen_fill(const struct dp_gen_state *g, const struct dp_gen_config *g
     const struct dp_gen_stream_state *s = &g->s[i];
     const struct dp_gen_stream_config *sc = &gc->s[i];
     uint64_t k = ctl->issued++;
+    if (sc->n_frames) {   /* a capture's frame as it was, the trailer after it */
+        uint32_t j = (uint32_t)(k % sc->n_frames), len = sc->frame_len[j];
+        memcpy(f, sc->frames + sc->frame_off[j], len);
+        if (!sc->trail[j])
+            return len;
+        struct dp_gen_trailer t = { .seq = ctl->seq++, .tx_ns = ns, .stream = sc->stream,
+                                    .magic = DP_GEN_MAGIC };
+        memcpy(f + len, &t, sizeof(t));
+        return len + DP_GEN_TRAILER;
+    }
     uint32_t len = sc->n_sizes ? sc->sizes[k % sc->n_sizes] : s->len;
     memcpy(f, sc->tmpl, len);
     if (len != s->len)

@@ -21,11 +21,13 @@ struct dp_gen_stream_state {
     uint64_t rate;      /* packets/s now: the arena's rate_pps, read each tick */
     uint64_t credit;    /* token bucket, in packets x hz: no division per packet, no drift */
     uint64_t cap, last;
+    uint64_t next;      /* pcap timing: when the frame at ctl->issued is due */
 };
 
 struct dp_gen_state {
     uint32_t burst, n, live;   /* live: streams not done with their count */
     uint64_t hz;
+    struct dp_gen_stream_ctl *ctl;   /* the arena's, per stream */
     struct dp_gen_stream_state s[DP_GEN_MAX_STREAMS];
 };
 
@@ -50,7 +52,8 @@ uint32_t dp_gen_due(struct dp_gen_state *g, const struct dp_gen_config *gc, uint
  * reached its count (the generator is done). */
 int dp_gen_took(struct dp_gen_state *g, const struct dp_gen_config *gc, uint32_t i, uint32_t k);
 
-/* Fill stream i's next frame at f (room for gc->s[i].tmpl_len bytes): template cut to the
+/* Fill stream i's next frame at f (room for g->s[i].len bytes): a capture's next frame with
+ * the trailer appended, or the template cut to the
  * cycle's size, varied field, trailer (when the frame has room after its headers; it then
  * takes the next seq), checksums.  Advances ctl->issued (and ctl->seq); returns the length. */
 uint32_t dp_gen_fill(const struct dp_gen_state *g, const struct dp_gen_config *gc, uint32_t i,

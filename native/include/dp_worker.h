@@ -47,6 +47,19 @@ struct dp_gen_stream_config {
     uint16_t csum;                /* DP_CSUM_* */
     uint16_t sizes[DP_GEN_MAX_SIZES];
     uint8_t  tmpl[DP_TMPL_MAX];
+    /* pcap replay, when n_frames > 0: a capture's frames (loaded once by the worker process,
+     * which keeps these arrays for the worker's life) sent in order instead of the template;
+     * frame k with trail[k] gets the trailer appended and takes the next seq.  Paced by
+     * gap_ns[k], the wait before frame k (gap_ns[0]: between loops) already divided by the
+     * speed, when pace_capture; else by rate_pps. */
+    uint32_t n_frames;
+    uint32_t pace_capture;
+    uint32_t frame_max;           /* the longest frame sent, trailer included */
+    const uint8_t  *frames;
+    const uint32_t *frame_off;    /* frame k is frames[frame_off[k] .. + frame_len[k]] */
+    const uint16_t *frame_len;
+    const uint64_t *gap_ns;
+    const uint8_t  *trail;
 };
 
 struct dp_gen_config {
