@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub, parents, fmt)
     from dataplane.run import capture  # light: its parser; the rest when it runs
     capture.add_command(sub, common, fmt)
+    from dataplane.bench import command as bench  # light: its parser; the rest when it runs
+    bench.add_command(sub, parents, fmt)
     _add_host_commands(sub, parents, fmt)
     _add_config_command(sub, common, fmt)
     _add_transport_command(sub, common, fmt)
