@@ -302,11 +302,13 @@ def test_damaged_captures_are_clear_errors(tmp_path, ng):
 
 @pytest.mark.root("DPDK vdevs (memif)")
 @pytest.mark.dpdk
-@pytest.mark.parametrize(("ng", "pace"), [(False, {"rate_pps": 3000}), (True, {"speed": 20.0})])
-def test_pcap_replayed_byte_for_byte(workers, sockdir, tmp_path, ng, pace):
+@pytest.mark.parametrize(("ng", "pace", "trailer"), [(False, {"rate_pps": 3000}, True),
+                                                     (True, {"speed": 20.0}, True),
+                                                     (False, {"rate_pps": 3000}, False)])
+def test_pcap_replayed_byte_for_byte(workers, sockdir, tmp_path, ng, pace, trailer):
     path, frames = capture(tmp_path, ng)
     loops = 4
-    spec = StreamSpec(stream=31, pcap=str(path), loops=loops, **pace)
+    spec = StreamSpec(stream=31, pcap=str(path), loops=loops, trailer=trailer, **pace)
     tx, rx = memif(workers, sockdir, [spec])
     got: list[bytes] = []
 
@@ -324,14 +326,17 @@ def test_pcap_replayed_byte_for_byte(workers, sockdir, tmp_path, ng, pace):
     seq = 0
     for k, raw in enumerate(got):
         want = frames[k % len(frames)]
-        if raw == want:                              # ARP, ICMP: as captured, no trailer
-            assert want[12:14] == b"\x08\x06" or want[23] == 1
+        if raw == want:            # ARP, ICMP, or trailer = false: as captured, no trailer
+            assert not trailer or want[12:14] == b"\x08\x06" or want[23] == 1
             continue
         assert raw[:-TRAILER] == want, f"frame {k} differs from the capture's"
         s, _, sid, magic = np.frombuffer(raw[-TRAILER:], "<u8", 2).tolist() + \
             np.frombuffer(raw[-8:], "<u4", 2).tolist()
         assert (s, sid, magic) == (seq, 31, MAGIC)
         seq += 1
-    assert seq == 5 * loops and int(tx.arena.gen_streams[0, 2]) == seq
+    assert seq == (5 * loops if trailer else 0) and int(tx.arena.gen_streams[0, 2]) == seq
+    st = rate.generator_streams(tx.arena)          # what `dataplane status` shows
+    assert [(g["stream"], g["tx_packets"], g["with_trailer"], g["tracked"]) for g in st] == \
+        [(31, len(got), seq, trailer)]
     tx.stop()
     rx.stop()

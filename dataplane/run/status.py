@@ -114,6 +114,7 @@ def worker(name: str, ports: list[str], dirs: list[Path]) -> dict[str, Any]:
     running, its process lives and its heartbeat is fresh."""
     from dataplane.shm.arena import Arena
     from dataplane.shm.layout import LayoutError
+    from dataplane.workers.rate import generator_streams
     found = find_arenas(name, dirs)
     w: dict[str, Any] = {"name": name, "arena": str(found[0]) if found else None,
                          "state": "not running", "up": False}
@@ -126,7 +127,7 @@ def worker(name: str, ports: list[str], dirs: list[Path]) -> dict[str, Any]:
                      restarts=int(h.restarts), error=a.worker_error(),
                      heartbeat_age=((time.monotonic_ns() - h.heartbeat_ns) / 1e9
                                     if h.heartbeat_ns else None),
-                     ports=port_counters(a, ports))
+                     ports=port_counters(a, ports), generator=generator_streams(a))
     except (OSError, LayoutError) as e:
         return {**w, "state": "unknown", "why": f"arena {found[0]} unreadable: {e}"}
     w["counters"] = {k: sum(p[k] for p in w["ports"]) for k in w["ports"][0]
@@ -178,6 +179,10 @@ def worker_lines(w: dict[str, Any]) -> Iterator[str]:
         yield (f"  rx {c['rx_packets']} packets ({c['rx_bytes']} bytes), tx {c['tx_packets']} "
                f"packets; drops: ring {c['ring_full_drops']}, nic {c['nic_missed']}, tx "
                f"{c['tx_drops']}, no-mbuf {c['rx_nombuf']}; malformed {c['malformed']}")
+    for g in w.get("generator", []):   # docs/lab.md, Traffic
+        yield (f"  stream {g['stream']}: {g['rate_pps'] or 'max'} pps, sent {g['tx_packets']}, "
+               f"tx drops {g['tx_drops']}, " + (f"with trailer {g['with_trailer']}" if
+                                                 g["tracked"] else "sequence tracking off"))
 
 
 def transport(x: Any) -> dict[str, Any]:

@@ -40,3 +40,18 @@ def _row(arena: Arena, stream: int) -> int:
         have = ", ".join(map(str, stream_ids(arena))) or "none: no generator has started there"
         raise ValueError(f"{arena.path}: no generator stream {stream} (streams: {have})")
     return ids.index(stream)
+
+
+def generator_streams(arena: Arena) -> list[dict[str, int | bool]]:
+    """What `status` shows of each generator stream: its rate now, frames sent and dropped,
+    and how many carried a trailer (sequence-tracked); `tracked` is False for a stream that
+    sends without trailers (a capture without room for them)."""
+    out = []
+    for row in arena.gen_streams.copy():
+        d = dict(zip(GEN_STREAM_FIELDS, (int(v) for v in row), strict=False))
+        if d["stream"]:
+            out.append({"stream": d["stream"], "rate_pps": d["rate_pps"],
+                        "tx_packets": d["tx_packets"], "tx_bytes": d["tx_bytes"],
+                        "tx_drops": d["tx_drops"], "issued": d["issued"],
+                        "with_trailer": d["seq"], "tracked": d["seq"] > 0 or d["issued"] == 0})
+    return out
