@@ -223,10 +223,11 @@ class TestpmdRx:
             self.lines.append(line)
 
     def begin(self) -> None:
-        pass
+        self.pre0 = preempted(self.proc.pid)
 
     def finish(self, count: int) -> dict:
         time.sleep(0.2)   # what is in flight lands
+        pre = preempted(self.proc.pid) - self.pre0
         stop_proc(self.proc)
         self.reader.join(5)
         out = "".join(self.lines)
@@ -239,9 +240,22 @@ class TestpmdRx:
         rx = int(num(r"RX-packets:\s*(\d+)"))
         drops = int(num(r"RX-dropped:\s*(\d+)") + num(r"RX-nombufs?:\s*(\d+)"))
         cyc = num(r"CPU cycles/packet=([\d.]+)", out)
-        return {"received": rx, "rx_drops": drops, "busy_cycles_per_pkt": cyc,
+        return {"received": rx, "rx_drops": drops, "preempted": pre, "busy_cycles_per_pkt": cyc,
                 "worker_cycles_per_pkt": cyc, "path_cycles_per_pkt": cyc,
                 "empty_poll_pct": num(r"RX-bursts : \d+ \[(\d+)% of 0 pkts", block)}
+
+
+def preempted(pid: int) -> int:
+    """Times the threads of pid were switched out while runnable (nonvoluntary_ctxt_switches):
+    a busy poller's are the stalls that fill a ring while it idles in most polls."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:   # the thread ended meanwhile
+            continue
+        n += int(re.search(r"nonvoluntary_ctxt_switches:\s*(\d+)", status)[1])
+    return n
 
 
 def consumer_cpu_s(t: threading.Thread) -> float:
@@ -292,6 +306,7 @@ class DataplaneRx:
     def begin(self) -> None:
         self.s0 = self._snap()
         self.drops0 = self._drops()
+        self.pre0 = preempted(self.proc.pid)
 
     def finish(self, count: int) -> dict:
         deadline = time.monotonic() + 10
@@ -300,6 +315,7 @@ class DataplaneRx:
             time.sleep(0.01)   # the consumer drains the ring: its CPU belongs to the trial
         time.sleep(0.02)       # one more publication of the worker's loop counters (10 ms)
         s1 = self._snap()
+        pre = preempted(self.proc.pid) - self.pre0   # the FIFO consumer's turns included
         self.arena.request_stop()
         stop_proc(self.proc, signal.SIGTERM, timeout=20)
         self.loop.stop_event.set()
@@ -314,6 +330,7 @@ class DataplaneRx:
         # own busy cycles are busy * (total - consumer) / total.
         own = busy * max(total - cpu * hz, 0) / max(total, 1)
         return {"received": rx, "rx_drops": drops, "rx_drops_in_warmup": self.drops0,
+                "preempted": pre,
                 "consumed": self.loop.descriptors,
                 "busy_cycles_per_pkt": busy / max(rx, 1),
                 "worker_cycles_per_pkt": own / max(rx, 1),

@@ -104,7 +104,7 @@ def show(label: str, t) -> None:
           f"{'pass' if t.passed else 'LOSS'} (lost {t.lost}, attempts refused "
           f"{d['gen_drops']}, receiver drops {d['rx_drops']})  "
           f"{d['path_cycles_per_pkt']:6.1f} cycles/pkt{extra}, {d['empty_poll_pct']:.0f}% "
-          f"empty polls", flush=True)
+          f"empty polls, preempted {d.get('preempted', 0)}x", flush=True)
 
 
 def spread(xs: list[float]) -> dict:
