@@ -17,7 +17,8 @@ from dataplane import config
 from dataplane.bench import report
 from dataplane.bench.rfc2544 import SizeResult, table
 from dataplane.bench.search import Trial, search
-from dataplane.bench.trial import Result, place
+from dataplane.bench.trial import Bench, Result, place
+from dataplane.config.tables import ConfigError
 from dataplane.run import lab
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
@@ -57,6 +58,26 @@ def test_losses_are_placed_by_the_counters_along_the_path() -> None:
     assert place(r, 5, 20, dut) == {"generator": 5, "receiver": 20, "to_dut": 5, "dut": 30,
                                     "from_dut": 40}
     assert place(r, 0, 0, {}) == {"unplaced": 100}      # no DUT counters: not placed
+
+
+def test_bench_sizes_and_the_configs_it_refuses(tmp_path: Path) -> None:
+    b = Bench(ROUTER)
+    # 64 B less the FCS has no room for IPv4/UDP headers and the trailer: measured at 70 B
+    assert b.smallest() == 70 and b.dut.mode == "router"
+    cfg = b.config(256, 1234, 617)
+    g = cfg.workers[b.gen].generate
+    assert g.size == 252 and (g.streams[0].rate_pps, g.streams[0].count) == (1234, 617)
+    two = tmp_path / "two.toml"
+    text = ROUTER.read_text()
+    gen = text[text.index("[[worker]]"):text.index("[[worker]]", text.index("[[worker]]") + 1)]
+    two.write_text(text + "\n" + gen.replace('name = "dutgen"', 'name = "gen2"'))
+    with pytest.raises(ConfigError, match="2 workers with a \\[worker.generate\\] table"):
+        Bench(two)
+    nolab = tmp_path / "nolab.toml"
+    nolab.write_text(text[text.index("[metrics]"):].replace('netns = "dpr-gen"\n', "")
+                     .replace('netns = "dpr-rx"\n', ""))
+    with pytest.raises(ConfigError, match="no \\[lab\\] table"):
+        Bench(nolab)
 
 
 def results() -> list[SizeResult]:
