@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -19,7 +21,8 @@ from dataplane.bench.rfc2544 import SizeResult, table
 from dataplane.bench.search import Trial, search
 from dataplane.bench.trial import Bench, Result, place
 from dataplane.config.tables import ConfigError
-from dataplane.run import lab
+from dataplane.host.proc import poll
+from dataplane.run import dut, lab
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 ROUTER = ROOT_DIR / "config/dut-router.toml"
@@ -190,3 +193,22 @@ def test_bench_finds_the_rate_of_a_tbf_shaped_dut() -> None:
     assert expected - resolution * top <= r["throughput_pps"] <= expected + 200, (expected, r)
     failed = [t for t in r["trials"] if not t["passed"]]
     assert failed and all(t["detail"]["where"].get("dut", 0) > 0 for t in failed)
+
+
+@BENCH_ROOT
+def test_a_trial_refuses_a_dut_that_died(tmp_path: Path) -> None:
+    text = ROUTER.read_text().replace('mode = "router"               # router | bridge | command',
+                                      'mode = "command"\ncommand = ["sleep", "600"]')
+    f = tmp_path / "cmd.toml"
+    f.write_text(text)
+    b = Bench(f)
+    try:
+        lab.up(b.cfg)
+        for pid in dut.pids("dpr-dut"):
+            os.kill(pid, signal.SIGKILL)
+        poll(lambda: not dut.pids("dpr-dut"), 5, what="the DUT's command to die")
+        with pytest.raises(lab.LabError, match="its DUT is not"):
+            b.trial(128, 1000, 0.1)
+    finally:
+        lab.down(b.cfg)
+    host_clean()

@@ -105,9 +105,14 @@ class Bench:
         return self._run(size, 0, frames, None)
 
     def _run(self, size: int, pps: float, count: int, seconds: float | None) -> Result:
-        from dataplane.run import dut
+        from dataplane.run import dut, lab
         from dataplane.run.runner import Run
         cfg = self.config(size, pps, count)
+        if not lab.exists(cfg):
+            # a run would make it and take it down again: a DUT that died (a user's command)
+            # or a lab someone removed is not something to measure through
+            raise lab.LabError(f"{self.source}: the lab or its DUT is not (all) there any more "
+                               "(dataplane lab status)")
         before = dut.counters(self.dut) if self.dut else {}
         with Run(cfg, out=io.StringIO()) as r:
             r.start()
