@@ -21,7 +21,6 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import Collector
 from scapy.layers.inet import IP, TCP, UDP
 
-from dataplane.consumers.api import ConsumerBase
 from dataplane.consumers.loop import ConsumerLoop, drain, ring_sources
 from dataplane.consumers.stats import TrafficStats
 from dataplane.metrics.arenas import ArenaCollector
@@ -230,59 +229,3 @@ def test_scrapes_do_not_stall_the_consumer(arenas):
     assert watch.progressed == [True] * 20
     assert stats.rings[(a.path, 0, 0)].marginals()["l4_packets"].sum() > 0
     assert loop.errors == 0
-
-
-class Stuck(ConsumerBase):
-    """Blocks in on_batch until released: a consumer stuck in a call."""
-
-    def __init__(self) -> None:
-        super().__init__("stuck")
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def on_batch(self, batch) -> None:
-        self.entered.set()
-        self.release.wait(30)
-
-
-class Where(Collector):
-    """Records the thread each collect() runs on."""
-
-    def __init__(self) -> None:
-        self.threads: list[str] = []
-
-    def collect(self):
-        self.threads.append(threading.current_thread().name)
-        return iter(())
-
-
-def test_a_run_renders_its_scrapes_on_the_consumer_loop(arenas):
-    """run_in_loop: the scrape's Python runs on the loop's thread between two passes (so it
-    cannot hold the interpreter lock, preempted, while the loop waits), on the caller's when
-    the loop is not running, and on the caller's after `timeout` when a consumer is stuck;
-    a job given up is never run later, and an exception reaches the caller."""
-    a = arenas[0]
-    stuck = Stuck()
-    loop = ConsumerLoop(ring_sources([a]), [TrafficStats()])
-    here = threading.current_thread().name
-    assert loop.run_in_loop(lambda: threading.current_thread().name) == here  # not started
-    where = Where()
-    with loop, serve(where, port=0, render=loop.run_in_loop) as server:
-        assert loop.run_in_loop(lambda: threading.current_thread().name) == "dp-consumer"
-        scrape(server.address)
-        assert where.threads == ["dp-consumer"]
-        with pytest.raises(ZeroDivisionError):
-            loop.run_in_loop(lambda: 1 // 0)
-    runs: list[str] = []
-    loop = ConsumerLoop(ring_sources([a]), [stuck])
-    with loop:
-        RingFiller(a).put([frame(IP() / UDP(), 64)])
-        assert stuck.entered.wait(10)
-        t0 = time.monotonic()
-        got = loop.run_in_loop(lambda: runs.append(threading.current_thread().name) or 7, 0.2)
-        assert got == 7 and runs == [here] and time.monotonic() - t0 >= 0.2
-        stuck.release.set()
-        deadline = time.monotonic() + 10
-        while loop.passes < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert loop.passes >= 3
-    assert runs == [here]                  # the job given up was not run by the loop

@@ -14,13 +14,10 @@ only; readers copy them without a lock (docs/design.md, invariant 7).
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, TypeVar
+from typing import Any
 
 from dataplane.consumers.api import Batch, Consumer, RingSource
 from dataplane.shm.arena import Arena
@@ -31,7 +28,6 @@ log = logging.getLogger(__name__)
 ON_ERROR = ("restart", "disable")
 MAX_REMAKES = 5            # within REMAKE_WINDOW seconds; the next error disables
 REMAKE_WINDOW = 60.0
-T = TypeVar("T")
 
 
 class Running:
@@ -159,8 +155,6 @@ class ConsumerLoop:
         self.descriptors = 0
         self.errors = 0                    # rings dropped as corrupted
         self.ring_faults: list[str] = []   # why each was
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = \
-            queue.SimpleQueue()
 
     def set_sources(self, sources: Iterable[RingSource | tuple]) -> None:
         """Swap the rings drained (after a worker's arena was replaced): takes effect at the
@@ -214,43 +208,10 @@ class ConsumerLoop:
             if not c.disabled:
                 c.call("tick", now)
 
-    def run_in_loop(self, fn: Callable[[], T], timeout: float = 1.0) -> T:
-        """fn() run on the loop's thread between two passes, and its result.  Why: a metrics
-        scrape is a few ms of Python; on a thread of its own it held the interpreter lock while
-        the scheduler preempted it for the workers, and the loop waited behind it long enough
-        for rings to fill (docs/performance.md, exporter).  Run here, it costs the loop its CPU
-        time only.  Runs on the caller's thread when the loop is not running, or has not taken
-        it within `timeout` (a consumer stuck in a call must not stop the scrapes)."""
-        t = self.thread
-        if t is None or not t.is_alive() or threading.current_thread() is t:
-            return fn()
-        fut: Future[T] = Future()
-        self._jobs.put((fn, fut))
-        try:
-            return fut.result(timeout)
-        except FutureTimeout:
-            if fut.cancel():
-                return fn()
-            return fut.result()            # started meanwhile: its result
-
-    def _run_jobs(self) -> None:
-        while True:
-            try:
-                fn, fut = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            if not fut.set_running_or_notify_cancel():
-                continue                   # its caller gave up and ran it itself
-            try:
-                fut.set_result(fn())
-            except BaseException as e:     # the caller's to raise, not the loop's
-                fut.set_exception(e)
-
     def run(self) -> None:
         next_tick = time.monotonic() + self.tick_interval
         while not self.stop_event.is_set():
             n = self.sweep()
-            self._run_jobs()
             if time.monotonic() >= next_tick:
                 self.tick()
                 next_tick = time.monotonic() + self.tick_interval

@@ -213,16 +213,11 @@ def basic_auth(app: App, users: dict[str, bytes], stats: ExporterStats) -> App:
     return wrapped
 
 
-Render = Callable[[Callable[[], bytes]], bytes]
-
-
-def metrics_app(registry: CollectorRegistry, render: Render | None = None) -> App:
+def metrics_app(registry: CollectorRegistry) -> App:
     """prometheus_client's WSGI app, except that a GET of the text format 0.0.4 (what that app
     would answer with generate_latest) is written by families.exposition: the same bytes at a
     fraction of the CPU, which a run's consumer loop shares.  OpenMetrics, the 1.0.0 text
-    format, `name[]` filters and other methods go to prometheus_client's app unchanged.
-    `render(fn)` runs the collection and formatting where it costs least (a run: on its
-    consumer loop's thread, ConsumerLoop.run_in_loop); None: on the request's thread."""
+    format, `name[]` filters and other methods go to prometheus_client's app unchanged."""
     fallback = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -231,8 +226,7 @@ def metrics_app(registry: CollectorRegistry, render: Render | None = None) -> Ap
                 or environ.get("PATH_INFO") == "/favicon.ico"
                 or choose_encoder(environ.get("HTTP_ACCEPT"))[0] is not generate_latest):
             return fallback(environ, start_response)
-        body = render(lambda: exposition(registry.collect())) if render else \
-            exposition(registry.collect())
+        body = exposition(registry.collect())
         headers = [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
         if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING")):
             body = gzip.compress(body)
@@ -304,18 +298,16 @@ class MetricsServer:
 def serve(*collectors: Collector, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           web: WebConfig | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS,
           timeout: float = DEFAULT_TIMEOUT,
-          routes: dict[str, Route] | None = None,
-          render: Render | None = None) -> MetricsServer:
+          routes: dict[str, Route] | None = None) -> MetricsServer:
     """Serve /metrics for these collectors alone (and the endpoint's own counters) on
     host:port; port 0 picks a free one (see .address).  `web`: TLS and basic auth, for
-    `routes` too (path -> a function of the query answering JSON, e.g. /flows); `render`:
-    see metrics_app."""
+    `routes` too (path -> a function of the query answering JSON, e.g. /flows)."""
     registry = CollectorRegistry(auto_describe=False)
     for c in collectors:
         registry.register(c)
     stats = ExporterStats()
     registry.register(stats)
-    app: App = routed(metrics_app(registry, render), routes or {})
+    app: App = routed(metrics_app(registry), routes or {})
     if web is not None and web.users:
         app = basic_auth(app, web.users, stats)
     server = _Server(host, port, web.tls if web is not None else None, max_connections,

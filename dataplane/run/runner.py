@@ -145,8 +145,7 @@ class Run:
                              DropsCollector(arenas, controls), host=m.host, port=m.port,
                              web=m.web, max_connections=m.max_connections,
                              routes={"/flows": flows.route(self.stats, self.consumers),
-                                     "/streams": streams.route(self.stats)},
-                             render=self.loop.run_in_loop)
+                                     "/streams": streams.route(self.stats)})
         log.info("metrics on %s", self.metrics.url)
         # receivers first, so the generators' first packets find someone listening
         self.sup.start()
