@@ -100,6 +100,18 @@ def test_rates():
     assert parse_rate("0pps", 100) == 0 and parse_rate("12 parsecs", 100) is None
 
 
+def test_a_share_of_the_line_rate():
+    # 25% of 1 Gbit/s in 100-byte frames: each takes 124 bytes on the wire (FCS, preamble, gap)
+    g = gen_of('  size = 100\n  line_rate = "1Gbps"\n  rate = "25%"\n')
+    assert g.rate_pps == round(0.25e9 / (8 * 124)) == 252016
+    with pytest.raises(ConfigError, match="a share needs line_rate"):
+        loads(GEN + '  rate = "25%"\n')
+    with pytest.raises(ConfigError, match="a share needs line_rate"):
+        loads(GEN + '  line_rate = "1Gbps"\n  rate = "120%"\n')
+    with pytest.raises(ConfigError, match="line_rate"):
+        loads(GEN + '  line_rate = "1Gpps"\n')
+
+
 # ---- on the lab: memif between two DPDK workers ----
 
 def stream(sid: int, dport: int, count: int, rate_pps: int, sizes: list[int]) -> StreamSpec:

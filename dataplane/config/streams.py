@@ -6,6 +6,8 @@ stream of the same generator: it takes the keys it does not set from `[worker.ge
 must name its `stream` id, so the books of every stream are told apart by their trailers.
 
     rate = "100kpps"     # or "2.5Mpps", "50Mbps", "1Gbps"; rate_pps = N is the same as "Npps"
+    rate = "25%"         # a share of line_rate = "10Gbps" (the port's, given: a veth or memif
+                         # port has none), counted as the wire does (FCS, preamble, gap)
     size = 128           # every frame this long (bytes, without the FCS)
     sizes = [64, 512]    # or a cycle: frame k is sizes[k % len]
     imix = "7:4:1"       # the classic IMIX (64/570/1518 bytes with the FCS) in these weights;
@@ -42,6 +44,7 @@ class Stream:
     stream: int | None = None          # None: the worker's default (its id + 1)
     rate_pps: int = 0                  # 0: as fast as the port takes them
     rate: str = ""                     # the rate as written, for messages and `config show`
+    line_bps: float = 0.0              # line_rate: what rate = "N%" is a share of
     count: int = 0
     src_mac: str = "02:00:00:00:00:01"
     dst_mac: str = "02:00:00:00:00:02"
@@ -86,6 +89,20 @@ def parse_rate(text: str, mean_size: float) -> int | None:
     value = float(m.group(1)) * _SCALE[m.group(2)]
     pps = value if m.group(3) == "pps" else value / (8 * mean_size)
     return max(1, round(pps)) if value > 0 else 0
+
+
+# What a frame takes on the wire beyond its bytes without FCS: FCS 4, preamble and start
+# delimiter 8, inter-frame gap 12.  A line rate is shared in those terms (RFC 2544's).
+WIRE_OVERHEAD = 24
+
+
+def share_rate(text: str, line_bps: float, mean_size: float) -> int | None:
+    """ "25%" of line_bps -> packets per second at the frames' mean size on the wire; None
+    when it is not a share in (0, 100]."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text.strip())
+    if m is None or not 0 < float(m.group(1)) <= 100:
+        return None
+    return max(1, round(float(m.group(1)) / 100 * line_bps / (8 * (mean_size + WIRE_OVERHEAD))))
 
 
 def imix_cycle(pairs: list[tuple[int, int]]) -> tuple[int, ...]:
@@ -198,12 +215,27 @@ def stream_id(t: Table, base: Stream, needs_id: bool) -> int | None:
 
 def rate(t: Table, s: Stream, base: Stream) -> None:
     """rate_pps = N or rate = "..."; both is an error; neither keeps base's."""
+    line = t.get("line_rate", str, None)
+    if line is not None:
+        m = _RATE.fullmatch(line.strip())
+        if m is None or m.group(3) != "bps" or float(m.group(1)) <= 0:
+            t.error("line_rate", line, 'expected a bit rate such as "10Gbps"')
+        else:
+            s.line_bps = float(m.group(1)) * _SCALE[m.group(2)]
     pps = t.get("rate_pps", int, None, check=checks.between(0, MAX_RATE_PPS))
     text = t.get("rate", str, None)
     if pps is not None and text is not None:
         t.error("rate", text, "only one of rate and rate_pps")
     elif pps is not None:
         s.rate_pps, s.rate = pps, f"{pps}pps"
+    elif text is not None and text.strip().endswith("%"):
+        mean = s.pcap_mean or sum(s.sizes) / len(s.sizes)
+        got = share_rate(text, s.line_bps, mean) if s.line_bps else None
+        if got is None or got > MAX_RATE_PPS:
+            t.error("rate", text, "a share needs line_rate (e.g. line_rate = \"10Gbps\") and "
+                    f"a value in (0, 100]%, at most {MAX_RATE_PPS} packets/s")
+        else:
+            s.rate_pps, s.rate = got, text
     elif text is not None:
         mean = s.pcap_mean or sum(s.sizes) / len(s.sizes)
         got = parse_rate(text, mean)
@@ -214,3 +246,5 @@ def rate(t: Table, s: Stream, base: Stream) -> None:
             s.rate_pps, s.rate = got, text
     elif base.rate.endswith("bps") and s.sizes != base.sizes:   # the same bits, other sizes
         s.rate_pps = parse_rate(base.rate, sum(s.sizes) / len(s.sizes)) or 0
+    elif base.rate.endswith("%") and s.sizes != base.sizes:     # the same share, other sizes
+        s.rate_pps = share_rate(base.rate, s.line_bps, sum(s.sizes) / len(s.sizes)) or 0
