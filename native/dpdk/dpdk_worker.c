@@ -151,8 +151,9 @@ static inline uint32_t dpw_gen_stream(struct dpw *w, struct dpw_gen *g, uint32_t
     struct dp_port_counters *pc = &w->a->port[gc->port];
     struct dp_gen_stream_ctl *sc = &w->a->gen[i];
     if (rte_pktmbuf_alloc_bulk(w->pool, m, n) != 0) {
-        pc->tx_drops += n;   /* pool empty: the frames were never built, seq does not move */
-        sc->tx_drops += n;
+        /* pool empty: the frames were never built, no seq was issued.  The port counts them
+         * dropped; the stream does not, so its issued = tx_packets + tx_drops holds. */
+        pc->tx_drops += n;
         return 0;
     }
     uint64_t ns = dp_real_ns();

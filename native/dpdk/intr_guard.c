@@ -85,14 +85,15 @@ static void trampoline(void *p)
     __atomic_fetch_sub(&dpw_guard_paused, 1, __ATOMIC_SEQ_CST);
 }
 
+/* Called by the EAL with its own lock held: taking shims_lock here would invert the order of
+ * register/unregister (shims_lock, then the EAL's), so the count drops atomically instead;
+ * a slot is reused only at refs 0, after which nothing refers to it. */
 static void unregistered(struct rte_intr_handle *h, void *p)
 {
     struct shim *s = p;
     rte_intr_unregister_callback_fn ucb = s->ucb;
     void *arg = s->arg;
-    pthread_mutex_lock(&shims_lock);
-    s->refs--;
-    pthread_mutex_unlock(&shims_lock);
+    __atomic_sub_fetch(&s->refs, 1, __ATOMIC_SEQ_CST);
     if (ucb)
         ucb(h, arg);
 }
@@ -101,9 +102,10 @@ static struct shim *shim_for(rte_intr_callback_fn fn, void *arg)
 {
     struct shim *free_slot = NULL;
     for (int i = 0; i < N_SHIMS; i++) {
-        if (shims[i].refs > 0 && shims[i].fn == fn && shims[i].arg == arg)
+        int refs = __atomic_load_n(&shims[i].refs, __ATOMIC_SEQ_CST);
+        if (refs > 0 && shims[i].fn == fn && shims[i].arg == arg)
             return &shims[i];
-        if (shims[i].refs == 0 && !free_slot)
+        if (refs == 0 && !free_slot)
             free_slot = &shims[i];
     }
     if (free_slot) {
@@ -127,7 +129,7 @@ int rte_intr_callback_register(const struct rte_intr_handle *h, rte_intr_callbac
             fprintf(stderr, "dpdk worker: interrupt guard table full, a callback runs unguarded\n");
         rc = real.reg(h, fn, arg);
     } else if ((rc = real.reg(h, trampoline, s)) == 0) {
-        s->refs++;
+        __atomic_add_fetch(&s->refs, 1, __ATOMIC_SEQ_CST);
     }
     pthread_mutex_unlock(&shims_lock);
     return rc;
@@ -145,7 +147,7 @@ static int unregister_with(unregister_fn f, const struct rte_intr_handle *h,
         if (s->refs <= 0 || s->fn != fn || (arg != (void *)-1 && s->arg != arg))
             continue;
         if ((rc = f(h, trampoline, s)) > 0) {
-            s->refs -= rc;
+            __atomic_sub_fetch(&s->refs, rc, __ATOMIC_SEQ_CST);
             total += rc;
         } else if (rc < 0) {
             err = rc;
