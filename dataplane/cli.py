@@ -172,6 +172,8 @@ def cmd_rate(args: argparse.Namespace) -> int:
         old, new = set_stream_rate(config.load(args.config), args.worker, args.stream, args.rate)
     except ValueError as e:
         raise Usage(str(e)) from None
+    except PermissionError as e:     # the arena is the run's user's (root's), 0600
+        raise Usage(f"{e}: run as the run's user: sudo dataplane rate ...") from None
     print(f"worker {args.worker} stream {args.stream}: {old or 'max'} -> {new or 'max'} pps")
     return OK
 

@@ -100,6 +100,12 @@ def test_rates():
     assert parse_rate("0pps", 100) == 0 and parse_rate("12 parsecs", 100) is None
 
 
+def test_a_stream_id_equal_to_the_first_streams_default_is_refused():
+    # the first stream takes the worker's index + 1 (here 1) when it names none
+    with pytest.raises(ConfigError, match="stream id 1 is used by 2"):
+        loads(GEN + '    [[worker.generate.streams]]\n    stream = 1\n')
+
+
 def test_a_share_of_the_line_rate():
     # 25% of 1 Gbit/s in 100-byte frames: each takes 124 bytes on the wire (FCS, preamble, gap)
     g = gen_of('  size = 100\n  line_rate = "1Gbps"\n  rate = "25%"\n')
@@ -292,6 +298,11 @@ def test_pcap_stream_config(tmp_path):
     assert [bytes(cap.data[o:o + n]) for o, n in zip(cap.off, cap.lens, strict=True)] == frames
     assert cap.trailable().tolist() == [1, 1, 0, 1, 0, 1, 1]
     assert cap.gaps_ns(2.0).tolist() == [500_000] * 7   # 1 ms apart at twice the pace
+    # a template stream after a capture takes none of the capture's figures: its bit rate is
+    # at its own frame size (8 Mbit/s of 1000-byte frames), its trailer on
+    g = gen_of(tight + '    [[worker.generate.streams]]\n    stream = 9\n    size = 1000\n'
+               '    rate = "8Mbps"\n')
+    assert (g.more[0].rate_pps, g.more[0].trailer, g.more[0].pcap) == (1000, True, "")
 
 
 @pytest.mark.parametrize("ng", [False, True])

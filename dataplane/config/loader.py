@@ -230,6 +230,12 @@ def _cross_check(cfg: Config, p: Problems) -> None:
                             f"{servers[pt.socket]}; one server per socket")
                 servers[pt.socket] = f"{where}.port[{j}]"
         g = w.generate
+        if g is not None:   # ids as the plan gives them: a first stream without one is i + 1
+            ids = [s.stream or i + 1 for s in g.streams]
+            for sid in sorted({x for x in ids if ids.count(x) > 1}):
+                p.error(f"{where}.generate: stream id {sid} is used by {ids.count(sid)} of its "
+                        "streams (the first one's default is the worker's index + 1); each "
+                        "stream's trailers need their own")
         if g is not None and g.port is not None:
             names = [pt.name for pt in w.ports]
             if g.port not in names:

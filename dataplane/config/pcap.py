@@ -61,6 +61,9 @@ class Capture:
         return (gaps / speed).astype(np.uint64)
 
 
+MAX_BYTES = (1 << 32) - 1     # frames' offsets into the loaded capture are uint32
+
+
 def load(path: str | Path, max_len: int) -> Capture:
     """Every frame of the capture, checked: Ethernet, 14..max_len bytes, nothing truncated."""
     from scapy.error import Scapy_Exception
@@ -74,6 +77,7 @@ def load(path: str | Path, max_len: int) -> Capture:
         raise CaptureError(f"{path}: {e}") from None
     frames: list[bytes] = []
     ts: list[int] = []
+    total = 0
     with reader:
         ng = isinstance(reader, RawPcapNgReader)
         if not ng and reader.linktype != LINKTYPE_ETHERNET:
@@ -84,6 +88,9 @@ def load(path: str | Path, max_len: int) -> Capture:
                                    f"expected 14..{max_len}")
             if len(frames) >= MAX_FRAMES:
                 raise CaptureError(f"{path}: more than {MAX_FRAMES} frames")
+            total += len(data)
+            if total > MAX_BYTES:   # the frames' offsets are 32-bit
+                raise CaptureError(f"{path}: more than {MAX_BYTES} bytes of frames")
             frames.append(data)
             ts.append(when)
     if not frames:
@@ -121,6 +128,8 @@ def _records(reader, path: Path, size: int, ng: bool):
                                    f"{meta.caplen} bytes: truncated")
             frac = 1_000_000_000 if reader.nano else 1_000_000
             when = meta.sec * 1_000_000_000 + meta.usec * (1_000_000_000 // frac)
+        if not 0 <= when < 1 << 63:
+            raise CaptureError(f"{path}: record at byte {at} has an impossible time stamp")
         yield data, when
 
 

@@ -167,6 +167,11 @@ def parse(t: Table, base: Stream, *, needs_id: bool) -> Stream:
     if "pcap" in t.data:
         from dataplane.config.pcap import parse_pcap
         return parse_pcap(t, base, needs_id=needs_id)
+    if base.pcap:   # a capture's own figures are no template stream's defaults
+        d = Stream()
+        base = replace(base, pcap="", pcap_mean=d.pcap_mean, pcap_frames=d.pcap_frames,
+                       trailer=d.trailer, speed=d.speed, loops=d.loops,
+                       max_frame=d.max_frame, sizes=d.sizes)
     s = replace(
         base,
         pcap="",

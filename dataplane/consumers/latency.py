@@ -9,8 +9,9 @@ numpy: a value v (nanoseconds) goes to bucket
 
 so each power of two above 2 * HALF ns is cut into HALF equal sub-buckets: a bucket is at most
 1/HALF (0.098%) of its values wide, i.e. 3 significant digits, from 1 ns to MAX_NS.  A whole
-batch is one frexp, a shift and one bincount; the bincount is as long as the batch's largest
-index (a few thousand for microsecond latencies), not the whole array.
+batch is a float64 cast (its exponent field read as bits), a shift and one bincount; the
+bincount is as long as the batch's largest index (a few thousand for microsecond latencies),
+not the whole array.
 
 Counts, sum, min and max are plain numpy arrays and ints written by the consumer thread only;
 a reader copies them (snapshot()) without a lock, and may see a batch's counts before its sum:

@@ -23,7 +23,10 @@ def stream_mean_size(cfg: Config, worker: str, stream: int) -> float:
             raise ValueError(f'worker "{worker}" has no [worker.generate] table')
         for s in w.generate.streams:
             if (s.stream or wid + 1) == stream:
-                return sum(s.sizes) / len(s.sizes)
+                if s.pcap and s.speed:
+                    raise ValueError(f"stream {stream} replays {s.pcap} at its own timing "
+                                     f"(speed = {s.speed}): it has no rate to change")
+                return s.pcap_mean or sum(s.sizes) / len(s.sizes)
         ids = ", ".join(str(s.stream or wid + 1) for s in w.generate.streams)
         raise ValueError(f'worker "{worker}" has no stream {stream} (streams: {ids})')
     raise ValueError(f'no worker "{worker}" in {cfg.source}')
@@ -36,8 +39,8 @@ def set_stream_rate(cfg: Config, worker: str, stream: int, text: str) -> tuple[i
     from dataplane.host import hugepages
     from dataplane.run.status import find_arenas
     from dataplane.shm.arena import Arena
-    pps = int(text) if text.isdigit() else parse_rate(text, stream_mean_size(cfg, worker,
-                                                                              stream))
+    mean = stream_mean_size(cfg, worker, stream)     # also: the stream is there, has a rate
+    pps = int(text) if text.isdigit() else parse_rate(text, mean)
     if pps is None:
         raise ValueError(f'rate "{text}": expected e.g. "100kpps", "2.5Mpps", "50Mbps", "1Gbps" '
                          "or packets/s")
