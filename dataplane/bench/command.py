@@ -98,9 +98,7 @@ def main(args: argparse.Namespace) -> int:
                           resolution=args.resolution, max_pps=args.max_pps,
                           loss_steps=args.loss_steps, b2b_max=args.b2b_max)
     with HostLock(RUN_LOCK, "dataplane bench", bench.source):
-        made = not lab.exists(bench.cfg)
-        if made:
-            lab.up(bench.cfg)
+        made = lab.bring_up(bench.cfg)
         try:
             results = rfc2544.run(bench, opt, say=lambda s: print(s, flush=True))
         finally:

@@ -101,7 +101,10 @@ def _one_size(bench: Bench, opt: Options, res: SizeResult, say: Callable[[str], 
     if "loss" in opt.tests:
         for pct in opt.loss_steps:
             r = bench.trial(n, top * pct / 100, opt.trial_seconds)
-            rate = r.lost / r.sent if r.sent else 0.0
+            # RFC 2544's frame loss counts frames that left for the DUT: the generator's own
+            # refusals (placed under "generator") are not among them
+            gen = r.where.get("generator", 0) if r.where else 0
+            rate = (r.lost - gen) / (r.sent - gen) if r.sent > gen else 0.0
             res.loss.append({"percent": pct, "asked_pps": r.asked_pps,
                              "offered_pps": r.offered_pps, "sent": r.sent, "lost": r.lost,
                              "loss_rate": rate, "duplicated": r.duplicated,

@@ -136,8 +136,9 @@ class Bench:
 
 
 def _offer(r: Any, count: int, seconds: float | None) -> float:
-    """Wait until the generator sent `count` (or `seconds` passed when count is 0); the rate
-    it reached, from the first to the last packet it counted."""
+    """Wait until the generator issued `count` (or `seconds` passed when count is 0); the rate
+    it reached, from the first to the last packet its port took.  Frames the port refused
+    (tx_drops) took a seq but never left: they end the count, they are not offered load."""
     first: list[float] = []
     state = {"tx": 0, "t": 0.0}
     start = time.monotonic()
@@ -145,13 +146,13 @@ def _offer(r: Any, count: int, seconds: float | None) -> float:
 
     def done() -> bool:
         tot = r.totals()
-        tx, now = tot.tx_packets + tot.tx_drops, time.monotonic()
+        tx, now = tot.tx_packets, time.monotonic()
         if tx and not first:
             first[:] = [now, tx]
         if tx != state["tx"]:
             state.update(tx=tx, t=now)
         if count:
-            return tx >= count
+            return tx + tot.tx_drops >= count
         return bool(first) and now - first[0] >= (seconds or 0)
 
     try:

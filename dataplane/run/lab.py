@@ -127,10 +127,33 @@ def _down(lab: Lab) -> None:
 
 
 def exists(cfg: Config) -> bool:
-    """True when every namespace and link of the lab is there."""
+    """True when every namespace and link of the lab is there, and its DUT is set up."""
     st = status(cfg)
     return (all(st["namespaces"].values()) and all(lk["present"] for lk in st["links"])
             and (st["dut"] is None or st["dut"]["present"]))
+
+
+def built(cfg: Config) -> bool:
+    """True when any namespace of the lab is there: someone made it (a DUT command that exited
+    leaves it built, not up), so whoever brings it up now did not make it and must not take it
+    down."""
+    return any(netns_exists(ns) for ns in _lab(cfg).namespaces)
+
+
+def bring_up(cfg: Config) -> bool:
+    """Up when not already up (idempotent: also restarts a DUT command that exited); True when
+    this call made the lab, which is then its caller's to take down.  A failed up takes down
+    what it made."""
+    if exists(cfg):
+        return False
+    made = not built(cfg)
+    try:
+        up(cfg)
+    except BaseException:
+        if made:
+            down(cfg)
+        raise
+    return made
 
 
 def status(cfg: Config) -> dict[str, Any]:

@@ -120,8 +120,7 @@ class Run:
 
     # -- start --
     def start(self) -> None:
-        if self.cfg.lab is not None and not lab.exists(self.cfg):
-            lab.up(self.cfg)
+        if self.cfg.lab is not None and lab.bring_up(self.cfg):
             self.lab_created = True
             log.info("lab up: namespaces %s", ", ".join(self.cfg.lab.namespaces))
         if any(p.name.startswith("net_memif") for s in self.specs for p in s.ports):
