@@ -68,9 +68,16 @@ class Stream:
             t.start()
 
     def _produce(self) -> None:
+        # A chunk only when the ring has room for it all: dp_transport_produce waits in C for
+        # room, and a sender that never started (an attack that failed first) would leave it
+        # waiting for ever, and finish() joining it.  This thread is the ring's only producer,
+        # so the room seen can only grow.
         base = ffi.from_buffer(self.src.mapping)
+        ring = self.src.rings[0].shared
+        size = self.src.rings[0].size
         while not self._stop_producing.is_set():
-            self.produced += testing.dp_transport_produce(base, 0, 200, 300, 32, 7)
+            if size - (ring.prod - ring.cons) >= 200:
+                self.produced += testing.dp_transport_produce(base, 0, 200, 300, 32, 7)
             time.sleep(0.01)
 
     def _drain(self) -> None:
