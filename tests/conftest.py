@@ -13,6 +13,7 @@ not fail at collection because the native extension is not built.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,10 @@ def workers() -> Iterator[Callable[..., Worker]]:
     yield start
     for w in started:
         stop_process(w.proc, w.arena.request_stop, 20)
+        # a worker killed by its test (or here) leaves EAL's runtime directory, named by its
+        # pid, as the supervisor knows; left, a later worker given that pid looks unclean
+        shutil.rmtree(Path("/var/run/dpdk") / f"dp-{w.spec.name}-{w.proc.pid}",
+                      ignore_errors=True)
         path = w.arena.path
         w.arena.close()
         path.unlink(missing_ok=True)
